@@ -1,0 +1,29 @@
+"""rmsprop_jax: RMSprop and its family as optax gradient transformations.
+
+``rmsprop`` is a drop-in replacement for ``optax.rmsprop`` that also covers
+PyTorch's, Keras' and TF1's variants; ``presets`` mirrors each framework's
+own constructor; ``scale_by_rms`` and ``scale_by_stddev`` are the building
+blocks.
+"""
+
+from rmsprop_jax import presets
+from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.transform import ScaleByRmsState
+from rmsprop_jax.transform import ScaleByRmsWithCountState
+from rmsprop_jax.transform import ScaleByRStdDevState
+from rmsprop_jax.transform import ScaleByRStdDevWithCountState
+from rmsprop_jax.transform import scale_by_rms
+from rmsprop_jax.transform import scale_by_stddev
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'ScaleByRStdDevState',
+    'ScaleByRStdDevWithCountState',
+    'ScaleByRmsState',
+    'ScaleByRmsWithCountState',
+    'presets',
+    'rmsprop',
+    'scale_by_rms',
+    'scale_by_stddev',
+]

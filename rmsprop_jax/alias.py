@@ -1,0 +1,187 @@
+"""The named optimizer: :func:`rmsprop`, a chain of building blocks."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from rmsprop_jax import _validation
+from rmsprop_jax import transform
+
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
+
+
+def rmsprop(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    centered: bool = False,
+    momentum: jax.typing.ArrayLike | None = None,
+    nesterov: bool = False,
+    bias_correction: bool = False,
+    *,
+    lr_in_momentum: bool = True,
+    weight_decay: optax.ScalarOrSchedule | None = None,
+    decoupled_weight_decay: bool = False,
+    weight_decay_mask: MaskOrFn = None,
+    maximize: bool = False,
+    clamp_variance: bool = True,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop (Tieleman & Hinton 2012) and every framework's variant of it.
+
+  With optax's arguments alone this is ``optax.rmsprop``: the same updates
+  (bit for bit on the same backend), dtypes and tree structure. The
+  keyword-only arguments add what optax cannot express, so that PyTorch's,
+  Keras' and TF1's RMSprop are each one call (see :mod:`rmsprop_jax.presets`).
+
+  The update, per parameter :math:`\theta` with gradient :math:`g_t`:
+
+  .. math::
+
+    g_t &\leftarrow -g_t \ \text{if maximize}; \qquad
+    g_t \leftarrow g_t + \lambda\,\theta_{t-1}
+    \ \text{(coupled weight decay)}
+
+    \nu_t &= \rho\,\nu_{t-1} + (1-\rho)\,g_t^2, \qquad
+    \mu_t = \rho\,\mu_{t-1} + (1-\rho)\,g_t \ \text{(centered)}
+
+    s_t &= \nu_t \ \text{or}\ \max(\nu_t - \mu_t^2, 0) \ \text{(centered)},
+    \qquad \hat g_t = g_t / \sqrt{s_t + \epsilon}
+    \ \text{or}\ g_t / (\sqrt{s_t} + \epsilon)
+
+    b_t &= \gamma\,b_{t-1} + \eta_t\,\hat g_t, \quad
+    \theta_t = \theta_{t-1} - b_t
+    \quad \text{(lr\_in\_momentum: optax, TF1, Keras)}
+
+    b_t &= \gamma\,b_{t-1} + \hat g_t, \quad
+    \theta_t = \theta_{t-1} - \eta_t\,b_t
+    \quad \text{(not lr\_in\_momentum: PyTorch)}
+
+    \theta_t &\leftarrow \theta_t - \eta_t\,\lambda\,\theta_{t-1}
+    \ \text{(decoupled weight decay, Keras)}
+
+  with :math:`\nu_0` = ``initial_scale``, :math:`\mu_0 = b_0 = 0`, and
+  :math:`\nu, \mu` divided by :math:`1-\rho^t` if ``bias_correction``. With
+  ``nesterov`` the step is :math:`\eta_t \hat g_t + \gamma b_t` (optax's
+  ``trace``). Without momentum (``None``) no buffer is kept.
+
+  .. warning::
+    Frameworks disagree on four points, and each changes results:
+    :math:`\epsilon` inside the square root (optax, Keras, TF1) or outside
+    (PyTorch); :math:`\nu_0` = 0 (most) or 1 (TF1); the learning rate inside
+    the momentum buffer (optax, Keras, TF1; differs from PyTorch only when
+    :math:`\eta` changes over time); weight decay coupled into the gradient
+    (PyTorch) or decoupled (Keras). See the porting table in the README.
+
+  Args:
+    learning_rate: :math:`\eta` >= 0, a scalar or an optax schedule
+      (step count -> value).
+    decay: :math:`\rho` in [0, 1) (PyTorch's ``alpha``, Keras' ``rho``).
+    eps: :math:`\epsilon` >= 0.
+    initial_scale: :math:`\nu_0` >= 0; 0 in PyTorch and Keras, 1 in TF1.
+    eps_in_sqrt: :math:`\epsilon` inside the square root (optax, Keras,
+      TF1) or outside (PyTorch, ``False``).
+    centered: normalise by the variance instead of the second moment.
+    momentum: heavy-ball coefficient :math:`\gamma` >= 0, or ``None`` for no
+      momentum buffer.
+    nesterov: Nesterov momentum, as optax's ``trace(nesterov=True)``.
+    bias_correction: divide the moments by :math:`1-\rho^t`; with
+      ``eps_in_sqrt=False`` this is Adam with ``b1=0``.
+    lr_in_momentum: apply the learning rate before the momentum buffer
+      (default; optax, TF1, Keras) or after it (``False``: PyTorch).
+    weight_decay: :math:`\lambda` >= 0 (a scalar or a schedule), or ``None``
+      for none. Needs ``params`` in ``update``.
+    decoupled_weight_decay: ``False`` (default): coupled L2, added to the
+      gradient before the moments (PyTorch). ``True``: decoupled,
+      :math:`\theta \mathrel{-}= \eta_t \lambda \theta` next to the update,
+      not normalised and outside the momentum buffer (Keras 3).
+    weight_decay_mask: a tree of booleans (or a function of the params that
+      returns one) selecting the leaves that decay, as optax's ``mask``.
+    maximize: ascend instead of descend (PyTorch's ``maximize``); the
+      gradient is negated before weight decay, as in PyTorch.
+    clamp_variance: with ``centered``, clamp the variance at zero before the
+      square root (default). It changes a result only where round-off made
+      the variance negative, where optax, PyTorch and Keras give NaN (or a
+      step past the :math:`1/\sqrt\epsilon` bound).
+    nu_dtype: dtype of the second-moment state (and of the centered mean);
+      ``None`` keeps the parameters' dtype, as optax.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. Its state is an
+    ``optax.chain`` state; find a field by name with
+    ``optax.tree.get(state, 'nu')``.
+
+  Raises:
+    ValueError: if a concrete ``learning_rate``, ``eps``, ``momentum``,
+      ``initial_scale`` or ``weight_decay`` is negative or ``decay`` is not in
+      [0, 1). Schedules and traced values are not checked.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
+    >>> tx = rmsprop_jax.rmsprop(0.1)
+    >>> params = {'x': jnp.array(10.0)}
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: p['x'] ** 2)(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)['x']
+    Array(9.683772, dtype=float32)
+
+  References:
+    Tieleman & Hinton, Lecture 6.5 - rmsprop, COURSERA: Neural Networks for
+    Machine Learning, 2012. Graves, Generating Sequences With Recurrent
+    Neural Networks, arXiv:1308.0850, 2013 (centered, momentum).
+  """
+  owner = 'rmsprop'
+  _validation.check_non_negative(owner, 'learning_rate', learning_rate)
+  _validation.check_non_negative(owner, 'momentum', momentum)
+  _validation.check_non_negative(owner, 'weight_decay', weight_decay)
+  kwargs = dict(decay=decay, eps=eps, initial_scale=initial_scale,
+                eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
+                nu_dtype=nu_dtype)
+  if centered:
+    normalise = transform.scale_by_stddev(
+        **kwargs, clamp_variance=clamp_variance)
+  else:
+    normalise = transform.scale_by_rms(**kwargs)
+
+  # Leave out what cannot change a number (PyTorch and Keras keep no buffer
+  # for these either); traced and array values always keep their transform.
+  if _validation.is_python_zero(weight_decay):
+    weight_decay = None
+  coupled = weight_decay is not None and not decoupled_weight_decay
+  decoupled = weight_decay is not None and decoupled_weight_decay
+
+  scale_by_lr = optax.scale_by_learning_rate(learning_rate)
+  accumulate = (optax.trace(decay=momentum, nesterov=nesterov)
+                if momentum is not None else optax.identity())
+  steps = [
+      optax.scale(-1.0) if maximize else None,
+      optax.add_decayed_weights(weight_decay, weight_decay_mask)
+      if coupled else None,
+      normalise,
+      *((scale_by_lr, accumulate) if lr_in_momentum
+        else (accumulate, scale_by_lr)),
+      _add_decoupled_weight_decay(learning_rate, weight_decay,
+                                  weight_decay_mask) if decoupled else None,
+  ]
+  return optax.chain(*(s for s in steps if s is not None))
+
+
+def _add_decoupled_weight_decay(
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: MaskOrFn,
+) -> optax.GradientTransformation:
+  """Adds ``-lr_t * wd_t * params`` to the updates (Keras' weight decay)."""
+  if callable(learning_rate) or callable(weight_decay):
+    lr = learning_rate if callable(learning_rate) else lambda _: learning_rate
+    wd = weight_decay if callable(weight_decay) else lambda _: weight_decay
+    rate = lambda count: -lr(count) * wd(count)
+  else:
+    rate = -learning_rate * weight_decay
+  return optax.add_decayed_weights(rate, mask)

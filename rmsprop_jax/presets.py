@@ -1,0 +1,270 @@
+"""Each framework's and paper's RMSprop, with that framework's own signature.
+
+Ported code changes only its import::
+
+    torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, momentum=0.9)
+    rmsprop_jax.presets.pytorch(lr=1e-3, alpha=0.9, momentum=0.9)
+
+Every preset returns :func:`rmsprop_jax.rmsprop` with the arguments that
+reproduce the framework's arithmetic exactly (validated in the tests against
+the real ``torch.optim.RMSprop``, the real ``keras.optimizers.RMSprop`` and
+TensorFlow's own ``ApplyRMSProp`` kernels). Every learning rate may be a
+float, a JAX scalar or an optax schedule (step count -> value); the
+framework's "current learning rate" at step ``t`` (0-based) is
+``schedule(t)``.
+
+How the frameworks differ:
+
+=================  ========  =======  =======  ========  =============  ==========
+preset             decay     eps      eps in   nu_0      lr vs          weight
+                                      sqrt?              momentum       decay
+=================  ========  =======  =======  ========  =============  ==========
+``pytorch``        0.99      1e-8     no       0         outside        coupled
+``keras``          0.9       1e-7     yes      0         inside         decoupled
+``tf1``            0.9       1e-10    yes      **1**     inside         none
+``hinton2012``     0.9       1e-8     no       0         no momentum    none
+``graves2013``     0.95      1e-4     yes      0         inside (0.9)   none
+``dqn2015``        0.95      0.01     yes      0         no momentum    none
+=================  ========  =======  =======  ========  =============  ==========
+
+``graves2013`` and ``dqn2015`` are centered.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from rmsprop_jax import _validation
+from rmsprop_jax.alias import rmsprop
+
+__all__ = ['pytorch', 'keras', 'tf1', 'hinton2012', 'graves2013', 'dqn2015']
+
+
+def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
+           momentum=0.0, weight_decay=None):
+  """Validates with the framework's own argument names."""
+  _validation.check_non_negative(owner, lr_name, lr)
+  _validation.check_decay(owner, decay_name, decay)
+  _validation.check_non_negative(owner, eps_name, eps)
+  _validation.check_non_negative(owner, 'momentum', momentum)
+  _validation.check_non_negative(owner, 'weight_decay', weight_decay)
+
+
+def _momentum_or_none(momentum):
+  """No buffer for a plain-number zero momentum, as PyTorch, Keras and TF1."""
+  return None if _validation.is_python_zero(momentum) else momentum
+
+
+def pytorch(
+    lr: optax.ScalarOrSchedule = 0.01,
+    alpha: jax.typing.ArrayLike = 0.99,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0,
+    momentum: jax.typing.ArrayLike = 0,
+    centered: bool = False,
+    maximize: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""``torch.optim.RMSprop``.
+
+  .. math::
+
+    g &\leftarrow -g \ (\text{maximize}); \quad g \leftarrow g + \lambda\theta;
+    \quad v \leftarrow \alpha v + (1-\alpha) g^2
+
+    \bar g &\leftarrow \alpha \bar g + (1-\alpha) g \ (\text{centered});
+    \quad d = \sqrt{v - \bar g^2} + \epsilon \ \text{or}\ \sqrt{v} + \epsilon
+
+    b &\leftarrow \mu b + g/d; \quad \theta \leftarrow \theta - \eta_t b
+    \quad (\text{or } \theta \leftarrow \theta - \eta_t g/d \text{ without
+    momentum})
+
+  :math:`\epsilon` is outside the square root, :math:`v_0 = 0`, the learning
+  rate multiplies the momentum buffer (so a changing ``lr`` rescales past
+  steps, unlike TF and optax), weight decay is coupled L2 (added to the
+  gradient after the ``maximize`` flip). The centered variance is clamped at
+  zero, where PyTorch returns NaN. A non-zero ``weight_decay`` needs
+  ``params`` in ``update``. Complex parameters differ: PyTorch normalises
+  real and imaginary parts separately, this uses :math:`|g|^2`.
+
+  Args: as ``torch.optim.RMSprop``; ``lr`` may also be an optax schedule.
+  """
+  _check('presets.pytorch', 'lr', lr, 'alpha', alpha, 'eps', eps,
+         momentum, weight_decay)
+  return rmsprop(
+      lr, decay=alpha, eps=eps, eps_in_sqrt=False, centered=centered,
+      momentum=_momentum_or_none(momentum), lr_in_momentum=False,
+      weight_decay=weight_decay, maximize=maximize)
+
+
+def keras(
+    learning_rate: optax.ScalarOrSchedule = 0.001,
+    rho: jax.typing.ArrayLike = 0.9,
+    momentum: jax.typing.ArrayLike = 0.0,
+    epsilon: jax.typing.ArrayLike = 1e-7,
+    centered: bool = False,
+    weight_decay: jax.typing.ArrayLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Keras 3 ``keras.optimizers.RMSprop`` (also tf_keras' new optimizer).
+
+  .. math::
+
+    \theta &\leftarrow \theta - \eta_t \lambda \theta
+    \quad (\text{decoupled weight decay, before the step})
+
+    v &\leftarrow \rho v + (1-\rho) g^2; \quad
+    \bar g \leftarrow \rho \bar g + (1-\rho) g \ (\text{centered})
+
+    i &= \eta_t g / \sqrt{v - \bar g^2 + \epsilon}
+    \ \text{or}\ \eta_t g / \sqrt{v + \epsilon}
+
+    b &\leftarrow \mu b + i;\quad \theta \leftarrow \theta - b
+    \quad (\text{or } \theta \leftarrow \theta - i \text{ without momentum})
+
+  :math:`\epsilon` inside the square root (the Keras docstring's "epsilon
+  hat" notwithstanding), :math:`v_0 = 0`, the learning rate inside the
+  momentum buffer. Weight decay uses the current learning rate and the
+  parameters before the step, and is neither normalised nor accumulated in
+  the buffer; it needs ``params`` in ``update``. Keras'
+  ``exclude_from_weight_decay`` is ``optax.masked`` here, or
+  :func:`rmsprop_jax.rmsprop`'s ``weight_decay_mask``. Gradient clipping
+  (``clipnorm`` and friends) is ``optax.chain(optax.clip_by_global_norm(c),
+  presets.keras(...))``.
+
+  Args: as ``keras.optimizers.RMSprop``; ``learning_rate`` may be an optax
+    schedule.
+  """
+  _check('presets.keras', 'learning_rate', learning_rate, 'rho', rho,
+         'epsilon', epsilon, momentum, weight_decay)
+  return rmsprop(
+      learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True,
+      centered=centered, momentum=_momentum_or_none(momentum),
+      weight_decay=weight_decay, decoupled_weight_decay=True)
+
+
+def tf1(
+    learning_rate: optax.ScalarOrSchedule,
+    decay: jax.typing.ArrayLike = 0.9,
+    momentum: jax.typing.ArrayLike = 0.0,
+    epsilon: jax.typing.ArrayLike = 1e-10,
+    centered: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""``tf.compat.v1.train.RMSPropOptimizer`` (the ``ApplyRMSProp`` kernels).
+
+  .. math::
+
+    ms &\leftarrow ms + (g^2 - ms)(1-\rho); \quad
+    mg \leftarrow mg + (g - mg)(1-\rho) \ (\text{centered})
+
+    mom &\leftarrow \mu\, mom + \eta_t g / \sqrt{ms - mg^2 + \epsilon}
+    \ \text{or}\ \eta_t g / \sqrt{ms + \epsilon}; \quad \theta \leftarrow
+    \theta - mom
+
+  The accumulator ``ms`` starts at **ones** (so early steps are SGD-like),
+  :math:`\epsilon` is inside the square root, the learning rate inside the
+  momentum buffer. TF1 keeps a momentum slot even for ``momentum=0``; that
+  changes no number, so none is kept here. Dopamine's "Nature DQN" config is
+  ``tf1(2.5e-4, decay=0.95, epsilon=1e-5, centered=True)``.
+
+  Args: as ``RMSPropOptimizer`` (``use_locking`` and ``name`` have no
+    meaning here); ``learning_rate`` may be an optax schedule.
+  """
+  _check('presets.tf1', 'learning_rate', learning_rate, 'decay', decay,
+         'epsilon', epsilon, momentum)
+  return rmsprop(
+      learning_rate, decay=decay, eps=epsilon, initial_scale=1.0,
+      eps_in_sqrt=True, centered=centered,
+      momentum=_momentum_or_none(momentum))
+
+
+def hinton2012(
+    learning_rate: optax.ScalarOrSchedule = 0.001,
+    decay: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""RMSprop as in Hinton's lecture 6e (Tieleman & Hinton, 2012).
+
+  .. math::
+
+    v \leftarrow \rho v + (1-\rho) g^2; \quad
+    \theta \leftarrow \theta - \eta\, g / (\sqrt{v} + \epsilon)
+
+  The slides give ``MeanSquare = 0.9 MeanSquare + 0.1 g^2`` and divide the
+  gradient by its square root; they state no epsilon, no initial value and
+  no learning rate. This preset follows the project's seed text (its
+  algorithm box and NumPy class): :math:`v_0 = 0`, :math:`\epsilon` = 1e-8
+  outside the square root, :math:`\eta` = 0.001, no momentum.
+
+  References:
+    Tieleman & Hinton, Lecture 6.5 - rmsprop: Divide the gradient by a
+    running average of its recent magnitude, COURSERA: Neural Networks for
+    Machine Learning, 2012.
+  """
+  _check('presets.hinton2012', 'learning_rate', learning_rate, 'decay', decay,
+         'eps', eps)
+  return rmsprop(learning_rate, decay=decay, eps=eps, eps_in_sqrt=False)
+
+
+def graves2013(
+    learning_rate: optax.ScalarOrSchedule = 1e-4,
+    decay: jax.typing.ArrayLike = 0.95,
+    momentum: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-4,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Centered RMSprop with momentum, Graves (2013), eqs. (38)-(41).
+
+  .. math::
+
+    n &\leftarrow \aleph n + (1-\aleph)\epsilon_i^2; \quad
+    g \leftarrow \aleph g + (1-\aleph)\epsilon_i
+
+    \Delta &\leftarrow \beth \Delta - \gimel\, \epsilon_i / \sqrt{n - g^2 +
+    \daleth}; \quad w \leftarrow w + \Delta
+
+  with :math:`\aleph` = ``decay`` = 0.95, :math:`\beth` = ``momentum`` = 0.9,
+  :math:`\gimel` = ``learning_rate`` = 1e-4, :math:`\daleth` = ``eps`` = 1e-4
+  (inside the square root), all state starting at zero (as Chainer's
+  ``RMSpropGraves`` and MXNet's ``rmspropalex``). The learning rate is inside
+  the momentum buffer.
+
+  References:
+    Graves, Generating Sequences With Recurrent Neural Networks,
+    arXiv:1308.0850, 2013, section 4.2.
+  """
+  _check('presets.graves2013', 'learning_rate', learning_rate, 'decay', decay,
+         'eps', eps, momentum)
+  return rmsprop(learning_rate, decay=decay, eps=eps, eps_in_sqrt=True,
+                 centered=True, momentum=momentum)
+
+
+def dqn2015(
+    learning_rate: optax.ScalarOrSchedule = 2.5e-4,
+    decay: jax.typing.ArrayLike = 0.95,
+    eps: jax.typing.ArrayLike = 0.01,
+) -> optax.GradientTransformationExtraArgs:
+  r"""The DQN optimizer, Mnih et al. (2015), as in DeepMind's released code.
+
+  .. math::
+
+    g &\leftarrow 0.95 g + 0.05\,\nabla; \quad
+    g_2 \leftarrow 0.95 g_2 + 0.05\,\nabla^2; \quad
+    \theta \leftarrow \theta - \eta\,\nabla / \sqrt{g_2 - g^2 + 0.01}
+
+  Centered, :math:`\epsilon` = 0.01 inside the square root, both moving
+  averages with decay 0.95, zeros initialisation and **no heavy-ball
+  momentum**: the paper's "gradient momentum 0.95" is the decay of the mean
+  gradient, not a momentum coefficient (a common reproduction mistake, e.g.
+  ``torch.optim.RMSprop(momentum=0.95)``). Pass descent gradients (the Lua
+  code feeds the ascent direction and adds the step; the result is the
+  same). For Dopamine's TF1-based "Nature" config use
+  ``presets.tf1(2.5e-4, decay=0.95, epsilon=1e-5, centered=True)``.
+
+  References:
+    Mnih et al., Human-level control through deep reinforcement learning,
+    Nature 518, 2015 (Extended Data Table 1); DeepMind's Lua release,
+    ``dqn/NeuralQLearner.lua``.
+  """
+  _check('presets.dqn2015', 'learning_rate', learning_rate, 'decay', decay,
+         'eps', eps)
+  return rmsprop(learning_rate, decay=decay, eps=eps, eps_in_sqrt=True,
+                 centered=True)

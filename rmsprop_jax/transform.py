@@ -1,0 +1,255 @@
+"""Building blocks: the RMS and centered (standard-deviation) normalisations.
+
+``scale_by_rms`` and ``scale_by_stddev`` take ``optax.scale_by_rms`` and
+``optax.scale_by_stddev``'s arguments, in the same order, and compute the same
+numbers in the same order of operations, so for those arguments they are
+drop-in replacements. They add keyword-only options that optax lacks:
+
+* ``nu_dtype``: the dtype of the moment state (optax keeps it in the
+  parameters' dtype).
+* ``clamp_variance`` (``scale_by_stddev`` only): clamp the centered variance
+  ``nu - mu**2`` at zero before the square root.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax import tree_utils as otu
+
+from rmsprop_jax import _validation
+
+
+class ScaleByRmsState(NamedTuple):
+  """State of :func:`scale_by_rms` without bias correction."""
+
+  nu: optax.Updates  # EMA of squared gradients, one array per parameter.
+
+
+class ScaleByRmsWithCountState(NamedTuple):
+  """State of :func:`scale_by_rms` with ``bias_correction=True``."""
+
+  count: jax.Array  # int32 scalar, number of updates so far (saturating).
+  nu: optax.Updates
+
+
+class ScaleByRStdDevState(NamedTuple):
+  """State of :func:`scale_by_stddev` without bias correction."""
+
+  mu: optax.Updates  # EMA of gradients.
+  nu: optax.Updates  # EMA of squared gradients.
+
+
+class ScaleByRStdDevWithCountState(NamedTuple):
+  """State of :func:`scale_by_stddev` with ``bias_correction=True``."""
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def _abs_sq(x: jax.Array) -> jax.Array:
+  """``|x|**2``: ``x**2`` for real ``x`` (the same HLO optax emits)."""
+  return x**2 if jnp.isrealobj(x) else (x.conj() * x).real
+
+
+def _ema(x: jax.Array, ema: jax.Array, decay: Any) -> jax.Array:
+  """``(1 - decay) * x + decay * ema``, optax's order of operations."""
+  return (1 - decay) * x + decay * ema
+
+
+def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
+  """``1 / sqrt(ms + eps)`` or ``1 / (sqrt(ms) + eps)``, as optax computes it."""
+  if eps_in_sqrt:
+    return jax.lax.rsqrt(ms + eps)
+  return 1 / (jnp.sqrt(ms) + eps)
+
+
+def _validate(owner, decay, eps, initial_scale):
+  _validation.check_decay(owner, 'decay', decay)
+  _validation.check_non_negative(owner, 'eps', eps)
+  _validation.check_non_negative(owner, 'initial_scale', initial_scale)
+
+
+def scale_by_rms(
+    decay: optax.ScalarOrSchedule = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""Rescale updates by the root of the EMA of their squares.
+
+  .. math::
+
+    \nu_t = \rho\,\nu_{t-1} + (1-\rho)\,g_t^2, \qquad
+    \hat\nu_t = \nu_t / (1-\rho^t) \text{ if bias\_correction else } \nu_t,
+
+    u_t = g_t / \sqrt{\hat\nu_t + \epsilon} \quad (\texttt{eps\_in\_sqrt})
+    \qquad\text{or}\qquad u_t = g_t / (\sqrt{\hat\nu_t} + \epsilon),
+
+  with :math:`\nu_0` = ``initial_scale``. For complex gradients
+  :math:`g^2` is :math:`|g|^2`, as in optax.
+
+  Frameworks differ in :math:`\epsilon` placement (inside: optax, Keras, TF1;
+  outside: PyTorch) and in :math:`\nu_0` (1 in TF1, 0 elsewhere).
+
+  Args:
+    decay: :math:`\rho`, in [0, 1).
+    eps: :math:`\epsilon` >= 0, added inside or outside the square root.
+    initial_scale: :math:`\nu_0` >= 0 (0 in PyTorch and Keras, 1 in TF1).
+    eps_in_sqrt: whether :math:`\epsilon` goes inside the square root.
+    bias_correction: divide :math:`\nu_t` by :math:`1-\rho^t` (Adam-style).
+      Adds an int32 step ``count`` to the state.
+    nu_dtype: dtype of the ``nu`` state; ``None`` keeps the parameters'
+      dtype (optax's behaviour). When set, the moment is updated and the
+      update computed in the wider of the two dtypes, ``nu`` is stored in
+      ``nu_dtype`` and the output keeps the gradient's dtype.
+
+  Returns:
+    An ``optax.GradientTransformation``; its state is
+    :class:`ScaleByRmsState` or :class:`ScaleByRmsWithCountState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, rmsprop_jax
+    >>> tx = rmsprop_jax.scale_by_rms(decay=0.9)
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> u, state = tx.update({'w': jnp.array([1.0, -2.0])}, state)
+    >>> u['w']  # -> sign(g) / sqrt(1 - 0.9) at the first step
+    Array([ 3.1622763, -3.1622763], dtype=float32)
+  """
+  _validate('scale_by_rms', decay, eps, initial_scale)
+  return _scale_by_moments(
+      decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
+      centered=False, clamp_variance=False)
+
+
+def scale_by_stddev(
+    decay: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-8,
+    initial_scale: jax.typing.ArrayLike = 0.0,
+    eps_in_sqrt: bool = True,
+    bias_correction: bool = False,
+    *,
+    clamp_variance: bool = True,
+    nu_dtype: Any | None = None,
+) -> optax.GradientTransformation:
+  r"""Rescale updates by the root of the centered EMA of their squares.
+
+  Centered RMSprop (Graves 2013, eqs. 38-40):
+
+  .. math::
+
+    \mu_t = \rho\,\mu_{t-1} + (1-\rho)\,g_t, \qquad
+    \nu_t = \rho\,\nu_{t-1} + (1-\rho)\,g_t^2,
+
+    \sigma^2_t = \hat\nu_t - \hat\mu_t^2 \quad(\text{clamped at 0 if
+    clamp\_variance}),
+
+    u_t = g_t / \sqrt{\sigma^2_t + \epsilon} \quad (\texttt{eps\_in\_sqrt})
+    \qquad\text{or}\qquad u_t = g_t / (\sqrt{\sigma^2_t} + \epsilon),
+
+  with :math:`\mu_0 = 0`, :math:`\nu_0` = ``initial_scale`` and hats meaning
+  division by :math:`1-\rho^t` when ``bias_correction``.
+
+  .. warning::
+    In exact arithmetic :math:`\sigma^2 \ge 0`, but round-off makes it
+    negative when :math:`|E[g]| \gg \mathrm{std}(g)`. optax, PyTorch, Keras and
+    TF do not guard this, and return NaN (or a step larger than
+    :math:`1/\sqrt{\epsilon}` allows). ``clamp_variance=True`` (the default)
+    takes :math:`\max(\sigma^2, 0)`, which changes a result only where
+    :math:`\sigma^2 < 0`; pass ``clamp_variance=False`` for optax's exact
+    expression.
+
+  Args:
+    decay: :math:`\rho`, in [0, 1), shared by both moving averages.
+    eps: :math:`\epsilon` >= 0.
+    initial_scale: :math:`\nu_0` >= 0 (:math:`\mu_0` is always 0).
+    eps_in_sqrt: whether :math:`\epsilon` goes inside the square root.
+    bias_correction: divide both moments by :math:`1-\rho^t`. At step 1 this
+      makes :math:`\sigma^2` exactly zero in exact arithmetic (round-off
+      only), as in optax.
+    clamp_variance: clamp :math:`\sigma^2` at zero (default ``True``).
+    nu_dtype: dtype of the ``mu`` and ``nu`` state; see :func:`scale_by_rms`.
+
+  Returns:
+    An ``optax.GradientTransformation``; its state is
+    :class:`ScaleByRStdDevState` or :class:`ScaleByRStdDevWithCountState`.
+  """
+  _validate('scale_by_stddev', decay, eps, initial_scale)
+  return _scale_by_moments(
+      decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
+      centered=True, clamp_variance=clamp_variance)
+
+
+def _scale_by_moments(
+    decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
+    *, centered: bool, clamp_variance: bool,
+) -> optax.GradientTransformation:
+  """Shared implementation of :func:`scale_by_rms` and :func:`scale_by_stddev`."""
+  if nu_dtype is not None:
+    nu_dtype = jnp.dtype(nu_dtype)
+
+  def init_fn(params):
+    nu = otu.tree_full_like(params, initial_scale, dtype=nu_dtype)
+    count = jnp.zeros([], jnp.int32)
+    if not centered:
+      if bias_correction:
+        return ScaleByRmsWithCountState(count=count, nu=nu)
+      return ScaleByRmsState(nu=nu)
+    mu = otu.tree_zeros_like(params, dtype=nu_dtype)
+    if bias_correction:
+      return ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
+    return ScaleByRStdDevState(mu=mu, nu=nu)
+
+  def update_fn(updates, state, params=None):
+    del params
+    # Work in the wider of the gradient's and the state's dtypes (a no-op
+    # unless nu_dtype is set), in optax's order of operations.
+    grads = jax.tree.map(
+        lambda g, n: jnp.asarray(g).astype(jnp.result_type(g, n)),
+        updates, state.nu)
+    new_nu = jax.tree.map(lambda g, n: _ema(_abs_sq(g), n, decay),
+                          grads, state.nu)
+    new_mu = (jax.tree.map(lambda g, m: _ema(g, m, decay), grads, state.mu)
+              if centered else None)
+    if bias_correction:
+      count = optax.safe_increment(state.count)
+      # optax's helper: the power is taken before the cast to the moment's
+      # dtype, and the same XLA ops give the same bits as optax.
+      nu_hat = otu.tree_bias_correction(new_nu, decay, count)
+      mu_hat = (otu.tree_bias_correction(new_mu, decay, count)
+                if centered else None)
+    else:
+      count, nu_hat, mu_hat = None, new_nu, new_mu
+
+    if centered:
+      ms = jax.tree.map(lambda m, n: n - _abs_sq(m), mu_hat, nu_hat)
+      if clamp_variance:
+        ms = jax.tree.map(
+            lambda v: jnp.where(jnp.real(v) < 0, jnp.zeros_like(v), v), ms)
+    else:
+      ms = nu_hat
+    new_updates = jax.tree.map(
+        lambda v, g: _inverse_rms(v, eps, eps_in_sqrt) * g, ms, grads)
+    if nu_dtype is not None:
+      new_updates = jax.tree.map(lambda u, g: u.astype(jnp.asarray(g).dtype),
+                                 new_updates, updates)
+      new_nu = otu.tree_cast(new_nu, nu_dtype)
+      new_mu = otu.tree_cast(new_mu, nu_dtype) if centered else None
+
+    if not centered:
+      if bias_correction:
+        return new_updates, ScaleByRmsWithCountState(count=count, nu=new_nu)
+      return new_updates, ScaleByRmsState(nu=new_nu)
+    if bias_correction:
+      return new_updates, ScaleByRStdDevWithCountState(
+          count=count, mu=new_mu, nu=new_nu)
+    return new_updates, ScaleByRStdDevState(mu=new_mu, nu=new_nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

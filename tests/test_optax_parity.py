@@ -1,0 +1,173 @@
+"""``rmsprop_jax`` against optax itself: a drop-in replacement, bit for bit."""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+from helpers import assert_trees_equal, gradient_sequence, random_tree, run
+
+STEPS = 12
+
+
+def _configs():
+  """Every combination of optax.rmsprop's structural arguments."""
+  momenta = [(None, False), (0.0, False), (0.9, False), (0.9, True)]
+  for (centered, (momentum, nesterov), bias_correction, eps_in_sqrt,
+       initial_scale) in itertools.product(
+           [False, True], momenta, [False, True], [True, False], [0.0, 1.0]):
+    yield dict(centered=centered, momentum=momentum, nesterov=nesterov,
+               bias_correction=bias_correction, eps_in_sqrt=eps_in_sqrt,
+               initial_scale=initial_scale)
+
+
+CONFIGS = list(_configs())
+LEARNING_RATES = {
+    'constant': 0.05,
+    'schedule': optax.linear_schedule(0.1, 0.01, STEPS),
+}
+
+
+def _exact_kwargs(config):
+  # Centered with bias correction and a zero start has a variance that is
+  # exactly 0 at step 1 (round-off only); optax takes the square root of
+  # that round-off, negative or not. Compare with optax's unclamped
+  # expression; test_clamp_* below covers the default clamp.
+  if config['centered']:
+    return dict(clamp_variance=False)
+  return {}
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=str)
+@pytest.mark.parametrize('lr', LEARNING_RATES.keys())
+def test_rmsprop_matches_optax_float32(config, lr):
+  params = random_tree(jax.random.PRNGKey(1))
+  grads = gradient_sequence(STEPS, scale=2.0, shift=0.3)
+  lr = LEARNING_RATES[lr]
+  ours, our_state = run(
+      rmsprop_jax.rmsprop(lr, decay=0.85, eps=1e-6, **config,
+                          **_exact_kwargs(config)), params, grads)
+  ref, ref_state = run(optax.rmsprop(lr, decay=0.85, eps=1e-6, **config),
+                       params, grads)
+  assert_trees_equal(ours, ref)
+  # The state holds the same numbers in the same places.
+  assert_trees_equal(jax.tree.leaves(our_state), jax.tree.leaves(ref_state))
+
+
+@pytest.mark.parametrize('config', CONFIGS[::3], ids=str)
+def test_rmsprop_matches_optax_eagerly(config):
+  params = random_tree(jax.random.PRNGKey(2))
+  grads = gradient_sequence(5, seed=3)
+  ours, _ = run(rmsprop_jax.rmsprop(0.01, **config, **_exact_kwargs(config)),
+                params, grads, jit=False)
+  ref, _ = run(optax.rmsprop(0.01, **config), params, grads, jit=False)
+  chex.assert_trees_all_close(ours, ref, rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize('config', CONFIGS[::2], ids=str)
+def test_rmsprop_matches_optax_float64(config, x64):
+  params = random_tree(jax.random.PRNGKey(4), jnp.float64)
+  grads = gradient_sequence(STEPS, jnp.float64, seed=5)
+  ours, _ = run(rmsprop_jax.rmsprop(0.02, decay=0.95, **config,
+                                    **_exact_kwargs(config)), params, grads)
+  ref, _ = run(optax.rmsprop(0.02, decay=0.95, **config), params, grads)
+  assert_trees_equal(ours, ref)
+  assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(ours))
+
+
+@pytest.mark.parametrize('config', CONFIGS[1::4], ids=str)
+def test_rmsprop_matches_optax_bfloat16(config):
+  params = random_tree(jax.random.PRNGKey(6), jnp.bfloat16)
+  grads = gradient_sequence(STEPS, jnp.bfloat16, seed=7)
+  ours, state = run(rmsprop_jax.rmsprop(0.02, **config,
+                                        **_exact_kwargs(config)),
+                    params, grads)
+  ref, _ = run(optax.rmsprop(0.02, **config), params, grads)
+  assert_trees_equal(ours, ref)
+  assert {x.dtype for x in jax.tree.leaves(ours)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, 'nu'))} == {
+      jnp.dtype(jnp.bfloat16)}
+
+
+BLOCK_ARGS = [
+    dict(decay=d, eps=e, initial_scale=s, eps_in_sqrt=i, bias_correction=b)
+    for d, e, s, i, b in itertools.product(
+        [0.9, 0.5], [1e-8, 0.1], [0.0, 2.0], [True, False], [False, True])
+]
+
+
+@pytest.mark.parametrize('kwargs', BLOCK_ARGS, ids=str)
+@pytest.mark.parametrize('name', ['scale_by_rms', 'scale_by_stddev'])
+def test_building_blocks_match_optax(name, kwargs):
+  params = random_tree(jax.random.PRNGKey(8))
+  grads = gradient_sequence(STEPS, seed=9, shift=-0.5)
+  extra = dict(clamp_variance=False) if name == 'scale_by_stddev' else {}
+  ours, our_state = run(getattr(rmsprop_jax, name)(**kwargs, **extra),
+                        params, grads)
+  ref, ref_state = run(getattr(optax, name)(**kwargs), params, grads)
+  assert_trees_equal(ours, ref)
+  assert our_state._fields == ref_state._fields
+  assert_trees_equal(tuple(our_state), tuple(ref_state))
+
+
+def _optax_variance(state):
+  """The centered variance optax used, read back from optax's own state."""
+  return jax.tree.map(lambda m, n: n - m * m, state.mu, state.nu)
+
+
+@pytest.mark.parametrize('eps_in_sqrt', [True, False])
+def test_clamp_changes_only_negative_variances(eps_in_sqrt):
+  # Catastrophic cancellation: once the zero start has decayed away,
+  # |mean| >> std makes nu - mu**2 round below zero.
+  eps = 1e-8
+  steps, size = 600, 500
+  noise = jax.random.normal(jax.random.PRNGKey(0), (steps, size))
+  grads = {'w': 1e3 + 1e-3 * noise}
+  params = {'w': jnp.zeros(size)}
+  ours = rmsprop_jax.scale_by_stddev(decay=0.95, eps=eps,
+                                     eps_in_sqrt=eps_in_sqrt)
+  ref = optax.scale_by_stddev(decay=0.95, eps=eps, eps_in_sqrt=eps_in_sqrt)
+
+  @jax.jit
+  def both(grads):
+    def step(states, g):
+      u_ours, s_ours = ours.update(g, states[0])
+      u_ref, s_ref = ref.update(g, states[1])
+      var = _optax_variance(s_ref)  # What optax took the root of.
+      return (s_ours, s_ref), (u_ours, u_ref, var)
+    return jax.lax.scan(step, (ours.init(params), ref.init(params)), grads)
+
+  (s_ours, s_ref), (u_ours, u_ref, var) = both(grads)
+  u_ours, u_ref = np.asarray(u_ours['w']), np.asarray(u_ref['w'])
+  g, neg = np.asarray(grads['w']), np.asarray(var['w'] < 0)
+  assert neg.sum() > 100  # The test really exercises the clamp.
+  # Identical wherever optax's variance is not negative ...
+  np.testing.assert_array_equal(u_ours[~neg], u_ref[~neg])
+  # ... and where it is, the variance counts as zero, and the step is finite.
+  denom = np.sqrt(eps) if eps_in_sqrt else eps
+  np.testing.assert_allclose(u_ours[neg], g[neg] / denom, rtol=1e-6)
+  if not eps_in_sqrt:
+    assert np.isnan(u_ref[neg]).all()  # optax: sqrt of a negative number.
+  chex.assert_trees_all_equal(s_ours.nu, s_ref.nu)  # The state is untouched.
+
+
+def test_clamp_makes_centered_bias_corrected_first_step_finite():
+  params = random_tree(jax.random.PRNGKey(0))
+  grads = gradient_sequence(1, scale=3.0, seed=11)
+  ours, _ = run(rmsprop_jax.rmsprop(1.0, centered=True, bias_correction=True,
+                                    eps_in_sqrt=False), params, grads)
+  chex.assert_tree_all_finite(ours)
+
+
+def test_state_fields_are_found_by_name():
+  params = random_tree(jax.random.PRNGKey(0))
+  tx = rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9)
+  state = tx.init(params)
+  chex.assert_trees_all_equal_structs(optax.tree.get(state, 'nu'), params)
+  chex.assert_trees_all_equal_structs(optax.tree.get(state, 'mu'), params)
+  chex.assert_trees_all_equal_structs(optax.tree.get(state, 'trace'), params)
