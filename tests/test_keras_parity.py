@@ -1,0 +1,117 @@
+"""``presets.keras`` against the real ``keras.optimizers.RMSprop`` (JAX backend).
+
+float64 throughout, gradients computed from each side's own parameters.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+from conftest import require
+
+STEPS = 25
+SHAPES = [(4, 3), (6,), ()]
+
+
+def _problem(seed=0):
+  rng = np.random.default_rng(seed)
+  params = [rng.normal(size=s) for s in SHAPES]
+  targets = [rng.normal(size=s) for s in SHAPES]
+  noise = [[rng.normal(size=s) * 0.5 for s in SHAPES] for _ in range(STEPS)]
+  return params, targets, noise
+
+
+def _grads(params, targets, noise_t):
+  return [2.0 * (jnp.asarray(p) - t) + n
+          for p, t, n in zip(params, targets, noise_t)]
+
+
+@pytest.fixture
+def keras64(x64):
+  keras = require('keras')
+  if keras.backend.backend() != 'jax':
+    pytest.skip('Keras must run on its JAX backend (KERAS_BACKEND=jax).')
+  old = keras.config.floatx()
+  keras.config.set_floatx('float64')
+  yield keras
+  keras.config.set_floatx(old)
+
+
+def keras_trajectory(keras, kwargs, lrs, seed=0):
+  params, targets, noise = _problem(seed)
+  variables = [keras.Variable(p, dtype='float64') for p in params]
+  table = np.asarray(lrs)
+
+  class Table(keras.optimizers.schedules.LearningRateSchedule):
+    # Keras evaluates the schedule at its 0-based iteration count.
+    def __call__(self, step):
+      return keras.ops.take(keras.ops.convert_to_tensor(table), step)
+
+  opt = keras.optimizers.RMSprop(learning_rate=Table(), **kwargs)
+  opt.build(variables)
+  out = []
+  for t in range(STEPS):
+    grads = _grads([v.value for v in variables], targets, noise[t])
+    opt.apply_gradients(zip(grads, variables))
+    out.append([np.asarray(v.value) for v in variables])
+  return out
+
+
+def ours_trajectory(tx, seed=0):
+  params, targets, noise = _problem(seed)
+  params = [jnp.asarray(p) for p in params]
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, noise_t):
+    updates, state = tx.update(_grads(params, targets, noise_t), state,
+                               params)
+    return optax.apply_updates(params, updates), state
+
+  out = []
+  for t in range(STEPS):
+    params, state = step(params, state, noise[t])
+    out.append([np.asarray(p) for p in params])
+  return out
+
+
+CASES = {
+    'plain': dict(),
+    'momentum': dict(momentum=0.9),
+    'centered': dict(centered=True),
+    'weight_decay': dict(weight_decay=0.1),
+    'rho_epsilon': dict(rho=0.7, epsilon=1e-3),
+    'centered_momentum_wd': dict(centered=True, momentum=0.8,
+                                 weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize('name', CASES)
+@pytest.mark.parametrize('lr_changes', [False, True],
+                         ids=['constant_lr', 'lr_every_step'])
+def test_preset_matches_keras(keras64, name, lr_changes):
+  kwargs = CASES[name]
+  if lr_changes:
+    lrs = np.random.default_rng(1).uniform(0.001, 0.05, STEPS)
+    lr = lambda count: jnp.asarray(lrs)[count]
+  else:
+    lrs = np.full(STEPS, 0.01)
+    lr = 0.01
+  ref = keras_trajectory(keras64, kwargs, lrs)
+  ours = ours_trajectory(rmsprop_jax.presets.keras(learning_rate=lr,
+                                                   **kwargs))
+  for step_ours, step_ref in zip(ours, ref):
+    for a, b in zip(step_ours, step_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_keras_golden_value():
+  # From Keras' own rmsprop_test.py: RMSprop(learning_rate=0.5), one step.
+  tx = rmsprop_jax.presets.keras(learning_rate=0.5)
+  params = jnp.array([1.0, 2.0, 3.0, 4.0])
+  updates, _ = tx.update(jnp.array([1.0, 6.0, 7.0, 2.0]), tx.init(params))
+  np.testing.assert_allclose(optax.apply_updates(params, updates),
+                             [-0.5811, 0.4189, 1.4189, 2.4189], atol=1e-4)
