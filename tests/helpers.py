@@ -49,5 +49,5 @@ def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert x.dtype == y.dtype, (x.dtype, y.dtype)
-    np.testing.assert_array_equal(np.asarray(x, np.float64),
-                                  np.asarray(y, np.float64))
+    np.testing.assert_array_equal(np.asarray(x).astype(np.complex128),
+                                  np.asarray(y).astype(np.complex128))
