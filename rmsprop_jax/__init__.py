@@ -3,11 +3,14 @@
 ``rmsprop`` is a drop-in replacement for ``optax.rmsprop`` that also covers
 PyTorch's, Keras' and TF1's variants; ``presets`` mirrors each framework's
 own constructor; ``scale_by_rms`` and ``scale_by_stddev`` are the building
-blocks.
+blocks; ``effective_learning_rate`` reads the per-parameter step size out
+of an optimizer state.
 """
 
+from rmsprop_jax import diagnostics
 from rmsprop_jax import presets
 from rmsprop_jax.alias import rmsprop
+from rmsprop_jax.diagnostics import effective_learning_rate
 from rmsprop_jax.transform import ScaleByRmsState
 from rmsprop_jax.transform import ScaleByRmsWithCountState
 from rmsprop_jax.transform import ScaleByRStdDevState
@@ -22,6 +25,8 @@ __all__ = [
     'ScaleByRStdDevWithCountState',
     'ScaleByRmsState',
     'ScaleByRmsWithCountState',
+    'diagnostics',
+    'effective_learning_rate',
     'presets',
     'rmsprop',
     'scale_by_rms',

@@ -1,0 +1,123 @@
+"""Effective learning rates: how far RMSprop lets each parameter move.
+
+The seed document's definition, for parameter :math:`i` at step :math:`t`:
+
+.. math::
+
+  \\eta^{\\text{eff}}_{t,i} = \\frac{\\eta}{\\sqrt{v_{t,i}} + \\epsilon}
+
+(``eps_in_sqrt=False``), or :math:`\\eta / \\sqrt{v_{t,i} + \\epsilon}` with
+the epsilon inside the square root, and with :math:`v` replaced by the
+(clamped) variance :math:`\\nu - \\mu^2` for centered RMSprop: the same
+denominator the transformation itself divides the gradient by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rmsprop_jax import transform
+
+_MOMENT_STATES = (transform.ScaleByRmsState, transform.ScaleByRmsWithCountState,
+                  transform.ScaleByRStdDevState,
+                  transform.ScaleByRStdDevWithCountState)
+
+
+def _moment_state(state: Any):
+  """The (first) moment state inside an optimizer state, e.g. a chain's."""
+  found = []
+
+  def visit(x):
+    if isinstance(x, _MOMENT_STATES):
+      found.append(x)
+      return True
+    return False
+
+  jax.tree.leaves(state, is_leaf=visit)
+  if not found:
+    raise ValueError(
+        'effective_learning_rate: no rmsprop_jax second-moment state '
+        '(ScaleByRmsState or ScaleByRStdDevState, or their WithCount '
+        'variants) was found in the given state.')
+  return found[0]
+
+
+def effective_learning_rate(
+    state: Any,
+    learning_rate: jax.typing.ArrayLike,
+    *,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_in_sqrt: bool = True,
+    decay: jax.typing.ArrayLike | None = None,
+    clamp_variance: bool = True,
+) -> optax.Updates:
+  r"""Per-parameter effective learning rate :math:`\eta/(\sqrt{v}+\epsilon)`.
+
+  Reads the second moment (and, for centered RMSprop, the mean) from
+  ``state``: the state of :func:`rmsprop_jax.rmsprop`, of a preset, of the
+  building blocks, or of any chain or wrapper holding one of those. Pass the
+  same ``eps`` and ``eps_in_sqrt`` the transformation was built with (the
+  state does not record them). Centering is read from the state.
+
+  The value is the step the next update takes per unit of gradient, before
+  momentum: it ignores the gradient of the next step itself (as the seed's
+  Demo 3 does).
+
+  Args:
+    state: an optimizer state containing one of the moment states.
+    learning_rate: :math:`\eta`, a scalar (for a schedule, pass its value at
+      the step of interest).
+    eps: the transformation's :math:`\epsilon`.
+    eps_in_sqrt: the transformation's epsilon placement.
+    decay: the transformation's decay; needed only when the state has a step
+      count (``bias_correction=True``), to bias-correct the moments.
+    clamp_variance: as the transformation's (centered only).
+
+  Returns:
+    A tree like the parameters: the effective learning rate of each entry.
+    Works under ``jax.jit``.
+  """
+  moments = _moment_state(state)
+  nu = moments.nu
+  mu = getattr(moments, 'mu', None)
+  if isinstance(moments, (transform.ScaleByRmsWithCountState,
+                          transform.ScaleByRStdDevWithCountState)):
+    if decay is None:
+      raise ValueError('effective_learning_rate: the state is bias-corrected '
+                       '(it has a step count); pass the `decay` it uses.')
+    # As the transformation: divide by 1 - decay**count (nothing to correct
+    # before the first update, when count is 0).
+    count = moments.count
+    factor = jnp.where(count > 0, 1 - decay**count, 1.0)
+    nu = jax.tree.map(lambda n: n / factor.astype(n.dtype), nu)
+    if mu is not None:
+      mu = jax.tree.map(lambda m: m / factor.astype(m.dtype), mu)
+  if mu is None:
+    ms = nu
+  else:
+    ms = jax.tree.map(lambda m, n: n - m * m, mu, nu)
+    if clamp_variance:
+      ms = jax.tree.map(lambda v: jnp.maximum(v, 0), ms)
+  return jax.tree.map(
+      lambda v: learning_rate * transform._inverse_rms(v, eps, eps_in_sqrt),
+      ms)
+
+
+def summarize(tree: Any) -> dict[str, dict[str, jax.Array]]:
+  """Min, median and max of each leaf, keyed by its path: for logging.
+
+  Examples:
+    >>> import jax.numpy as jnp, rmsprop_jax
+    >>> rmsprop_jax.diagnostics.summarize({'w': jnp.array([1.0, 2.0, 4.0])})
+    {'w': {'min': Array(1., dtype=float32), 'median': Array(2., dtype=float32), 'max': Array(4., dtype=float32)}}
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {
+      jax.tree_util.keystr(path, simple=True, separator='/'): {
+          'min': jnp.min(x), 'median': jnp.median(x), 'max': jnp.max(x)}
+      for path, x in leaves
+  }

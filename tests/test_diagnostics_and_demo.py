@@ -1,0 +1,90 @@
+"""``effective_learning_rate`` against hand computations; the demo command."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+from rmsprop_jax import diagnostics
+
+
+def _after(tx, grads, params):
+  state = tx.init(params)
+  for g in grads:
+    _, state = tx.update(g, state, params)
+  return state
+
+
+G = [np.array([3.0, -0.5, 0.0]), np.array([1.0, 2.0, 0.0])]
+
+
+def test_effective_learning_rate_plain_by_hand():
+  params = jnp.zeros(3)
+  state = _after(rmsprop_jax.rmsprop(0.1, decay=0.9, eps=1e-3,
+                                     eps_in_sqrt=False), G, params)
+  v = 0.9 * (0.1 * G[0] ** 2) + 0.1 * G[1] ** 2  # By hand, v_0 = 0.
+  expected = 0.1 / (np.sqrt(v) + 1e-3)
+  np.testing.assert_allclose(
+      diagnostics.effective_learning_rate(state, 0.1, eps=1e-3,
+                                          eps_in_sqrt=False),
+      expected, rtol=1e-6)
+  assert expected[2] == pytest.approx(0.1 / 1e-3)  # Zero gradient: lr / eps.
+
+
+def test_effective_learning_rate_centered_bias_corrected_by_hand():
+  params = jnp.zeros(3)
+  tx = rmsprop_jax.rmsprop(0.2, decay=0.5, eps=1e-2, centered=True,
+                           bias_correction=True, momentum=0.9)
+  state = _after(tx, G, params)
+  mu = 0.5 * (0.5 * G[0]) + 0.5 * G[1]
+  nu = 0.5 * (0.5 * G[0] ** 2) + 0.5 * G[1] ** 2
+  c = 1 - 0.5 ** 2
+  expected = 0.2 / np.sqrt(np.maximum(nu / c - (mu / c) ** 2, 0) + 1e-2)
+  got = jax.jit(lambda s: diagnostics.effective_learning_rate(
+      s, 0.2, eps=1e-2, decay=0.5))(state)
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  with pytest.raises(ValueError, match='decay'):
+    diagnostics.effective_learning_rate(state, 0.2)
+
+
+def test_effective_learning_rate_is_the_step_per_unit_gradient():
+  # Without momentum, update = -eff_lr * g for the state *after* the update.
+  params = {'a': jnp.ones(4), 'b': [jnp.ones((2, 2))]}
+  g = jax.tree.map(lambda p: p * jnp.arange(p.size).reshape(p.shape), params)
+  tx = rmsprop_jax.presets.pytorch(lr=0.05, alpha=0.9)
+  updates, state = tx.update(g, tx.init(params), params)
+  eff = diagnostics.effective_learning_rate(state, 0.05, eps=1e-8,
+                                            eps_in_sqrt=False)
+  chex = pytest.importorskip('chex')
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda e, x: -e * x,
+                                                    eff, g), rtol=1e-6)
+
+
+def test_summarize():
+  summary = diagnostics.summarize({'w': jnp.array([3.0, 1.0, 2.0]),
+                                   'l': [jnp.array([[5.0]])]})
+  assert set(summary) == {'w', 'l/0'}
+  assert [float(summary['w'][k]) for k in ('min', 'median', 'max')] == [
+      1.0, 2.0, 3.0]
+
+
+def test_demo_runs_and_writes_three_figures(tmp_path, capsys):
+  pytest.importorskip('matplotlib')
+  from rmsprop_jax.__main__ import main
+  assert main(['demo', '--out', str(tmp_path / 'figs')]) == 0
+  out = capsys.readouterr().out
+  assert out.count('Conclusion:') == 3
+  pngs = sorted(p.name for p in (tmp_path / 'figs').glob('*.png'))
+  assert len(pngs) == 3
+  for p in (tmp_path / 'figs').glob('*.png'):
+    assert p.read_bytes()[:4] == b'\x89PNG'
+
+
+def test_demo1_table_matches_the_seed_numpy_class(capsys):
+  # The printed final point is the seed's own NumPy class' (float32 here).
+  from test_references import seed_demo1_trajectory
+  from rmsprop_jax import demo
+  r = demo.demo1()
+  np.testing.assert_allclose(r.params[1:], seed_demo1_trajectory(), rtol=2e-5)
