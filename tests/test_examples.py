@@ -1,0 +1,48 @@
+"""Every example runs end to end in its quick mode (as CI does)."""
+
+import importlib
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import require
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / 'examples'
+
+
+def _example(name):
+  for module in ('flax', 'sklearn', 'tqdm', 'matplotlib'):
+    require(module)
+  sys.path.insert(0, str(EXAMPLES))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(EXAMPLES))
+
+
+def test_digits_nnx(tmp_path):
+  results = _example('digits_nnx').main(['--quick', '--out', str(tmp_path)])
+  ours = results['rmsprop_jax.rmsprop(1e-3)']
+  ref = results['optax.rmsprop(1e-3)']
+  np.testing.assert_array_equal(ours[0], ref[0])  # Same losses, bit for bit.
+  assert ours[2] > 0.5  # It learned (10 classes: chance is 0.1).
+  assert (tmp_path / 'digits_nnx.png').exists()
+
+
+def test_online_drift(tmp_path):
+  results = _example('online_drift').main(['--quick', '--out', str(tmp_path)])
+  _, err, eff = results['AdaGrad']
+  assert np.all(np.diff(eff[1:]) <= 1e-9)  # AdaGrad's rate never rises.
+  assert np.isfinite(err).all()
+  assert (tmp_path / 'online_drift.png').exists()
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+  require('orbax.checkpoint')
+  identical, full, resumed = _example('checkpoint_resume').main(
+      ['--quick', '--out', str(tmp_path)])
+  assert identical
+  for a, b in zip(*(sorted(t.items()) for t in (full, resumed))):
+    np.testing.assert_array_equal(a[1], b[1])
