@@ -51,3 +51,39 @@ def assert_trees_equal(a, b):
     assert x.dtype == y.dtype, (x.dtype, y.dtype)
     np.testing.assert_array_equal(np.asarray(x).astype(np.complex128),
                                   np.asarray(y).astype(np.complex128))
+
+
+def bowl_problem(shapes, steps, seed=0):
+  """Start, targets and per-step noise of a noisy quadratic bowl (NumPy)."""
+  rng = np.random.default_rng(seed)
+  params = [rng.normal(size=s) for s in shapes]
+  targets = [rng.normal(size=s) for s in shapes]
+  noise = [[rng.normal(size=s) * 0.5 for s in shapes] for _ in range(steps)]
+  return params, targets, noise
+
+
+def bowl_grads(params, targets, noise_t, asarray=jnp.asarray):
+  """Gradient of the bowl at ``params``: depends on the parameters, so any
+  difference between two optimizers compounds over the steps."""
+  return [2.0 * (p - asarray(t)) + asarray(n)
+          for p, t, n in zip(params, targets, noise_t)]
+
+
+def bowl_trajectory(tx, problem):
+  """Parameters after each step of ``tx`` on ``problem`` (jitted)."""
+  import optax
+  params, targets, noise = problem
+  params = [jnp.asarray(p) for p in params]
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, noise_t):
+    updates, state = tx.update(bowl_grads(params, targets, noise_t), state,
+                               params)
+    return optax.apply_updates(params, updates), state
+
+  out = []
+  for noise_t in noise:
+    params, state = step(params, state, noise_t)
+    out.append([np.asarray(p) for p in params])
+  return out

@@ -11,22 +11,10 @@ import pytest
 
 import rmsprop_jax
 from conftest import require
+from helpers import bowl_grads, bowl_problem, bowl_trajectory
 
 STEPS = 25
 SHAPES = [(4, 3), (6,), ()]
-
-
-def _problem(seed=0):
-  rng = np.random.default_rng(seed)
-  params = [rng.normal(size=s) for s in SHAPES]
-  targets = [rng.normal(size=s) for s in SHAPES]
-  noise = [[rng.normal(size=s) * 0.5 for s in SHAPES] for _ in range(STEPS)]
-  return params, targets, noise
-
-
-def _grads(params, targets, noise_t):
-  return [2.0 * (jnp.asarray(p) - t) + n
-          for p, t, n in zip(params, targets, noise_t)]
 
 
 @pytest.fixture
@@ -41,7 +29,7 @@ def keras64(x64):
 
 
 def keras_trajectory(keras, kwargs, lrs, seed=0):
-  params, targets, noise = _problem(seed)
+  params, targets, noise = bowl_problem(SHAPES, STEPS, seed)
   variables = [keras.Variable(p, dtype='float64') for p in params]
   table = np.asarray(lrs)
 
@@ -54,28 +42,14 @@ def keras_trajectory(keras, kwargs, lrs, seed=0):
   opt.build(variables)
   out = []
   for t in range(STEPS):
-    grads = _grads([v.value for v in variables], targets, noise[t])
+    grads = bowl_grads([v.value for v in variables], targets, noise[t])
     opt.apply_gradients(zip(grads, variables))
     out.append([np.asarray(v.value) for v in variables])
   return out
 
 
 def ours_trajectory(tx, seed=0):
-  params, targets, noise = _problem(seed)
-  params = [jnp.asarray(p) for p in params]
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, noise_t):
-    updates, state = tx.update(_grads(params, targets, noise_t), state,
-                               params)
-    return optax.apply_updates(params, updates), state
-
-  out = []
-  for t in range(STEPS):
-    params, state = step(params, state, noise[t])
-    out.append([np.asarray(p) for p in params])
-  return out
+  return bowl_trajectory(tx, bowl_problem(SHAPES, STEPS, seed))
 
 
 CASES = {

@@ -4,8 +4,6 @@ Everything runs in float64, with gradients that depend on each side's own
 parameters, so any difference in the update rule compounds over the steps.
 """
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,36 +12,23 @@ import pytest
 
 import rmsprop_jax
 from conftest import require
+from helpers import bowl_grads, bowl_problem, bowl_trajectory
 
 STEPS = 30
 SHAPES = [(5, 3), (7,), ()]
 
 
-def _problem(seed=0):
-  rng = np.random.default_rng(seed)
-  params = [rng.normal(size=s) for s in SHAPES]
-  targets = [rng.normal(size=s) for s in SHAPES]
-  noise = [[rng.normal(size=s) * 0.5 for s in SHAPES] for _ in range(STEPS)]
-  return params, targets, noise
-
-
-def _grads(params, targets, noise_t, asarray):
-  # Quadratic bowl with per-step noise: a realistic, parameter-dependent g.
-  return [2.0 * (p - asarray(t)) + asarray(n)
-          for p, t, n in zip(params, targets, noise_t)]
-
-
 def torch_trajectory(kwargs, lrs, seed=0):
   torch = require('torch')
-  params, targets, noise = _problem(seed)
+  params, targets, noise = bowl_problem(SHAPES, STEPS, seed)
   ps = [torch.tensor(p, dtype=torch.float64, requires_grad=True)
         for p in params]
   opt = torch.optim.RMSprop(ps, lr=float(lrs[0]), **kwargs)
   out = []
   for t in range(STEPS):
     with torch.no_grad():
-      gs = _grads(ps, targets, noise[t],
-                  lambda a: torch.tensor(a, dtype=torch.float64))
+      gs = bowl_grads(ps, targets, noise[t],
+                      lambda a: torch.tensor(a, dtype=torch.float64))
     for p, g in zip(ps, gs):
       p.grad = g
     for group in opt.param_groups:
@@ -54,21 +39,7 @@ def torch_trajectory(kwargs, lrs, seed=0):
 
 
 def ours_trajectory(tx, seed=0):
-  params, targets, noise = _problem(seed)
-  params = [jnp.asarray(p) for p in params]
-  state = tx.init(params)
-
-  @jax.jit
-  def step(params, state, noise_t):
-    grads = _grads(params, targets, noise_t, jnp.asarray)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  out = []
-  for t in range(STEPS):
-    params, state = step(params, state, [jnp.asarray(n) for n in noise[t]])
-    out.append([np.asarray(p) for p in params])
-  return out
+  return bowl_trajectory(tx, bowl_problem(SHAPES, STEPS, seed))
 
 
 CASES = {
