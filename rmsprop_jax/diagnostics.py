@@ -99,9 +99,8 @@ def effective_learning_rate(
   if mu is None:
     ms = nu
   else:
-    ms = jax.tree.map(lambda m, n: n - m * m, mu, nu)
-    if clamp_variance:
-      ms = jax.tree.map(lambda v: jnp.maximum(v, 0), ms)
+    ms = jax.tree.map(
+        lambda m, n: transform._variance(m, n, clamp_variance), mu, nu)
   return jax.tree.map(
       lambda v: learning_rate * transform._inverse_rms(v, eps, eps_in_sqrt),
       ms)

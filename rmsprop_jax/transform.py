@@ -61,6 +61,14 @@ def _ema(x: jax.Array, ema: jax.Array, decay: Any) -> jax.Array:
   return (1 - decay) * x + decay * ema
 
 
+def _variance(mu: jax.Array, nu: jax.Array, clamp: bool) -> jax.Array:
+  """``nu - |mu|**2``, optax's expression, clamped at zero if ``clamp``."""
+  var = nu - _abs_sq(mu)
+  if clamp:
+    var = jnp.where(jnp.real(var) < 0, jnp.zeros_like(var), var)
+  return var
+
+
 def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   """``1 / sqrt(ms + eps)`` or ``1 / (sqrt(ms) + eps)``, as optax computes it."""
   if eps_in_sqrt:
@@ -229,10 +237,8 @@ def _scale_by_moments(
       count, nu_hat, mu_hat = None, new_nu, new_mu
 
     if centered:
-      ms = jax.tree.map(lambda m, n: n - _abs_sq(m), mu_hat, nu_hat)
-      if clamp_variance:
-        ms = jax.tree.map(
-            lambda v: jnp.where(jnp.real(v) < 0, jnp.zeros_like(v), v), ms)
+      ms = jax.tree.map(lambda m, n: _variance(m, n, clamp_variance),
+                        mu_hat, nu_hat)
     else:
       ms = nu_hat
     new_updates = jax.tree.map(
