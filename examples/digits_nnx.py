@@ -7,7 +7,6 @@ inside scikit-learn; nothing is downloaded.
     python examples/digits_nnx.py [--quick] [--out DIR]
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -87,3 +87,20 @@ def bowl_trajectory(tx, problem):
     params, state = step(params, state, noise_t)
     out.append([np.asarray(p) for p in params])
   return out
+
+
+def learning_rates(steps, changing):
+  """Per-step learning rates and the optax form of the same (schedule or
+  constant): random in [0.001, 0.05) if ``changing``, else 0.01."""
+  if changing:
+    lrs = np.random.default_rng(1).uniform(0.001, 0.05, steps)
+    return lrs, lambda count: jnp.asarray(lrs)[count]
+  return np.full(steps, 0.01), 0.01
+
+
+def assert_trajectories_close(ours, ref):
+  """float64 round-off only: the frameworks order the same operations
+  differently (PyTorch divides where optax multiplies by a reciprocal)."""
+  for step_ours, step_ref in zip(ours, ref):
+    for a, b in zip(step_ours, step_ref):
+      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)

@@ -5,7 +5,6 @@ import pathlib
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import require
 

@@ -3,7 +3,6 @@
 float64 throughout, gradients computed from each side's own parameters.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -11,7 +10,8 @@ import pytest
 
 import rmsprop_jax
 from conftest import require
-from helpers import bowl_grads, bowl_problem, bowl_trajectory
+from helpers import (assert_trajectories_close, bowl_grads, bowl_problem,
+                     bowl_trajectory, learning_rates)
 
 STEPS = 25
 SHAPES = [(4, 3), (6,), ()]
@@ -67,19 +67,11 @@ CASES = {
 @pytest.mark.parametrize('lr_changes', [False, True],
                          ids=['constant_lr', 'lr_every_step'])
 def test_preset_matches_keras(keras64, name, lr_changes):
-  kwargs = CASES[name]
-  if lr_changes:
-    lrs = np.random.default_rng(1).uniform(0.001, 0.05, STEPS)
-    lr = lambda count: jnp.asarray(lrs)[count]
-  else:
-    lrs = np.full(STEPS, 0.01)
-    lr = 0.01
-  ref = keras_trajectory(keras64, kwargs, lrs)
+  lrs, lr = learning_rates(STEPS, lr_changes)
+  ref = keras_trajectory(keras64, CASES[name], lrs)
   ours = ours_trajectory(rmsprop_jax.presets.keras(learning_rate=lr,
-                                                   **kwargs))
-  for step_ours, step_ref in zip(ours, ref):
-    for a, b in zip(step_ours, step_ref):
-      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+                                                   **CASES[name]))
+  assert_trajectories_close(ours, ref)
 
 
 def test_keras_golden_value():

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 import pytest
 
-import rmsprop_jax
 from rmsprop_jax import presets
 
 DATA = pathlib.Path(__file__).parent / 'data' / 'tf1_rmsprop_kernels.json'

@@ -4,15 +4,14 @@ Everything runs in float64, with gradients that depend on each side's own
 parameters, so any difference in the update rule compounds over the steps.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import rmsprop_jax
 from conftest import require
-from helpers import bowl_grads, bowl_problem, bowl_trajectory
+from helpers import (assert_trajectories_close, bowl_grads, bowl_problem,
+                     bowl_trajectory, learning_rates)
 
 STEPS = 30
 SHAPES = [(5, 3), (7,), ()]
@@ -56,27 +55,15 @@ CASES = {
 }
 
 
-def _assert_close(ours, ref):
-  for step_ours, step_ref in zip(ours, ref):
-    for a, b in zip(step_ours, step_ref):
-      # float64 round-off only (PyTorch divides, optax multiplies by 1/x).
-      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
-
-
 @pytest.mark.parametrize('name', CASES)
 @pytest.mark.parametrize('lr_changes', [False, True],
                          ids=['constant_lr', 'lr_every_step'])
 def test_preset_matches_torch(name, lr_changes, x64):
   kwargs = CASES[name]
-  if lr_changes:
-    lrs = np.random.default_rng(1).uniform(0.001, 0.05, STEPS)
-    lr = lambda count: jnp.asarray(lrs)[count]
-  else:
-    lrs = np.full(STEPS, 0.01)
-    lr = 0.01
+  lrs, lr = learning_rates(STEPS, lr_changes)
   ref = torch_trajectory(kwargs, lrs)
   ours = ours_trajectory(rmsprop_jax.presets.pytorch(lr=lr, **kwargs))
-  _assert_close(ours, ref)
+  assert_trajectories_close(ours, ref)
 
 
 def test_lr_placement_matters_for_a_schedule(x64):
@@ -88,15 +75,14 @@ def test_lr_placement_matters_for_a_schedule(x64):
   inside = ours_trajectory(rmsprop_jax.rmsprop(
       lr, decay=0.99, eps_in_sqrt=False, momentum=0.9))
   with pytest.raises(AssertionError):
-    _assert_close(inside, ref)
+    assert_trajectories_close(inside, ref)
 
 
 def test_rmsprop_keywords_spell_out_the_preset(x64):
-  lrs = np.random.default_rng(2).uniform(0.001, 0.05, STEPS)
-  lr = lambda count: jnp.asarray(lrs)[count]
+  lrs, lr = learning_rates(STEPS, changing=True)
   ref = torch_trajectory(dict(momentum=0.9, weight_decay=0.1, centered=True),
                          lrs)
   ours = ours_trajectory(rmsprop_jax.rmsprop(
       lr, decay=0.99, eps=1e-8, eps_in_sqrt=False, centered=True,
       momentum=0.9, lr_in_momentum=False, weight_decay=0.1))
-  _assert_close(ours, ref)
+  assert_trajectories_close(ours, ref)
