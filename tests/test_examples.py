@@ -30,6 +30,16 @@ def test_digits_nnx(tmp_path):
   assert (tmp_path / 'digits_nnx.png').exists()
 
 
+def test_digits_linen_trainstate(tmp_path):
+  results = _example('digits_linen').main(['--quick', '--out', str(tmp_path)])
+  ours, ref = results['rmsprop_jax.rmsprop'], results['optax.rmsprop']
+  np.testing.assert_array_equal(ours[0], ref[0])  # Same losses, bit for bit.
+  assert ours[2] > 0.5  # It learned (10 classes: chance is 0.1).
+  assert len(ours[3]) == 2 and all(  # One finite, positive summary an epoch.
+      np.isfinite(v) and v > 0 for e in ours[3] for v in e.values())
+  assert (tmp_path / 'digits_linen.png').exists()
+
+
 def test_online_drift(tmp_path):
   module = _example('online_drift')
   results = module.main(['--quick', '--out', str(tmp_path)])
