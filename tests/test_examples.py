@@ -40,6 +40,24 @@ def test_digits_linen_trainstate(tmp_path):
   assert (tmp_path / 'digits_linen.png').exists()
 
 
+def test_adding_gru(tmp_path):
+  module = _example('adding_gru')
+  results = module.main(['--quick', '--out', str(tmp_path)])
+  graves = results['Graves 2013 (centered, momentum 0.9)']
+  for r in results.values():
+    assert r['losses'].shape == (2, 2, 200) and np.isfinite(r['losses']).all()
+    assert np.median(r['final'][r['best']]) < module.BASELINE / 4  # Learned.
+  # The grid's Graves runs are Graves's rule: optax.rmsprop with the same
+  # hyperparameters (no negative variance arises, so the clamp is inactive).
+  import jax.numpy as jnp, optax
+  ref = module.make_trainer(
+      lambda lr: optax.rmsprop(lr, decay=0.95, eps=1e-4, centered=True,
+                               momentum=0.9), 10, 16, 32, 200)(
+          jnp.array([1e-3, 1e-2]), jnp.arange(2))
+  np.testing.assert_array_equal(graves['losses'], ref)
+  assert (tmp_path / 'adding_gru.png').exists()
+
+
 def test_online_drift(tmp_path):
   module = _example('online_drift')
   results = module.main(['--quick', '--out', str(tmp_path)])
