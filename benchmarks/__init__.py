@@ -1,0 +1,1 @@
+"""Benchmarks for rmsprop_jax: ``python -m benchmarks --help``."""

@@ -1,0 +1,65 @@
+"""``python -m benchmarks [--quick] [--suites step,convergence] [--out DIR]``.
+
+Runs the step-speed-and-memory suite and the convergence suite and writes
+JSON, a Markdown table and PNG plots for each to ``--out``
+(``benchmarks/results/``; ``benchmarks/results/quick/`` with ``--quick``).
+Runs unchanged on CPU, GPU and TPU: it measures whatever ``jax`` runs on.
+"""
+
+import argparse
+import pathlib
+
+from benchmarks import common, convergence, step
+
+SUITES = ('step', 'convergence')
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog='python -m benchmarks', description=__doc__.splitlines()[0])
+  parser.add_argument('--quick', action='store_true',
+                      help='small trees and problems, few repetitions: a '
+                           'smoke run of a minute or two (CI)')
+  parser.add_argument('--suites', default=','.join(SUITES),
+                      help=f'comma-separated, from {", ".join(SUITES)} '
+                           '(default: all)')
+  parser.add_argument('--out', type=pathlib.Path, default=None, metavar='DIR',
+                      help='output folder (default: benchmarks/results, or '
+                           'benchmarks/results/quick with --quick)')
+  parser.add_argument('--trees', default=None,
+                      help='step suite: comma-separated tree names to run '
+                           '(default: all)')
+  parser.add_argument('--variants', default=None,
+                      help=f'step suite: from {", ".join(step.VARIANTS)}')
+  parser.add_argument('--dtypes', default=None,
+                      help=f'step suite: from {", ".join(step.DTYPES)}')
+  parser.add_argument('--no-torch', action='store_true',
+                      help='step suite: leave PyTorch out')
+  parser.add_argument('--problems', default=None,
+                      help='convergence suite: comma-separated, from '
+                           f'{", ".join(convergence.PROBLEMS)}')
+  args = parser.parse_args(argv)
+  split = lambda s: s.split(',') if s else None
+  suites = split(args.suites)
+  unknown = set(suites) - set(SUITES)
+  if unknown:
+    parser.error(f'unknown suite(s): {", ".join(sorted(unknown))}')
+  out = args.out or pathlib.Path(__file__).parent / 'results' / (
+      'quick' if args.quick else '')
+  out.mkdir(parents=True, exist_ok=True)
+  print(common.environment_markdown(common.environment()))
+  results = {}
+  if 'step' in suites:
+    results['step'] = step.run(
+        out, quick=args.quick, tree_names=split(args.trees),
+        variants=split(args.variants), dtypes=split(args.dtypes),
+        use_torch=not args.no_torch)
+  if 'convergence' in suites:
+    results['convergence'] = convergence.run(
+        out, quick=args.quick, problems=split(args.problems))
+  print(f'wrote results to {out}/')
+  return results
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,88 @@
+"""What every suite shares: the environment record, timing, and writing."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+
+def environment() -> dict:
+  """Device, versions and date: recorded with every result."""
+  import optax
+  import rmsprop_jax
+  env = {
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds'),
+      'backend': jax.default_backend(),
+      'devices': [d.device_kind for d in jax.devices()],
+      'cpu': platform.processor() or platform.machine(),
+      'cpu_count': __import__('os').cpu_count(),
+      'python': platform.python_version(),
+      'jax': jax.__version__,
+      'jaxlib': __import__('jaxlib').__version__,
+      'optax': optax.__version__,
+      'rmsprop_jax': getattr(rmsprop_jax, '__version__', 'source'),
+  }
+  try:
+    import torch
+    env['torch'] = torch.__version__
+  except ImportError:
+    env['torch'] = None
+  return env
+
+
+def calibrate(call: Callable[[], None], target_s: float) -> int:
+  """How many back-to-back calls take about ``target_s`` (after warm-up)."""
+  call()
+  start = time.perf_counter()
+  call()
+  once = max(time.perf_counter() - start, 1e-7)
+  return max(1, int(target_s / once))
+
+
+def alternate(timers: dict[str, Callable[[int], float]], counts: dict[str, int],
+              repeats: int) -> dict[str, float]:
+  """Median seconds per call of each timer, taking turns, order flipped.
+
+  Each ``timers[name](n)`` runs ``n`` calls and returns their total seconds.
+  Taking turns within one process, and reversing the order every round, puts
+  every side under the same machine noise; the median resists outliers.
+  """
+  names = list(timers)
+  samples = {name: [] for name in names}
+  for r in range(repeats):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      samples[name].append(timers[name](counts[name]) / counts[name])
+  return {name: float(np.median(s)) for name, s in samples.items()}
+
+
+def write_json(path: pathlib.Path, payload: dict) -> None:
+  path.write_text(json.dumps(payload, indent=1, default=float) + '\n')
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  lines = ['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---' for _ in header) + '|']
+  lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+  return '\n'.join(lines) + '\n'
+
+
+def environment_markdown(env: dict) -> str:
+  return ('Machine: ' + f"{env['backend']} ({', '.join(sorted(set(env['devices'])))}"
+          f", {env['cpu_count']} host cores); jax {env['jax']}, optax "
+          f"{env['optax']}, torch {env['torch']}, Python {env['python']}; "
+          f"{env['date']}.\n")
+
+
+def pyplot():
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  return plt

@@ -1,0 +1,334 @@
+"""Step speed and memory: rmsprop_jax against optax.rmsprop and PyTorch.
+
+For every parameter tree, variant and dtype it measures, in one process and
+taking turns:
+
+- the step as a user calls it: one jitted, donated ``update`` +
+  ``optax.apply_updates`` call (dispatch included), fed its own outputs;
+- the device time per step inside a ``lax.fori_loop`` of several steps;
+- ``torch.optim.RMSprop(foreach=True).step()`` on tensors of the same shapes
+  (PyTorch's own conventions; same work per element);
+- the machine's ceiling: a donated, jitted elementwise kernel on flat buffers
+  that reads and writes exactly the bytes the variant must move.
+
+and, from the compiled programs, compile time, temporary memory and bytes
+accessed; from the state itself, optimizer-state bytes per parameter.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import rmsprop_jax
+from benchmarks import common
+
+LR = 1e-3
+VARIANTS = {
+    'plain': {},
+    'centered': {'centered': True},
+    'momentum': {'momentum': 0.9},
+    'centered+momentum': {'centered': True, 'momentum': 0.9},
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def transformer_shapes(scale: int = 1) -> list[tuple[int, ...]]:
+  """Leaf shapes of a small Flax Linen decoder (4 blocks, width 256/scale).
+
+  Built with ``jax.eval_shape``: nothing is initialised or trained.
+  """
+  import flax.linen as nn
+  width, vocab = 256 // scale, 8192 // scale
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = x + nn.MultiHeadDotProductAttention(4)(nn.LayerNorm()(x))
+      h = nn.Dense(4 * width)(nn.LayerNorm()(x))
+      return x + nn.Dense(width)(nn.gelu(h))
+
+  class Decoder(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      x = nn.Embed(vocab, width)(tokens)
+      for _ in range(4):
+        x = Block()(x)
+      return nn.Dense(vocab)(nn.LayerNorm()(x))
+
+  shapes = jax.eval_shape(Decoder().init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 16), jnp.int32))
+  return [leaf.shape for leaf in jax.tree.leaves(shapes)]
+
+
+def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
+  """The grid of parameter trees, as lists of leaf shapes."""
+  if quick:
+    return {'1 x 64K': [(1 << 16,)], '16 x 4K': [(4096,)] * 16,
+            '200 x 64': [(64,)] * 200, 'transformer/8': transformer_shapes(8)}
+  return {'1 x 16M': [(1 << 24,)], '256 x 64K': [(1 << 16,)] * 256,
+          '4096 x 4K': [(4096,)] * 4096, '2000 x 64': [(64,)] * 2000,
+          'transformer': transformer_shapes()}
+
+
+def moved_bytes(n_params: int, itemsize: int, kwargs: dict) -> int:
+  """Bytes one step must read and write: params r/w, grads r, state r/w."""
+  n_state = 1 + bool(kwargs.get('centered')) + bool(kwargs.get('momentum'))
+  return n_params * itemsize * (3 + 2 * n_state)
+
+
+def _random_tree(shapes, dtype, key):
+  keys = jax.random.split(key, len(shapes))
+  return [jax.random.normal(k, s, jnp.float32).astype(dtype)
+          for k, s in zip(keys, shapes)]
+
+
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+class JaxSide:
+  """A jitted, donated train-style step of one optax transformation."""
+
+  def __init__(self, tx, params, grads, scan_steps):
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    def many(params, state, grads):
+      return jax.lax.fori_loop(
+          0, scan_steps, lambda _, c: step(*c, grads), (params, state))
+
+    self.grads = grads
+    self.scan_steps = scan_steps
+    self.carry = (jax.tree.map(jnp.copy, params), tx.init(params))
+    self.state_bytes = _nbytes(self.carry[1])
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
+        *self.carry, grads).compile()
+    self.compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    self.temp_bytes = getattr(memory, 'temp_size_in_bytes', None)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.xla_bytes = (cost or {}).get('bytes accessed')
+    del compiled
+    self.step = jax.jit(step, donate_argnums=(0, 1))
+    self.many = jax.jit(many, donate_argnums=(0, 1))
+
+  def time_step(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.carry = self.step(*self.carry, self.grads)
+    jax.block_until_ready(self.carry)
+    return time.perf_counter() - start
+
+  def time_scan(self, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+      self.carry = self.many(*self.carry, self.grads)
+    jax.block_until_ready(self.carry)
+    return (time.perf_counter() - start) / self.scan_steps
+
+
+class Ceiling:
+  """A donated elementwise kernel moving the variant's bytes on flat buffers."""
+
+  def __init__(self, n, dtype, n_state, scan_steps):
+    def kernel(p, state, g):
+      return p + g, tuple(s * 0.5 + g for s in state)
+
+    def many(p, state, g):
+      return jax.lax.fori_loop(0, scan_steps,
+                               lambda _, c: kernel(*c, g), (p, state))
+
+    self.scan_steps = scan_steps
+    self.g = jnp.ones(n, dtype)
+    self.carry = (jnp.zeros(n, dtype),
+                  tuple(jnp.zeros(n, dtype) for _ in range(n_state)))
+    self.step = jax.jit(kernel, donate_argnums=(0, 1))
+    self.many = jax.jit(many, donate_argnums=(0, 1))
+
+  time_step = JaxSide.time_step
+  time_scan = JaxSide.time_scan
+
+  @property
+  def grads(self):
+    return self.g
+
+
+class TorchSide:
+  """``torch.optim.RMSprop(foreach=True)`` on tensors of the same values."""
+
+  def __init__(self, params, grads, kwargs):
+    import torch
+    self.torch = torch
+    self.device = 'cuda' if (jax.default_backend() == 'gpu'
+                             and torch.cuda.is_available()) else 'cpu'
+    to_torch = lambda x: torch.from_numpy(
+        np.array(x.astype(jnp.float32))).to(
+            device=self.device,
+            dtype=getattr(torch, str(x.dtype)))
+    self.params = [to_torch(p) for p in params]
+    for p, g in zip(self.params, grads):
+      p.grad = to_torch(g)
+    self.opt = torch.optim.RMSprop(
+        self.params, lr=LR, alpha=0.9, eps=1e-8, foreach=True,
+        centered=bool(kwargs.get('centered')),
+        momentum=kwargs.get('momentum', 0.0))
+
+  def time_step(self, n: int) -> float:
+    sync = (self.torch.cuda.synchronize if self.device == 'cuda'
+            else lambda: None)
+    start = time.perf_counter()
+    for _ in range(n):
+      self.opt.step()
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(tree_name, shapes, dtype_name, variant, *, repeats, target_s,
+            scan_steps, use_torch) -> dict:
+  dtype = DTYPES[dtype_name]
+  kwargs = VARIANTS[variant]
+  params = _random_tree(shapes, dtype, jax.random.PRNGKey(0))
+  grads = _random_tree(shapes, dtype, jax.random.PRNGKey(1))
+  n = sum(int(np.prod(s)) for s in shapes)
+  itemsize = jnp.dtype(dtype).itemsize
+  n_state = 1 + bool(kwargs.get('centered')) + bool(kwargs.get('momentum'))
+  sides = {
+      'ours': JaxSide(rmsprop_jax.rmsprop(LR, **kwargs), params, grads,
+                      scan_steps),
+      'optax': JaxSide(optax.rmsprop(LR, **kwargs), params, grads, scan_steps),
+      'ceiling': Ceiling(n, dtype, n_state, scan_steps),
+  }
+  step_timers: dict[str, Callable[[int], float]] = {
+      name: side.time_step for name, side in sides.items()}
+  if use_torch:
+    step_timers['torch'] = TorchSide(params, grads, kwargs).time_step
+  counts = {name: common.calibrate(lambda t=t: t(1), target_s)
+            for name, t in step_timers.items()}
+  step = common.alternate(step_timers, counts, repeats)
+  scan_timers = {name: side.time_scan for name, side in sides.items()}
+  scan_counts = {name: common.calibrate(lambda t=t: t(1), target_s)
+                 for name, t in scan_timers.items()}
+  scan = common.alternate(scan_timers, scan_counts, repeats)
+
+  moved = moved_bytes(n, itemsize, kwargs)
+  ours, ref = sides['ours'], sides['optax']
+  return {
+      'tree': tree_name, 'leaves': len(shapes), 'params': n,
+      'dtype': dtype_name, 'variant': variant,
+      'step_s': {k: v for k, v in step.items()},
+      'scan_step_s': scan,
+      'speedup_vs_optax': step['optax'] / step['ours'],
+      'scan_speedup_vs_optax': scan['optax'] / scan['ours'],
+      'speedup_vs_torch': (step['torch'] / step['ours']) if use_torch else None,
+      'moved_bytes': moved,
+      'ours_gb_s': moved / step['ours'] / 1e9,
+      'ceiling_gb_s': moved / step['ceiling'] / 1e9,
+      'fraction_of_ceiling': step['ceiling'] / step['ours'],
+      'scan_fraction_of_ceiling': scan['ceiling'] / scan['ours'],
+      'compile_s': {'ours': ours.compile_s, 'optax': ref.compile_s},
+      'temp_bytes': {'ours': ours.temp_bytes, 'optax': ref.temp_bytes},
+      'xla_bytes_accessed': {'ours': ours.xla_bytes, 'optax': ref.xla_bytes},
+      'params_bytes': n * itemsize,
+      'state_bytes_per_param': {'ours': ours.state_bytes / n,
+                                'optax': ref.state_bytes / n},
+  }
+
+
+def run(out, *, quick, tree_names=None, variants=None, dtypes=None,
+        use_torch=True, log=print) -> dict:
+  grid = trees(quick)
+  tree_names = tree_names or list(grid)
+  variants = variants or (['plain', 'centered+momentum'] if quick
+                          else list(VARIANTS))
+  dtypes = dtypes or list(DTYPES)
+  if use_torch:
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      log('PyTorch is not installed: its column is left out.')
+      use_torch = False
+  settings = dict(quick=quick, repeats=3 if quick else 7,
+                  target_s=0.01 if quick else 0.2,
+                  scan_steps=3 if quick else 10, use_torch=use_torch)
+  rows = []
+  for tree_name in tree_names:
+    for dtype_name in dtypes:
+      for variant in variants:
+        row = measure(tree_name, grid[tree_name], dtype_name, variant,
+                      **{k: v for k, v in settings.items() if k != 'quick'})
+        rows.append(row)
+        log(f"{tree_name:>12} {dtype_name:>8} {variant:>17}: "
+            f"{row['speedup_vs_optax']:.2f}x optax, "
+            f"{row['fraction_of_ceiling']:.0%} of ceiling")
+  payload = {'environment': common.environment(), 'settings': settings,
+             'rows': rows}
+  common.write_json(out / 'step.json', payload)
+  (out / 'step.md').write_text(markdown(payload))
+  plot(rows, out / 'step.png')
+  return payload
+
+
+def markdown(payload) -> str:
+  header = ['tree', 'dtype', 'variant', 'ours ms', 'vs optax',
+            'vs optax (scan)', 'vs torch', 'ours GB/s', 'of ceiling',
+            'compile s ours / optax', 'temp mem / params',
+            'state B/param']
+  rows = []
+  for r in payload['rows']:
+    torch = (f"{r['speedup_vs_torch']:.2f}x" if r['speedup_vs_torch']
+             else 'n/a')
+    temp = r['temp_bytes']['ours']
+    rows.append([
+        r['tree'], r['dtype'], r['variant'], f"{r['step_s']['ours'] * 1e3:.3g}",
+        f"{r['speedup_vs_optax']:.2f}x", f"{r['scan_speedup_vs_optax']:.2f}x",
+        torch, f"{r['ours_gb_s']:.3g}", f"{r['fraction_of_ceiling']:.0%}",
+        f"{r['compile_s']['ours']:.2g} / {r['compile_s']['optax']:.2g}",
+        'n/a' if temp is None else f"{temp / r['params_bytes']:.1%}",
+        f"{r['state_bytes_per_param']['ours']:.2f}"])
+  return ('# Step speed and memory\n\n' + common.environment_markdown(
+      payload['environment']) +
+          '\nSpeed-ups are optax\'s (or PyTorch\'s) median time per step '
+          'divided by ours, measured alternately in one process; above 1x '
+          'means we are faster. "of ceiling": a donated elementwise kernel '
+          'moving the same bytes on flat buffers, divided by our step time.'
+          '\n\n' + common.markdown_table(header, rows))
+
+
+def plot(rows, path):
+  plt = common.pyplot()
+  dtypes = sorted({r['dtype'] for r in rows}, reverse=True)
+  fig, axes = plt.subplots(2, len(dtypes), figsize=(7 * len(dtypes), 8),
+                           squeeze=False)
+  variants = list(dict.fromkeys(r['variant'] for r in rows))
+  tree_names = list(dict.fromkeys(r['tree'] for r in rows))
+  width = 0.8 / len(variants)
+  for col, dtype in enumerate(dtypes):
+    for i, variant in enumerate(variants):
+      sel = {r['tree']: r for r in rows
+             if r['dtype'] == dtype and r['variant'] == variant}
+      x = np.arange(len(tree_names)) + i * width
+      for row, key in enumerate(('speedup_vs_optax', 'fraction_of_ceiling')):
+        axes[row, col].bar(x, [sel[t][key] if t in sel else np.nan
+                               for t in tree_names], width, label=variant)
+    for row, (label, ref) in enumerate(
+        (('speed-up over optax.rmsprop (x)', 1.0),
+         ('fraction of the same-run ceiling', 1.0))):
+      ax = axes[row, col]
+      ax.axhline(ref, color='black', lw=0.8)
+      ax.set_xticks(np.arange(len(tree_names)) + 0.4 - width / 2, tree_names)
+      ax.set(ylabel=label, title=f'{dtype} parameters')
+      ax.grid(True, axis='y', alpha=0.3)
+      ax.legend(fontsize=8)
+  fig.suptitle('One jitted, donated RMSprop step (update + apply_updates)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

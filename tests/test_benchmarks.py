@@ -1,0 +1,90 @@
+"""The benchmark harness runs end to end in quick mode and reports truly.
+
+No timing is asserted: only that the harness runs, writes its files, and
+that what it derives (bytes, state sizes, training curves) agrees with
+independent computations.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import require
+
+
+@pytest.fixture(scope='module')
+def quick_results(tmp_path_factory):
+  for module in ('flax', 'sklearn', 'matplotlib'):
+    require(module)
+  from benchmarks.__main__ import main
+  out = tmp_path_factory.mktemp('bench')
+  return out, main(['--quick', '--out', str(out)])
+
+
+def test_writes_json_markdown_and_plots(quick_results):
+  out, _ = quick_results
+  for suite in ('step', 'convergence'):
+    payload = json.loads((out / f'{suite}.json').read_text())
+    env = payload['environment']
+    assert env['backend'] == jax.default_backend()
+    assert env['jax'] == jax.__version__ and env['date']
+    assert (out / f'{suite}.md').read_text().count('\n|') > 4
+    assert (out / f'{suite}.png').stat().st_size > 10_000
+
+
+def test_step_bytes_follow_the_performance_notes(quick_results):
+  _, results = quick_results
+  rows = results['step']['rows']
+  assert {r['variant'] for r in rows} == {'plain', 'centered+momentum'}
+  # Bytes per float32 parameter from the notes' table: 20 and 36; state
+  # holds nu (and mu and the momentum buffer) in the parameters' dtype.
+  per_param = {('float32', 'plain'): (20, 4),
+               ('float32', 'centered+momentum'): (36, 12),
+               ('bfloat16', 'plain'): (10, 2),
+               ('bfloat16', 'centered+momentum'): (18, 6)}
+  for r in rows:
+    moved, state = per_param[r['dtype'], r['variant']]
+    assert r['moved_bytes'] == moved * r['params']
+    assert r['state_bytes_per_param']['optax'] == state
+    assert r['state_bytes_per_param']['ours'] == state
+    assert all(t > 0 for t in r['step_s'].values())
+    if r['speedup_vs_torch'] is None:  # Only when PyTorch is missing.
+      require('torch')
+
+
+def test_convergence_covers_every_method_and_problem(quick_results):
+  from benchmarks import convergence
+  _, results = quick_results
+  problems = results['convergence']['problems']
+  assert set(problems) == set(convergence.PROBLEMS)
+  for r in problems.values():
+    assert set(r['methods']) == set(convergence.METHODS)
+    for m in r['methods'].values():  # The tuned lr is the grid's best.
+      assert m['final_median'] == pytest.approx(min(m['final_by_lr']))
+
+
+def test_convergence_grid_cell_equals_a_plain_optax_run():
+  from benchmarks import convergence
+  problem = convergence.PROBLEMS['logistic']()
+  losses = convergence.train_grid(problem, optax.adam, [1e-3, 1e-2], [0, 1],
+                                  20)
+  # Seed 1, lr 1e-2, by hand: the same keys, one step at a time, the
+  # whole-dataset loss recorded every 10 steps.
+  assert problem.record_every == 10 and losses.shape == (2, 2, 2)
+  tx = optax.adam(1e-2)
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(1))
+  params = problem.init(init_key)
+  state = tx.init(params)
+  expected = []
+  for i, key in enumerate(jax.random.split(data_key, 20)):
+    grads = jax.grad(problem.loss)(params, key)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    if i % 10 == 9:
+      expected.append(problem.evaluate(params))
+  # float32 rounding only: the grid passes lr as a float32 array.
+  np.testing.assert_allclose(losses[1, 1], expected, rtol=1e-5)
