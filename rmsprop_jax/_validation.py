@@ -1,6 +1,6 @@
-"""Construction-time checks of hyperparameters.
+"""Checks of hyperparameters (at construction) and of trees (at trace time).
 
-Only concrete values are checked. A schedule (a callable) or a traced value
+Only concrete hyperparameter values are checked. A schedule (a callable) or a traced value
 (``optax.inject_hyperparams``, ``jax.vmap`` over hyperparameters) is left alone
 so that those keep working; the maths then does whatever the value implies.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -52,3 +53,52 @@ def is_python_zero(value: Any) -> bool:
   """
   return isinstance(value, (int, float, np.number)) and not isinstance(
       value, bool) and value == 0
+
+
+def _path(path) -> str:
+  return jax.tree_util.keystr(path) or '(the root)'
+
+
+def check_float_leaves(owner: str, what: str, tree: Any) -> None:
+  """Raises ``TypeError`` for a leaf that is not a float or complex array.
+
+  Runs in Python while tracing: it costs nothing per step.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not (hasattr(leaf, 'dtype') or isinstance(leaf, (int, float, complex))):
+      raise TypeError(
+          f'{owner}: the {what} leaf at {_path(path)} is a '
+          f'{type(leaf).__name__}, not an array.')
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      raise TypeError(
+          f'{owner}: the {what} leaf at {_path(path)} has dtype {dtype}; '
+          f'RMSprop needs floating-point (or complex) {what}. Cast it, or '
+          'keep it out of the optimizer with optax.masked or '
+          'optax.multi_transform.')
+
+
+def check_same_tree(owner: str, what: str, tree: Any, ref_what: str,
+                    ref: Any) -> None:
+  """Raises ``ValueError`` unless ``tree`` has ``ref``'s structure and shapes."""
+  paths = lambda t: {_path(p): x for p, x in
+                     jax.tree_util.tree_flatten_with_path(t)[0]}
+  got, want = paths(tree), paths(ref)
+  if jax.tree.structure(tree) != jax.tree.structure(ref):
+    missing = [k for k in want if k not in got][:3]
+    extra = [k for k in got if k not in want][:3]
+    detail = '; '.join(
+        part for part in (
+            f'missing from the {what}: {", ".join(missing)}' if missing
+            else '',
+            f'not in the {ref_what}: {", ".join(extra)}' if extra else '')
+        if part) or (f'{jax.tree.structure(tree)} != '
+                     f'{jax.tree.structure(ref)}')
+    raise ValueError(
+        f'{owner}: the {what} tree does not match the {ref_what} tree '
+        f'({detail}).')
+  for key, x in got.items():
+    if np.shape(x) != np.shape(want[key]):
+      raise ValueError(
+          f'{owner}: the {what} leaf at {key} has shape {np.shape(x)}, the '
+          f'{ref_what} leaf {np.shape(want[key])}.')

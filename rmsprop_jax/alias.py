@@ -31,6 +31,7 @@ def rmsprop(
     maximize: bool = False,
     clamp_variance: bool = True,
     nu_dtype: Any | None = None,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop (Tieleman & Hinton 2012) and every framework's variant of it.
 
@@ -109,7 +110,14 @@ def rmsprop(
       the variance negative, where optax, PyTorch and Keras give NaN (or a
       step past the :math:`1/\sqrt\epsilon` bound).
     nu_dtype: dtype of the second-moment state (and of the centered mean);
-      ``None`` keeps the parameters' dtype, as optax.
+      ``None`` keeps the parameters' dtype, as optax, except float16, whose
+      moments are float32 (see :func:`rmsprop_jax.scale_by_rms`).
+    skip_nonfinite: skip every step whose gradients hold a NaN or an inf:
+      the update is zero and the whole state (moments, momentum, counts) is
+      left as it was. The skips are counted in the state
+      (``optax.tree.get(state, 'total_notfinite')``). This is
+      ``optax.apply_if_finite`` around the chain, with no limit on
+      consecutive skips.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is an
@@ -119,7 +127,10 @@ def rmsprop(
   Raises:
     ValueError: if a concrete ``learning_rate``, ``eps``, ``momentum``,
       ``initial_scale`` or ``weight_decay`` is negative or ``decay`` is not in
-      [0, 1). Schedules and traced values are not checked.
+      [0, 1). Schedules and traced values are not checked. When traced,
+      ``update`` raises ``ValueError`` for gradient, state or parameter trees
+      that do not match (naming the leaf) and when weight decay has no
+      ``params``, and ``TypeError`` for integer or non-array leaves.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
@@ -169,7 +180,35 @@ def rmsprop(
       _add_decoupled_weight_decay(learning_rate, weight_decay,
                                   weight_decay_mask) if decoupled else None,
   ]
-  return optax.chain(*(s for s in steps if s is not None))
+  tx = optax.chain(*(s for s in steps if s is not None))
+  if skip_nonfinite:
+    # optax's wrapper, told never to give up: it skips every step whose
+    # gradients hold a NaN or inf, and counts them (saturating at 2**31 - 1).
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=_INT32_MAX)
+  return _with_input_checks(tx, needs_params=weight_decay is not None)
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _with_input_checks(
+    tx: optax.GradientTransformation, needs_params: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """Clear errors, at trace time, for ``params`` that are missing or do not
+  match the gradients (the building blocks check gradients against state)."""
+  tx = optax.with_extra_args_support(tx)
+
+  def update(updates, state, params=None, **extra_args):
+    if params is None and needs_params:
+      raise ValueError(
+          'rmsprop: weight_decay needs the parameters: call '
+          '`update(grads, state, params)`.')
+    if params is not None:
+      _validation.check_same_tree('rmsprop', 'parameter', params, 'gradient',
+                                  updates)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _add_decoupled_weight_decay(

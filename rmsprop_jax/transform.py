@@ -76,6 +76,12 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   return 1 / (jnp.sqrt(ms) + eps)
 
 
+def _compute_dtype(g, state):
+  """The wider of the two dtypes, and at least float32 for float16."""
+  dtype = jnp.result_type(g, state)
+  return jnp.float32 if dtype == jnp.float16 else dtype
+
+
 def _validate(owner, decay, eps, initial_scale):
   _validation.check_decay(owner, 'decay', decay)
   _validation.check_non_negative(owner, 'eps', eps)
@@ -115,9 +121,12 @@ def scale_by_rms(
     bias_correction: divide :math:`\nu_t` by :math:`1-\rho^t` (Adam-style).
       Adds an int32 step ``count`` to the state.
     nu_dtype: dtype of the ``nu`` state; ``None`` keeps the parameters'
-      dtype (optax's behaviour). When set, the moment is updated and the
-      update computed in the wider of the two dtypes, ``nu`` is stored in
-      ``nu_dtype`` and the output keeps the gradient's dtype.
+      dtype (optax's behaviour), except for float16 parameters, whose state
+      is float32 (float16 cannot hold ``g**2`` beyond 2.4e-4..256, nor
+      ``eps = 1e-8``: optax returns NaN for a float16 zero gradient). The
+      moment is updated and the update computed in the wider of the
+      gradient's and the state's dtypes, and never in float16; ``nu`` is
+      stored in its own dtype and the output keeps the gradient's dtype.
 
   Returns:
     An ``optax.GradientTransformation``; its state is
@@ -202,25 +211,42 @@ def _scale_by_moments(
   """Shared implementation of :func:`scale_by_rms` and :func:`scale_by_stddev`."""
   if nu_dtype is not None:
     nu_dtype = jnp.dtype(nu_dtype)
+  owner = 'scale_by_stddev' if centered else 'scale_by_rms'
+
+  def state_dtype(p):
+    # float16 cannot hold g**2 (it overflows above |g| = 256 and underflows
+    # below 2.4e-4) nor eps = 1e-8: its moments live in float32.
+    if nu_dtype is not None:
+      return nu_dtype
+    dtype = jnp.result_type(p)
+    return jnp.float32 if dtype == jnp.float16 else dtype
 
   def init_fn(params):
-    nu = otu.tree_full_like(params, initial_scale, dtype=nu_dtype)
+    _validation.check_float_leaves(owner, 'parameter', params)
+    nu = jax.tree.map(
+        lambda p: jnp.full_like(p, initial_scale, dtype=state_dtype(p)),
+        params)
     count = jnp.zeros([], jnp.int32)
     if not centered:
       if bias_correction:
         return ScaleByRmsWithCountState(count=count, nu=nu)
       return ScaleByRmsState(nu=nu)
-    mu = otu.tree_zeros_like(params, dtype=nu_dtype)
+    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype(p)),
+                      params)
     if bias_correction:
       return ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
     return ScaleByRStdDevState(mu=mu, nu=nu)
 
   def update_fn(updates, state, params=None):
     del params
-    # Work in the wider of the gradient's and the state's dtypes (a no-op
-    # unless nu_dtype is set), in optax's order of operations.
+    _validation.check_same_tree(owner, 'gradient', updates, 'optimizer state',
+                                state.nu)
+    _validation.check_float_leaves(owner, 'gradient', updates)
+    # Work in the wider of the gradient's and the state's dtypes, and in at
+    # least float32 for float16 (a no-op for optax's dtypes), in optax's
+    # order of operations.
     grads = jax.tree.map(
-        lambda g, n: jnp.asarray(g).astype(jnp.result_type(g, n)),
+        lambda g, n: jnp.asarray(g).astype(_compute_dtype(g, n)),
         updates, state.nu)
     new_nu = jax.tree.map(lambda g, n: _ema(_abs_sq(g), n, decay),
                           grads, state.nu)
@@ -243,11 +269,15 @@ def _scale_by_moments(
       ms = nu_hat
     new_updates = jax.tree.map(
         lambda v, g: _inverse_rms(v, eps, eps_in_sqrt) * g, ms, grads)
-    if nu_dtype is not None:
-      new_updates = jax.tree.map(lambda u, g: u.astype(jnp.asarray(g).dtype),
-                                 new_updates, updates)
-      new_nu = otu.tree_cast(new_nu, nu_dtype)
-      new_mu = otu.tree_cast(new_mu, nu_dtype) if centered else None
+    # Back to the gradient's and the state's own dtypes (no-ops unless the
+    # computation was widened).
+    new_updates = jax.tree.map(lambda u, g: u.astype(jnp.asarray(g).dtype),
+                               new_updates, updates)
+    new_nu = jax.tree.map(lambda n, old: n.astype(old.dtype), new_nu,
+                          state.nu)
+    if centered:
+      new_mu = jax.tree.map(lambda m, old: m.astype(old.dtype), new_mu,
+                            state.mu)
 
     if not centered:
       if bias_correction:
