@@ -251,10 +251,16 @@ def run(out, *, quick, tree_names=None, variants=None, dtypes=None,
   dtypes = dtypes or list(DTYPES)
   if use_torch:
     try:
-      import torch  # noqa: F401
+      import torch
     except ImportError:
       log('PyTorch is not installed: its column is left out.')
       use_torch = False
+    else:
+      backend = jax.default_backend()
+      if not (backend == 'cpu' or (backend == 'gpu'
+                                   and torch.cuda.is_available())):
+        log(f'PyTorch cannot run on this {backend}: its column is left out.')
+        use_torch = False
   settings = dict(quick=quick, repeats=3 if quick else 7,
                   target_s=0.01 if quick else 0.2,
                   scan_steps=3 if quick else 10, use_torch=use_torch)
