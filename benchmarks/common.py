@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import platform
 import time
 from typing import Callable
 
 import jax
+import jaxlib
 import numpy as np
 
 
@@ -23,10 +25,10 @@ def environment() -> dict:
       'backend': jax.default_backend(),
       'devices': [d.device_kind for d in jax.devices()],
       'cpu': platform.processor() or platform.machine(),
-      'cpu_count': __import__('os').cpu_count(),
+      'cpu_count': os.cpu_count(),
       'python': platform.python_version(),
       'jax': jax.__version__,
-      'jaxlib': __import__('jaxlib').__version__,
+      'jaxlib': jaxlib.__version__,
       'optax': optax.__version__,
       'rmsprop_jax': getattr(rmsprop_jax, '__version__', 'source'),
   }
@@ -75,7 +77,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def environment_markdown(env: dict) -> str:
-  return ('Machine: ' + f"{env['backend']} ({', '.join(sorted(set(env['devices'])))}"
+  devices = ', '.join(sorted(set(env['devices'])))
+  return (f"Machine: {env['backend']} ({devices}"
           f", {env['cpu_count']} host cores); jax {env['jax']}, optax "
           f"{env['optax']}, torch {env['torch']}, Python {env['python']}; "
           f"{env['date']}.\n")

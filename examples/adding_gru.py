@@ -63,8 +63,8 @@ def make_trainer(make_tx, length, hidden, batch, steps):
 
     def step(carry, key):
       params, state = carry
-      loss, grads = jax.value_and_grad(loss_fn)(params,
-                                                *adding_batch(key, batch, length))
+      x, y = adding_batch(key, batch, length)
+      loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
       updates, state = tx.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
 

@@ -29,7 +29,8 @@ from _common import parse_args, pyplot
 
 DIM = 10
 REGIME = 1000
-GRID = jnp.array([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0])
+GRID = jnp.array([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0,
+                  100.0])
 
 
 def stream(steps, seed, scale_changes):

@@ -1,8 +1,9 @@
 """Checks of hyperparameters (at construction) and of trees (at trace time).
 
-Only concrete hyperparameter values are checked. A schedule (a callable) or a traced value
-(``optax.inject_hyperparams``, ``jax.vmap`` over hyperparameters) is left alone
-so that those keep working; the maths then does whatever the value implies.
+Only concrete hyperparameter values are checked. A schedule (a callable) or a
+traced value (``optax.inject_hyperparams``, ``jax.vmap`` over hyperparameters)
+is left alone so that those keep working; the maths then does whatever the
+value implies.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def check_float_leaves(owner: str, what: str, tree: Any) -> None:
 
 def check_same_tree(owner: str, what: str, tree: Any, ref_what: str,
                     ref: Any) -> None:
-  """Raises ``ValueError`` unless ``tree`` has ``ref``'s structure and shapes."""
+  """Raises ``ValueError`` unless ``tree`` matches ``ref``'s structure and
+  shapes, naming the first leaves that differ."""
   paths = lambda t: {_path(p): x for p, x in
                      jax.tree_util.tree_flatten_with_path(t)[0]}
   got, want = paths(tree), paths(ref)

@@ -76,10 +76,10 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   return 1 / (jnp.sqrt(ms) + eps)
 
 
-def _compute_dtype(g, state):
-  """The wider of the two dtypes, and at least float32 for float16."""
-  dtype = jnp.result_type(g, state)
-  return jnp.float32 if dtype == jnp.float16 else dtype
+def _widen_half(dtype):
+  """float32 for float16, which cannot hold ``g**2`` (it overflows above
+  ``|g| = 256`` and underflows below 2.4e-4) nor ``eps = 1e-8``."""
+  return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
 
 
 def _validate(owner, decay, eps, initial_scale):
@@ -214,12 +214,8 @@ def _scale_by_moments(
   owner = 'scale_by_stddev' if centered else 'scale_by_rms'
 
   def state_dtype(p):
-    # float16 cannot hold g**2 (it overflows above |g| = 256 and underflows
-    # below 2.4e-4) nor eps = 1e-8: its moments live in float32.
-    if nu_dtype is not None:
-      return nu_dtype
-    dtype = jnp.result_type(p)
-    return jnp.float32 if dtype == jnp.float16 else dtype
+    return nu_dtype if nu_dtype is not None else _widen_half(
+        jnp.result_type(p))
 
   def init_fn(params):
     _validation.check_float_leaves(owner, 'parameter', params)
@@ -246,8 +242,8 @@ def _scale_by_moments(
     # least float32 for float16 (a no-op for optax's dtypes), in optax's
     # order of operations.
     grads = jax.tree.map(
-        lambda g, n: jnp.asarray(g).astype(_compute_dtype(g, n)),
-        updates, state.nu)
+        lambda g, n: jnp.asarray(g).astype(
+            _widen_half(jnp.result_type(g, n))), updates, state.nu)
     new_nu = jax.tree.map(lambda g, n: _ema(_abs_sq(g), n, decay),
                           grads, state.nu)
     new_mu = (jax.tree.map(lambda g, m: _ema(g, m, decay), grads, state.mu)

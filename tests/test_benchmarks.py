@@ -8,7 +8,6 @@ independent computations.
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
