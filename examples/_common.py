@@ -22,3 +22,10 @@ def pyplot():
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   return plt
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Lays the figure out, writes it as a PNG and says where."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  print(f'wrote {path}')

@@ -25,7 +25,7 @@ import optax
 from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot
+from _common import parse_args, pyplot, save_figure
 
 BASELINE = 1 / 6  # MSE of always answering 1.
 SOLVED = 0.01
@@ -145,10 +145,7 @@ def main(argv=None):
               ylabel=f'MSE over the last {tail} steps',
               title='Sensitivity to the learning rate\n(median, min to max '
                     'over seeds)')
-  fig.tight_layout()
-  path = args.out / 'adding_gru.png'
-  fig.savefig(path, dpi=110)
-  print(f'wrote {path}')
+  save_figure(fig, args.out / 'adding_gru.png')
   return results
 
 

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot
+from _common import parse_args, pyplot, save_figure
 
 
 def setup(steps):
@@ -97,10 +97,7 @@ def main(argv=None):
   ax.set(xlabel='step', ylabel='training loss (log scale)',
          title='Orbax checkpoint of rmsprop_jax state: resumed run coincides')
   ax.legend()
-  fig.tight_layout()
-  out = args.out / 'checkpoint_resume.png'
-  fig.savefig(out, dpi=110)
-  print(f'wrote {out}')
+  save_figure(fig, args.out / 'checkpoint_resume.png')
   return identical, full_params, params
 
 

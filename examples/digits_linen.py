@@ -21,7 +21,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot
+from _common import parse_args, pyplot, save_figure
 
 BATCH = 32
 EPS = 1e-8
@@ -132,10 +132,7 @@ def main(argv=None):
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  path = args.out / 'digits_linen.png'
-  fig.savefig(path, dpi=110)
-  print(f'wrote {path}')
+  save_figure(fig, args.out / 'digits_linen.png')
   return results
 
 

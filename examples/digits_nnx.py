@@ -16,7 +16,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot
+from _common import parse_args, pyplot, save_figure
 
 
 class MLP(nnx.Module):
@@ -98,10 +98,7 @@ def main(argv=None):
          title='MLP on scikit-learn digits (Flax NNX)')
   ax.grid(True, which='both', alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  path = args.out / 'digits_nnx.png'
-  fig.savefig(path, dpi=110)
-  print(f'wrote {path}')
+  save_figure(fig, args.out / 'digits_nnx.png')
   return results
 
 

@@ -25,7 +25,7 @@ import optax
 from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot
+from _common import parse_args, pyplot, save_figure
 
 DIM = 10
 REGIME = 1000
@@ -129,10 +129,7 @@ def main(argv=None):
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
-  fig.tight_layout()
-  path = args.out / 'online_drift.png'
-  fig.savefig(path, dpi=110)
-  print(f'wrote {path}')
+  save_figure(fig, args.out / 'online_drift.png')
   return results
 
 

@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot
+from _common import parse_args, pyplot, save_figure
 
 
 def final_losses(lrs, decays, steps, x, y):
@@ -71,10 +71,7 @@ def main(argv=None):
          title=f'Final training loss after {steps} steps (digits softmax '
                f'regression)')
   fig.colorbar(im, label='log10 final loss')
-  fig.tight_layout()
-  path = args.out / 'sweep_heatmap.png'
-  fig.savefig(path, dpi=110)
-  print(f'wrote {path}')
+  save_figure(fig, args.out / 'sweep_heatmap.png')
   return lrs, decays, losses
 
 
