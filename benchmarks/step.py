@@ -273,7 +273,7 @@ def run(out, *, quick, tree_names=None, variants=None, dtypes=None,
         rows.append(row)
         log(f"{tree_name:>12} {dtype_name:>8} {variant:>17}: "
             f"{row['speedup_vs_optax']:.2f}x optax, "
-            f"{row['fraction_of_ceiling']:.0%} of ceiling")
+            f"{100 * row['fraction_of_ceiling']:.2g}% of ceiling")
   payload = {'environment': common.environment(), 'settings': settings,
              'rows': rows}
   common.write_json(out / 'step.json', payload)
@@ -295,7 +295,8 @@ def markdown(payload) -> str:
     rows.append([
         r['tree'], r['dtype'], r['variant'], f"{r['step_s']['ours'] * 1e3:.3g}",
         f"{r['speedup_vs_optax']:.2f}x", f"{r['scan_speedup_vs_optax']:.2f}x",
-        torch, f"{r['ours_gb_s']:.3g}", f"{r['fraction_of_ceiling']:.0%}",
+        torch, f"{r['ours_gb_s']:.3g}",
+        f"{100 * r['fraction_of_ceiling']:.2g}%",
         f"{r['compile_s']['ours']:.2g} / {r['compile_s']['optax']:.2g}",
         'n/a' if temp is None else f"{temp / r['params_bytes']:.1%}",
         f"{r['state_bytes_per_param']['ours']:.2f}"])
