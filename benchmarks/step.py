@@ -76,10 +76,14 @@ def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
           'transformer': transformer_shapes()}
 
 
+def state_arrays(kwargs: dict) -> int:
+  """How many parameter-sized arrays the variant's state holds."""
+  return 1 + bool(kwargs.get('centered')) + bool(kwargs.get('momentum'))
+
+
 def moved_bytes(n_params: int, itemsize: int, kwargs: dict) -> int:
   """Bytes one step must read and write: params r/w, grads r, state r/w."""
-  n_state = 1 + bool(kwargs.get('centered')) + bool(kwargs.get('momentum'))
-  return n_params * itemsize * (3 + 2 * n_state)
+  return n_params * itemsize * (3 + 2 * state_arrays(kwargs))
 
 
 def _random_tree(shapes, dtype, key):
@@ -147,7 +151,7 @@ class Ceiling:
                                lambda _, c: kernel(*c, g), (p, state))
 
     self.scan_steps = scan_steps
-    self.g = jnp.ones(n, dtype)
+    self.grads = jnp.ones(n, dtype)
     self.carry = (jnp.zeros(n, dtype),
                   tuple(jnp.zeros(n, dtype) for _ in range(n_state)))
     self.step = jax.jit(kernel, donate_argnums=(0, 1))
@@ -155,10 +159,6 @@ class Ceiling:
 
   time_step = JaxSide.time_step
   time_scan = JaxSide.time_scan
-
-  @property
-  def grads(self):
-    return self.g
 
 
 class TorchSide:
@@ -199,12 +199,11 @@ def measure(tree_name, shapes, dtype_name, variant, *, repeats, target_s,
   grads = _random_tree(shapes, dtype, jax.random.PRNGKey(1))
   n = sum(int(np.prod(s)) for s in shapes)
   itemsize = jnp.dtype(dtype).itemsize
-  n_state = 1 + bool(kwargs.get('centered')) + bool(kwargs.get('momentum'))
   sides = {
       'ours': JaxSide(rmsprop_jax.rmsprop(LR, **kwargs), params, grads,
                       scan_steps),
       'optax': JaxSide(optax.rmsprop(LR, **kwargs), params, grads, scan_steps),
-      'ceiling': Ceiling(n, dtype, n_state, scan_steps),
+      'ceiling': Ceiling(n, dtype, state_arrays(kwargs), scan_steps),
   }
   step_timers: dict[str, Callable[[int], float]] = {
       name: side.time_step for name, side in sides.items()}
@@ -223,7 +222,7 @@ def measure(tree_name, shapes, dtype_name, variant, *, repeats, target_s,
   return {
       'tree': tree_name, 'leaves': len(shapes), 'params': n,
       'dtype': dtype_name, 'variant': variant,
-      'step_s': {k: v for k, v in step.items()},
+      'step_s': step,
       'scan_step_s': scan,
       'speedup_vs_optax': step['optax'] / step['ours'],
       'scan_speedup_vs_optax': scan['optax'] / scan['ours'],
