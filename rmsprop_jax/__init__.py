@@ -8,9 +8,11 @@ of an optimizer state.
 """
 
 from rmsprop_jax import diagnostics
+from rmsprop_jax import packing
 from rmsprop_jax import presets
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
+from rmsprop_jax.packing import unpack_state
 from rmsprop_jax.transform import ScaleByRmsState
 from rmsprop_jax.transform import ScaleByRmsWithCountState
 from rmsprop_jax.transform import ScaleByRStdDevState
@@ -27,8 +29,10 @@ __all__ = [
     'ScaleByRmsWithCountState',
     'diagnostics',
     'effective_learning_rate',
+    'packing',
     'presets',
     'rmsprop',
     'scale_by_rms',
     'scale_by_stddev',
+    'unpack_state',
 ]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rmsprop_jax import packing
 from rmsprop_jax import transform
 
 _MOMENT_STATES = (transform.ScaleByRmsState, transform.ScaleByRmsWithCountState,
@@ -81,7 +82,7 @@ def effective_learning_rate(
     A tree like the parameters: the effective learning rate of each entry.
     Works under ``jax.jit``.
   """
-  moments = _moment_state(state)
+  moments = _moment_state(packing.unpack_state(state))
   nu = moments.nu
   mu = getattr(moments, 'mu', None)
   if isinstance(moments, (transform.ScaleByRmsWithCountState,
