@@ -247,7 +247,8 @@ def pack_small_leaves(
           'parameters the state was created from (stacks '
           f'{layout.groups} against {state.layout.groups}).')
     packed_params = None if params is None else pack(params, layout)
-    new, inner_state = inner.update(pack(updates, layout), state.inner,
+    new, inner_state = inner.update(
+        jax.lax.optimization_barrier(pack(updates, layout)), state.inner,
                                     packed_params, **extra_args)
     return (unpack(new, jax.tree.structure(updates)),
             PackedState(inner_state, state.params_treedef, state.layout))
