@@ -39,6 +39,12 @@ from rmsprop_jax import _validation
 # at 8,192, where the two copies cost what the saved per-leaf overhead did.
 PACK_MAX_SIZE = 4096
 
+# Most leaves in one stack. Slicing N leaves out of one stack costs XLA:CPU
+# a compile time that grows with N (each slice is its own kernel), while the
+# slices of equal stacks compile once: stacks of 64 rows compile ~5x faster
+# than one stack of 1,000 and run as fast.
+PACK_MAX_ROWS = 32
+
 
 class _Slot(NamedTuple):
   """Where one leaf of the original tree lives in a :class:`Packed` tree."""
@@ -75,8 +81,9 @@ class Packed:
     self.layout = layout
 
   def tree_flatten_with_keys(self):
-    keys = [(jax.tree_util.GetAttrKey(_group_name(*group)), x)
-            for group, x in zip(self.layout.groups, self.stacks)]
+    keys = [(jax.tree_util.GetAttrKey(f'{_group_name(*group)}_{g}'), x)
+            for g, (group, x) in enumerate(zip(self.layout.groups,
+                                              self.stacks))]
     keys += [(jax.tree_util.GetAttrKey(f'leaf_{i}'), x)
              for i, x in enumerate(self.rest)]
     return keys, self.layout
@@ -97,26 +104,33 @@ def _group_name(dtype: str, shape: tuple[int, ...]) -> str:
   return f"{dtype}_{'x'.join(map(str, shape)) or 'scalar'}"
 
 
-def layout_of(tree: Any, max_size: int = PACK_MAX_SIZE) -> Layout:
+def layout_of(tree: Any, max_size: int = PACK_MAX_SIZE,
+              max_rows: int = PACK_MAX_ROWS) -> Layout:
   """The packing of ``tree``: leaves of at most ``max_size`` elements that
-  share their dtype and shape with at least one other leaf are stacked."""
-  leaves, treedef = jax.tree.flatten(tree)
+  share their dtype and shape with at least one other leaf are stacked, at
+  most ``max_rows`` to a stack."""
+  leaves = jax.tree.leaves(tree)
   keys = [(jnp.result_type(x).name, tuple(np.shape(x))) for x in leaves]
   members: dict[tuple, list[int]] = {}
   for i, key in enumerate(keys):
     if math.prod(key[1]) <= max_size:
       members.setdefault(key, []).append(i)
-  groups = tuple(k for k, idx in members.items() if len(idx) > 1)
+  groups, rows = [], []
+  for key, idx in members.items():
+    for start in range(0, len(idx), max_rows):
+      if len(idx[start:start + max_rows]) > 1:
+        groups.append(key)
+        rows.append(idx[start:start + max_rows])
   slots: list[_Slot | None] = [None] * len(leaves)
-  for g, key in enumerate(groups):
-    for row, i in enumerate(members[key]):
+  for g, members_g in enumerate(rows):
+    for row, i in enumerate(members_g):
       slots[i] = _Slot(g, row)
   n_rest = 0
   for i in range(len(leaves)):
     if slots[i] is None:
       slots[i] = _Slot(-1, n_rest)
       n_rest += 1
-  return Layout(tuple(slots), groups, tuple(k[1] for k in keys))
+  return Layout(tuple(slots), tuple(groups), tuple(k[1] for k in keys))
 
 
 def pack(tree: Any, layout: Layout) -> Any:
@@ -200,6 +214,7 @@ class PackedState:
 def pack_small_leaves(
     inner: optax.GradientTransformation,
     max_size: int = PACK_MAX_SIZE,
+    max_rows: int = PACK_MAX_ROWS,
     *,
     name: str = 'pack_small_leaves',
 ) -> optax.GradientTransformationExtraArgs:
@@ -217,6 +232,7 @@ def pack_small_leaves(
   Args:
     inner: the transformation to run on the packed tree.
     max_size: the largest leaf, in elements, to pack.
+    max_rows: the most leaves in one stack.
     name: the name its error messages start with.
 
   Returns:
@@ -228,13 +244,13 @@ def pack_small_leaves(
 
   def init_fn(params):
     _validation.check_float_leaves(name, 'parameter', params)
-    layout = layout_of(params, max_size)
+    layout = layout_of(params, max_size, max_rows)
     return PackedState(inner.init(pack(params, layout)),
                        jax.tree.structure(params), layout)
 
   def update_fn(updates, state, params=None, **extra_args):
     _validation.check_float_leaves(name, 'gradient', updates)
-    layout = layout_of(updates, max_size)
+    layout = layout_of(updates, max_size, max_rows)
     if layout != state.layout:
       # Name the leaf if the structures or shapes differ; else the dtypes do.
       _validation.check_same_tree(

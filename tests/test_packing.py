@@ -119,6 +119,15 @@ def test_layout_stacks_only_repeated_small_leaves():
   assert len(packed.rest) == 4
   chex.assert_trees_all_equal(
       packing.unpack(packed, jax.tree.structure(tree)), tree)
+  # Stacks hold at most max_rows leaves; a leaf left over stays alone.
+  five = [jnp.full(3, i, jnp.float32) for i in range(5)]
+  layout = packing.layout_of(five, max_rows=2)
+  assert layout.groups == (('float32', (3,)),) * 2
+  packed = packing.pack(five, layout)
+  assert [x.shape for x in packed.stacks] == [(2, 3), (2, 3)]
+  assert len(packed.rest) == 1 and float(packed.rest[0][0]) == 4
+  chex.assert_trees_all_equal(
+      packing.unpack(packed, jax.tree.structure(five)), five)
   # Below two leaves of a kind there is nothing to stack: no wrapper at all.
   single = {'a': jnp.zeros(3), 'b': jnp.zeros(4)}
   assert packing.pack(single, packing.layout_of(single)) is single
