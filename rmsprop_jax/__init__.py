@@ -10,6 +10,7 @@ of an optimizer state.
 from rmsprop_jax import diagnostics
 from rmsprop_jax import packing
 from rmsprop_jax import presets
+from rmsprop_jax import quantization
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
 from rmsprop_jax.packing import unpack_state
@@ -31,6 +32,7 @@ __all__ = [
     'effective_learning_rate',
     'packing',
     'presets',
+    'quantization',
     'rmsprop',
     'scale_by_rms',
     'scale_by_stddev',

@@ -32,6 +32,7 @@ def rmsprop(
     maximize: bool = False,
     clamp_variance: bool = True,
     nu_dtype: Any | None = None,
+    stochastic_rounding: bool = False,
     skip_nonfinite: bool = False,
     packing: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -115,6 +116,12 @@ def rmsprop(
     nu_dtype: dtype of the second-moment state (and of the centered mean);
       ``None`` keeps the parameters' dtype, as optax, except float16, whose
       moments are float32 (see :func:`rmsprop_jax.scale_by_rms`).
+      ``jnp.bfloat16`` halves the state of float32 parameters;
+      ``jnp.uint8`` stores ``nu`` in an 8-bit blockwise code (about 1.02
+      bytes per parameter; see :mod:`rmsprop_jax.quantization`).
+    stochastic_rounding: round a bfloat16 state stochastically (unbiased;
+      see :func:`rmsprop_jax.scale_by_rms`), so that slow averages
+      (``decay`` near 1) keep moving.
     skip_nonfinite: skip every step whose gradients hold a NaN or an inf:
       the update is zero and the whole state (moments, momentum, counts) is
       left as it was. The skips are counted in the state
@@ -166,7 +173,7 @@ def rmsprop(
   _validation.check_non_negative(owner, 'weight_decay', weight_decay)
   kwargs = dict(decay=decay, eps=eps, initial_scale=initial_scale,
                 eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
-                nu_dtype=nu_dtype)
+                nu_dtype=nu_dtype, stochastic_rounding=stochastic_rounding)
   if centered:
     normalise = transform.scale_by_stddev(
         **kwargs, clamp_variance=clamp_variance)

@@ -55,6 +55,7 @@ def effective_learning_rate(
     eps_in_sqrt: bool = True,
     decay: jax.typing.ArrayLike | None = None,
     clamp_variance: bool = True,
+    bias_correction: bool | None = None,
 ) -> optax.Updates:
   r"""Per-parameter effective learning rate :math:`\eta/(\sqrt{v}+\epsilon)`.
 
@@ -77,6 +78,10 @@ def effective_learning_rate(
     decay: the transformation's decay; needed only when the state has a step
       count (``bias_correction=True``), to bias-correct the moments.
     clamp_variance: as the transformation's (centered only).
+    bias_correction: whether the transformation bias-corrects. ``None``: if
+      the state has a step count, which ``bias_correction=True`` adds, but
+      so do stochastic rounding and the 8-bit ``nu``: for those, pass
+      ``False``.
 
   Returns:
     A tree like the parameters: the effective learning rate of each entry.
@@ -85,11 +90,17 @@ def effective_learning_rate(
   moments = _moment_state(packing.unpack_state(state))
   nu = moments.nu
   mu = getattr(moments, 'mu', None)
-  if isinstance(moments, (transform.ScaleByRmsWithCountState,
-                          transform.ScaleByRStdDevWithCountState)):
+  if bias_correction is None:
+    bias_correction = isinstance(moments, (
+        transform.ScaleByRmsWithCountState,
+        transform.ScaleByRStdDevWithCountState))
+  if bias_correction:
     if decay is None:
-      raise ValueError('effective_learning_rate: the state is bias-corrected '
-                       '(it has a step count); pass the `decay` it uses.')
+      raise ValueError(
+          'effective_learning_rate: the state has a step count, as with '
+          'bias_correction=True: pass the `decay` it uses (or '
+          'bias_correction=False if the count is there for stochastic '
+          'rounding or the 8-bit nu).')
     # As the transformation: divide by 1 - decay**count (nothing to correct
     # before the first update, when count is 0).
     count = moments.count

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from rmsprop_jax import _validation
+from rmsprop_jax import quantization
 
 # Largest leaf (in elements) that is packed. Measured on a 2-core CPU
 # (benchmarks/results/step.md): packing 1,000 leaves is 1.6x faster than
@@ -172,10 +173,13 @@ def unpack(packed: Any, treedef: Any) -> Any:
 
 
 def unpack_state(state: Any) -> Any:
-  """``state`` with every :class:`Packed` tree in it unpacked: the state the
-  wrapped transformation would have had without packing, e.g.
+  """``state`` with every :class:`Packed` tree in it unpacked, and every
+  8-bit moment (:class:`rmsprop_jax.quantization.Blockwise8bit`) as a
+  float32 array: the state laid out as without packing, e.g.
   ``optax.tree.get(unpack_state(state), 'nu')`` is the second moment as a
   tree like the parameters. Works under ``jit`` and on ``vmap``-ed states."""
+
+  state = quantization.dequantize_tree(state)
 
   def visit(x):
     if not isinstance(x, PackedState):

@@ -6,7 +6,8 @@ numbers in the same order of operations, so for those arguments they are
 drop-in replacements. They add keyword-only options that optax lacks:
 
 * ``nu_dtype``: the dtype of the moment state (optax keeps it in the
-  parameters' dtype).
+  parameters' dtype), down to an 8-bit blockwise code, and
+  ``stochastic_rounding`` for a bfloat16 state.
 * ``clamp_variance`` (``scale_by_stddev`` only): clamp the centered variance
   ``nu - mu**2`` at zero before the square root.
 """
@@ -21,6 +22,7 @@ import optax
 from optax import tree_utils as otu
 
 from rmsprop_jax import _validation
+from rmsprop_jax import quantization
 
 
 class ScaleByRmsState(NamedTuple):
@@ -30,7 +32,8 @@ class ScaleByRmsState(NamedTuple):
 
 
 class ScaleByRmsWithCountState(NamedTuple):
-  """State of :func:`scale_by_rms` with ``bias_correction=True``."""
+  """State of :func:`scale_by_rms` with ``bias_correction=True``, stochastic
+  rounding or an 8-bit ``nu``."""
 
   count: jax.Array  # int32 scalar, number of updates so far (saturating).
   nu: optax.Updates
@@ -44,7 +47,8 @@ class ScaleByRStdDevState(NamedTuple):
 
 
 class ScaleByRStdDevWithCountState(NamedTuple):
-  """State of :func:`scale_by_stddev` with ``bias_correction=True``."""
+  """State of :func:`scale_by_stddev` with ``bias_correction=True``,
+  stochastic rounding or an 8-bit ``nu``."""
 
   count: jax.Array
   mu: optax.Updates
@@ -96,6 +100,7 @@ def scale_by_rms(
     bias_correction: bool = False,
     *,
     nu_dtype: Any | None = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescale updates by the root of the EMA of their squares.
 
@@ -119,7 +124,8 @@ def scale_by_rms(
     initial_scale: :math:`\nu_0` >= 0 (0 in PyTorch and Keras, 1 in TF1).
     eps_in_sqrt: whether :math:`\epsilon` goes inside the square root.
     bias_correction: divide :math:`\nu_t` by :math:`1-\rho^t` (Adam-style).
-      Adds an int32 step ``count`` to the state.
+      Adds an int32 step ``count`` to the state (as do stochastic rounding
+      and the 8-bit ``nu``).
     nu_dtype: dtype of the ``nu`` state; ``None`` keeps the parameters'
       dtype (optax's behaviour), except for float16 parameters, whose state
       is float32 (float16 cannot hold ``g**2`` beyond 2.4e-4..256, nor
@@ -127,6 +133,15 @@ def scale_by_rms(
       moment is updated and the update computed in the wider of the
       gradient's and the state's dtypes, and never in float16; ``nu`` is
       stored in its own dtype and the output keeps the gradient's dtype.
+      ``jnp.uint8``: an 8-bit blockwise code, about 1.02 bytes per
+      parameter, computed in float32 (see
+      :mod:`rmsprop_jax.quantization`; it never stores a positive value as
+      zero, and rounds stochastically).
+    stochastic_rounding: with ``nu_dtype=jnp.bfloat16`` (and float32
+      parameters), round the stored moment up or down at random, in
+      proportion to its distance to each neighbour, instead of to nearest;
+      the noise is a hash of the position and step. Adds a step ``count``
+      to the state.
 
   Returns:
     An ``optax.GradientTransformation``; its state is
@@ -143,7 +158,8 @@ def scale_by_rms(
   _validate('scale_by_rms', decay, eps, initial_scale)
   return _scale_by_moments(
       decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
-      centered=False, clamp_variance=False)
+      centered=False, clamp_variance=False,
+      stochastic_rounding=stochastic_rounding)
 
 
 def scale_by_stddev(
@@ -155,6 +171,7 @@ def scale_by_stddev(
     *,
     clamp_variance: bool = True,
     nu_dtype: Any | None = None,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescale updates by the root of the centered EMA of their squares.
 
@@ -193,6 +210,9 @@ def scale_by_stddev(
       only), as in optax.
     clamp_variance: clamp :math:`\sigma^2` at zero (default ``True``).
     nu_dtype: dtype of the ``mu`` and ``nu`` state; see :func:`scale_by_rms`.
+      With ``jnp.uint8`` only ``nu`` is 8-bit (``mu`` is signed; it keeps
+      the parameters' dtype).
+    stochastic_rounding: see :func:`scale_by_rms` (for ``mu`` and ``nu``).
 
   Returns:
     An ``optax.GradientTransformation``; its state is
@@ -201,62 +221,107 @@ def scale_by_stddev(
   _validate('scale_by_stddev', decay, eps, initial_scale)
   return _scale_by_moments(
       decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
-      centered=True, clamp_variance=clamp_variance)
+      centered=True, clamp_variance=clamp_variance,
+      stochastic_rounding=stochastic_rounding)
 
 
 def _scale_by_moments(
     decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
-    *, centered: bool, clamp_variance: bool,
+    *, centered: bool, clamp_variance: bool, stochastic_rounding: bool,
 ) -> optax.GradientTransformation:
   """Shared implementation of :func:`scale_by_rms` and :func:`scale_by_stddev`."""
+  owner = 'scale_by_stddev' if centered else 'scale_by_rms'
   if nu_dtype is not None:
     nu_dtype = jnp.dtype(nu_dtype)
-  owner = 'scale_by_stddev' if centered else 'scale_by_rms'
+  eight_bit = nu_dtype == jnp.uint8
+  if nu_dtype is not None and not eight_bit and not jnp.issubdtype(
+      nu_dtype, jnp.floating):
+    raise ValueError(f'{owner}: nu_dtype must be a floating-point dtype or '
+                     f'jnp.uint8 (8-bit blockwise), not {nu_dtype}.')
+  if stochastic_rounding and nu_dtype != jnp.bfloat16:
+    raise ValueError(
+        f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
+        '(the 8-bit code always rounds stochastically).')
+  # The step count seeds the rounding noise, when there is any.
+  with_count = bias_correction or stochastic_rounding or eight_bit
 
   def state_dtype(p):
-    return nu_dtype if nu_dtype is not None else _widen_half(
-        jnp.result_type(p))
+    if nu_dtype is not None and not eight_bit:
+      return nu_dtype
+    return _widen_half(jnp.result_type(p))
 
   def init_fn(params):
     _validation.check_float_leaves(owner, 'parameter', params)
-    nu = jax.tree.map(
-        lambda p: jnp.full_like(p, initial_scale, dtype=state_dtype(p)),
-        params)
+    if eight_bit:
+      leaves, treedef = jax.tree.flatten(params)
+      nu = treedef.unflatten([
+          quantization.quantize(
+              jnp.full(jnp.shape(p), initial_scale, jnp.float32), 0, i)
+          for i, p in enumerate(leaves)])
+    else:
+      nu = jax.tree.map(
+          lambda p: jnp.full_like(p, initial_scale, dtype=state_dtype(p)),
+          params)
     count = jnp.zeros([], jnp.int32)
     if not centered:
-      if bias_correction:
+      if with_count:
         return ScaleByRmsWithCountState(count=count, nu=nu)
       return ScaleByRmsState(nu=nu)
     mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype(p)),
                       params)
-    if bias_correction:
+    if with_count:
       return ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
     return ScaleByRStdDevState(mu=mu, nu=nu)
 
+  def store(new_tree, old_tree, count, salt0):
+    """Each new moment in its state's storage: a plain cast, a stochastic
+    rounding to bfloat16 or the 8-bit code (the salt tells leaves apart)."""
+    old_leaves = jax.tree.leaves(
+        old_tree, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit))
+    new_leaves, treedef = jax.tree.flatten(new_tree)
+    out = []
+    for i, (new, old) in enumerate(zip(new_leaves, old_leaves)):
+      if isinstance(old, quantization.Blockwise8bit):
+        out.append(quantization.quantize(new, count, salt0 + i))
+      elif (stochastic_rounding and old.dtype == jnp.bfloat16
+            and new.dtype == jnp.float32):
+        out.append(quantization.stochastic_round_bf16(new, count, salt0 + i))
+      else:
+        out.append(new.astype(old.dtype))
+    return treedef.unflatten(out)
+
   def update_fn(updates, state, params=None):
     del params
+    old_nu = quantization.dequantize_tree(state.nu)
     _validation.check_same_tree(owner, 'gradient', updates, 'optimizer state',
-                                state.nu)
+                                old_nu)
     _validation.check_float_leaves(owner, 'gradient', updates)
     # Work in the wider of the gradient's and the state's dtypes, and in at
     # least float32 for float16 (a no-op for optax's dtypes), in optax's
     # order of operations.
+    # The moments are read into that dtype too: a bfloat16 state must not
+    # round ``decay * nu`` to bfloat16 before the sum.
+    # (Promotion of the dtypes themselves: a weakly typed float32 gradient
+    # must not fall to a bfloat16 state's dtype.)
     grads = jax.tree.map(
-        lambda g, n: jnp.asarray(g).astype(
-            _widen_half(jnp.result_type(g, n))), updates, state.nu)
-    new_nu = jax.tree.map(lambda g, n: _ema(_abs_sq(g), n, decay),
-                          grads, state.nu)
-    new_mu = (jax.tree.map(lambda g, m: _ema(g, m, decay), grads, state.mu)
-              if centered else None)
+        lambda g, n: jnp.asarray(g).astype(_widen_half(
+            jnp.promote_types(jnp.asarray(g).dtype, n.dtype))),
+        updates, old_nu)
+    new_nu = jax.tree.map(
+        lambda g, n: _ema(_abs_sq(g), n.astype(jnp.promote_types(
+            g.dtype, n.dtype)), decay), grads, old_nu)
+    new_mu = (jax.tree.map(
+        lambda g, m: _ema(g, m.astype(jnp.promote_types(g.dtype, m.dtype)),
+                          decay), grads, state.mu) if centered else None)
+    count = optax.safe_increment(state.count) if with_count else None
     if bias_correction:
-      count = optax.safe_increment(state.count)
       # optax's helper: the power is taken before the cast to the moment's
       # dtype, and the same XLA ops give the same bits as optax.
       nu_hat = otu.tree_bias_correction(new_nu, decay, count)
       mu_hat = (otu.tree_bias_correction(new_mu, decay, count)
                 if centered else None)
     else:
-      count, nu_hat, mu_hat = None, new_nu, new_mu
+      nu_hat, mu_hat = new_nu, new_mu
 
     if centered:
       ms = jax.tree.map(lambda m, n: _variance(m, n, clamp_variance),
@@ -265,21 +330,20 @@ def _scale_by_moments(
       ms = nu_hat
     new_updates = jax.tree.map(
         lambda v, g: _inverse_rms(v, eps, eps_in_sqrt) * g, ms, grads)
-    # Back to the gradient's and the state's own dtypes (no-ops unless the
-    # computation was widened).
+    # Back to the gradient's and the state's own dtypes and storage (no-ops
+    # unless the computation was widened or the state is narrow).
     new_updates = jax.tree.map(lambda u, g: u.astype(jnp.asarray(g).dtype),
                                new_updates, updates)
-    new_nu = jax.tree.map(lambda n, old: n.astype(old.dtype), new_nu,
-                          state.nu)
+    new_nu = store(new_nu, state.nu, count, 0)
     if centered:
-      new_mu = jax.tree.map(lambda m, old: m.astype(old.dtype), new_mu,
-                            state.mu)
+      # Other salts than nu's: the two moments get independent noise.
+      new_mu = store(new_mu, state.mu, count, 1 << 20)
 
     if not centered:
-      if bias_correction:
+      if with_count:
         return new_updates, ScaleByRmsWithCountState(count=count, nu=new_nu)
       return new_updates, ScaleByRmsState(nu=new_nu)
-    if bias_correction:
+    if with_count:
       return new_updates, ScaleByRStdDevWithCountState(
           count=count, mu=new_mu, nu=new_nu)
     return new_updates, ScaleByRStdDevState(mu=new_mu, nu=new_nu)

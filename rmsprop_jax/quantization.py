@@ -1,0 +1,144 @@
+"""Low-memory storage for the moment state: bfloat16 with stochastic rounding,
+and an 8-bit blockwise code for the second moment.
+
+The moments are always updated and used in float32; only their storage is
+narrow. Rounding to nearest loses every change smaller than half a step of
+the storage format: with ``decay=0.999`` the EMA moves by 0.1 % a step, below
+bfloat16's resolution (0.4 %), and it stops following the gradients.
+Stochastic rounding (round up with probability equal to the distance to the
+lower neighbour) is unbiased, so the EMA follows them on average. Its random
+bits are a cheap integer hash of the element's position, the step and the
+leaf, not ``jax.random``: no key to carry, and nearly free.
+
+The 8-bit code (:class:`Blockwise8bit`) stores, per block of
+:data:`BLOCK_SIZE` elements, the block's maximum in float32 and, per element,
+a code ``c`` in 0..255 standing for ``max * 2**((c - 255) / 8)``: a
+logarithmic code book spanning 32 octaves below the block maximum, 9 % apart.
+It cannot represent zero, so a positive second moment is never rounded to
+zero (which would blow up ``1 / sqrt(nu)``); values below the smallest code
+round up to it. Only a block that is entirely zero stores zero. Rounding
+between the two neighbouring codes is stochastic and unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BLOCK_SIZE = 256
+_STEPS_PER_OCTAVE = 8
+# Code -> fraction of the block maximum (float64 maths, exact float32 table).
+CODE_BOOK = (2.0 ** ((np.arange(256) - 255) / _STEPS_PER_OCTAVE)).astype(
+    np.float32)
+
+
+def hash_bits(shape, step, salt: int) -> jax.Array:
+  """32 pseudo-random bits per element: a hash of (position, step, salt).
+
+  ``lowbias32`` (C. Wellons' integer hash) of the element's flat index mixed
+  with the step and the salt. Uses only uint32 adds, multiplies and shifts.
+  """
+  u32 = lambda v: jnp.asarray(v, jnp.uint32)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  h = (index * u32(0x9E3779B1) + jnp.asarray(step).astype(jnp.uint32)
+       * u32(0x85EBCA77) + u32((salt * 0xC2B2AE3D) & 0xFFFFFFFF))
+  h = h ^ (h >> 16)
+  h = h * u32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * u32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
+  """float32 -> bfloat16, rounding up with probability equal to the distance
+  to the lower neighbour (in magnitude). Non-finite values round to nearest.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  noise = hash_bits(x.shape, step, salt) & jnp.uint32(0xFFFF)
+  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+  y = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
+  return jnp.where(jnp.isfinite(x), y, x.astype(jnp.bfloat16))
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Blockwise8bit:
+  """A non-negative float32 array in 8 bits per element plus one float32 per
+  block: ``codes`` (uint8, ``(..., n_blocks, block)``) and ``scale``
+  (float32 block maxima, ``(..., n_blocks)``); ``shape`` is the array's own
+  (static). :func:`dequantize` gives the float32 array back."""
+
+  def __init__(self, codes, scale, shape: tuple[int, ...]):
+    self.codes = codes
+    self.scale = scale
+    self.shape = shape
+
+  def tree_flatten_with_keys(self):
+    return ([(jax.tree_util.GetAttrKey('codes'), self.codes),
+             (jax.tree_util.GetAttrKey('scale'), self.scale)], self.shape)
+
+  @classmethod
+  def tree_unflatten(cls, shape, children):
+    return cls(*children, shape)
+
+  def __repr__(self):
+    return f'Blockwise8bit(shape={self.shape})'
+
+
+def _block(size: int) -> int:
+  return max(1, min(BLOCK_SIZE, size))
+
+
+def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
+  """Stores non-negative ``x`` (negative values count as zero) in 8 bits."""
+  shape = tuple(x.shape)
+  size = math.prod(shape)
+  block = _block(size)
+  n_blocks = -(-size // block)
+  flat = jnp.pad(jnp.ravel(x).astype(jnp.float32),
+                 (0, n_blocks * block - size))
+  blocks = jnp.maximum(flat.reshape(n_blocks, block), 0)
+  scale = jnp.max(blocks, axis=1)
+  ratio = blocks / jnp.where(scale > 0, scale, 1)[:, None]
+  table = jnp.asarray(CODE_BOOK)
+  tiny = jnp.float32(np.finfo(np.float32).tiny)
+  lower = jnp.floor(_STEPS_PER_OCTAVE * jnp.log2(jnp.maximum(ratio, tiny)))
+  lower = jnp.clip(lower.astype(jnp.int32) + 255, 0, 254)
+  # log2 may be an ulp off: settle the lower code by the table itself.
+  lower = jnp.where(table[lower] > ratio, jnp.maximum(lower - 1, 0), lower)
+  lower = jnp.where(table[lower + 1] <= ratio, jnp.minimum(lower + 1, 254),
+                    lower)
+  low, high = table[lower], table[lower + 1]
+  p_up = jnp.clip((ratio - low) / (high - low), 0, 1)
+  uniform = (hash_bits(blocks.shape, step, salt) >> 8).astype(
+      jnp.float32) * jnp.float32(2.0**-24)
+  codes = (lower + (uniform < p_up)).astype(jnp.uint8)
+  return Blockwise8bit(codes, scale, shape)
+
+
+def dequantize(q: Blockwise8bit) -> jax.Array:
+  """The float32 array that ``q`` stores (with any leading ``vmap`` axes).
+
+  A positive stored value is at least the smallest normal float32 (XLA:CPU
+  flushes subnormals to zero): it is never zero, even where
+  ``scale * code`` would underflow.
+  """
+  table = jnp.asarray(CODE_BOOK)
+  scale = q.scale[..., None]
+  values = scale * table[q.codes.astype(jnp.int32)]
+  values = jnp.where(scale > 0, jnp.maximum(
+      values, jnp.float32(np.finfo(np.float32).tiny)), values)
+  batch = q.codes.shape[:-2]
+  size = math.prod(q.shape)
+  flat = values.reshape(batch + (-1,))[..., :size]
+  return flat.reshape(batch + q.shape)
+
+
+def dequantize_tree(tree):
+  """``tree`` with every :class:`Blockwise8bit` in it dequantized."""
+  return jax.tree.map(
+      lambda x: dequantize(x) if isinstance(x, Blockwise8bit) else x, tree,
+      is_leaf=lambda x: isinstance(x, Blockwise8bit))
+

@@ -1,0 +1,230 @@
+"""Low-memory moment state: bfloat16 with stochastic rounding, 8-bit ``nu``.
+
+The rounding and the code are checked against NumPy transcriptions of their
+definitions (the hash, the bit trick, the code book), bit for bit; the
+optimizer against its own float32-state run and the properties the storage
+must keep (never a positive value stored as zero, unbiased on average).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import rmsprop_jax
+from rmsprop_jax import quantization
+
+M32 = 0xFFFFFFFF
+
+
+# --- NumPy references -----------------------------------------------------------
+
+def np_hash(size, step, salt):
+  """lowbias32 of index * golden + step * c2 + salt * c3, in Python ints."""
+  out = np.empty(size, np.uint64)
+  for i in range(size):
+    h = (i * 0x9E3779B1 + step * 0x85EBCA77 + salt * 0xC2B2AE3D) & M32
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) & M32
+    h ^= h >> 15
+    h = (h * 0x846CA68B) & M32
+    h ^= h >> 16
+    out[i] = h
+  return out
+
+
+def np_stochastic_bf16(x, step, salt):
+  """Add 16 random bits below bfloat16's last mantissa bit, truncate."""
+  bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+  noise = np_hash(x.size, step, salt) & 0xFFFF
+  rounded = ((bits + noise) & 0xFFFF0000).astype(np.uint32)
+  return rounded.view(np.float32)
+
+
+def np_quantize(x, step, salt, block=256):
+  """The code book's definition: codes c with value max * 2**((c-255)/8);
+  between the neighbours below and above x, the upper with probability
+  (x - low) / (high - low), drawn from the top 24 bits of the hash."""
+  book = 2.0 ** ((np.arange(256) - 255) / 8)
+  x = np.maximum(x.astype(np.float64).ravel(), 0)
+  block = min(block, x.size)
+  n_blocks = -(-x.size // block)
+  x = np.pad(x, (0, n_blocks * block - x.size)).reshape(n_blocks, block)
+  scale = x.max(axis=1).astype(np.float32)
+  u = (np_hash(x.size, step, salt) >> 8).reshape(x.shape) / 2.0**24
+  codes = np.zeros(x.shape, np.uint8)
+  book32 = book.astype(np.float32)
+  for b in range(n_blocks):
+    if scale[b] == 0:
+      continue
+    ratio = (x[b].astype(np.float32) / scale[b]).astype(np.float32)
+    for j, r in enumerate(ratio):
+      low = np.searchsorted(book32, r, side='right') - 1
+      low = int(np.clip(low, 0, 254))
+      p = np.clip((np.float32(r) - book32[low])
+                  / (book32[low + 1] - book32[low]), 0, 1)
+      codes[b, j] = low + (u[b, j] < p)
+  return codes, scale
+
+
+# --- The storage itself ---------------------------------------------------------
+
+def test_hash_matches_numpy():
+  for step, salt in [(0, 0), (1, 0), (7, 3), (2**31 - 1, 1 << 20)]:
+    np.testing.assert_array_equal(
+        np.asarray(quantization.hash_bits((257,), step, salt)),
+        np_hash(257, step, salt).astype(np.uint32))
+
+
+def test_stochastic_bf16_matches_numpy_and_neighbours():
+  x = (np.asarray(jax.random.normal(jax.random.PRNGKey(0), (300,))) * 10.0**(
+      np.arange(300) % 7 - 3)).astype(np.float32)
+  got = np.asarray(quantization.stochastic_round_bf16(
+      jnp.asarray(x), 5, 2).astype(jnp.float32))
+  np.testing.assert_array_equal(got, np_stochastic_bf16(x, 5, 2))
+  # Always one of the two bfloat16 neighbours (toward zero, away from it).
+  down = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
+  up = ((x.view(np.uint32) & 0xFFFF0000) + 0x10000).view(np.float32)
+  assert np.all((got == down) | (got == up))
+
+
+def test_stochastic_bf16_is_unbiased_and_nearest_is_not():
+  x = jnp.full((4096,), 1.0 + 2.0**-10)  # A quarter of a bf16 step above 1.
+  mean = np.mean([np.asarray(quantization.stochastic_round_bf16(
+      x, s, 0).astype(jnp.float32)) for s in range(8)])
+  assert mean == pytest.approx(1.0 + 2.0**-10, rel=2e-5)
+  assert float(x.astype(jnp.bfloat16)[0]) == 1.0  # Nearest loses it all.
+  # Non-finite values are kept.
+  special = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0])
+  out = quantization.stochastic_round_bf16(special, 1, 0)
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                [np.inf, -np.inf, np.nan, 0.0])
+
+
+def test_8bit_codes_match_numpy():
+  key = jax.random.PRNGKey(1)
+  x = jnp.abs(jax.random.normal(key, (3, 200))) ** 3 * 10.0**(
+      jnp.arange(200) % 9 - 4.0)
+  q = quantization.quantize(x, 9, 4)
+  codes, scale = np_quantize(np.asarray(x), 9, 4)
+  np.testing.assert_array_equal(np.asarray(q.scale), scale)
+  np.testing.assert_array_equal(np.asarray(q.codes), codes)
+  assert q.codes.shape == (3, 256) and q.codes.dtype == jnp.uint8  # 600 -> 768.
+
+
+def test_8bit_never_stores_a_positive_value_as_zero():
+  x = jnp.array([1.0, 1e-12, 1e-30, 1e-45, 0.0] + [0.5] * 20)
+  back = quantization.dequantize(quantization.quantize(x, 1, 0))
+  assert np.all(np.asarray(back[:4]) > 0)
+  # Below 32 octaves under the block max values round up, never to zero.
+  assert float(back[2]) >= 2.0**-31.875 * (1 - 1e-6)
+  # A block of zeros stays zero; so do (as the moment cannot be negative)
+  # negative inputs.
+  zeros = quantization.quantize(jnp.zeros(10), 3, 0)
+  np.testing.assert_array_equal(np.asarray(quantization.dequantize(zeros)), 0)
+  # Where scale * code underflows (1e-36 * 2**-31.9), the value stays
+  # positive: the smallest normal float32.
+  tiny = quantization.dequantize(quantization.quantize(
+      jnp.array([1e-36, 0.0]), 0, 0))
+  np.testing.assert_array_equal(np.asarray(tiny),
+                                np.float32([1e-36, np.finfo(np.float32).tiny]))
+
+
+def test_8bit_error_is_within_one_code_and_unbiased():
+  x = jnp.abs(jax.random.normal(jax.random.PRNGKey(2), (2048,))) + 0.01
+  samples = np.stack([np.asarray(quantization.dequantize(
+      quantization.quantize(x, s, 0))) for s in range(64)])
+  rel = samples / np.asarray(x) - 1
+  assert np.abs(rel).max() <= 2**(1 / 8) - 1 + 1e-6  # One code: 9 %.
+  # Unbiased: the mean over steps converges to x (64 draws: ~1 % noise).
+  assert np.abs(np.median(rel.mean(axis=0))) < 2e-3
+
+
+def test_slow_average_keeps_moving_only_with_stochastic_rounding():
+  """decay=0.999: the EMA moves 0.1 % a step, under half a bfloat16 step.
+
+  The gradient drops from 1 to 0.5; in exact arithmetic nu goes from 1
+  toward 0.25 (0.865 after 200 steps). Round-to-nearest bfloat16 never
+  moves; stochastic rounding follows.
+  """
+  exact = 0.999**200 * 1 + (1 - 0.999**200) * 0.25
+  finals = {}
+  for sr in (False, True):
+    tx = rmsprop_jax.scale_by_rms(decay=0.999, initial_scale=1.0,
+                                  nu_dtype=jnp.bfloat16,
+                                  stochastic_rounding=sr)
+    params = jnp.zeros(1024)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(200):
+      _, state = update(jnp.full(1024, 0.5), state)
+    finals[sr] = np.asarray(optax.tree.get(state, 'nu').astype(jnp.float32))
+  assert np.all(finals[False] == 1.0)
+  assert finals[True].mean() == pytest.approx(exact, rel=2e-3)
+
+
+# --- In the optimizer -----------------------------------------------------------
+
+def model_tree(key):
+  keys = jax.random.split(key, 4)
+  return {'w1': jax.random.normal(keys[0], (64, 300)) * 0.1,
+          'w2': jax.random.normal(keys[1], (300, 10)) * 0.1,
+          'b': [jnp.zeros(300), jnp.zeros(10)]}
+
+
+def _steps(tx, steps=20):
+  params = model_tree(jax.random.PRNGKey(0))
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for i in range(steps):
+    g = jax.tree.map(lambda p, k=i: p * 0.5 + 0.01 * (k + 1), params)
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+@pytest.mark.parametrize('kwargs, max_bytes', [
+    (dict(nu_dtype=jnp.bfloat16), 2.0),
+    (dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True), 2.0),
+    (dict(nu_dtype=jnp.uint8), 1.1),
+])
+@pytest.mark.parametrize('packing', [False, True])
+def test_state_bytes_and_closeness_to_float32(kwargs, max_bytes, packing):
+  ref_params, _ = _steps(rmsprop_jax.rmsprop(1e-3, packing=packing))
+  params, state = _steps(rmsprop_jax.rmsprop(1e-3, packing=packing, **kwargs))
+  nu = optax.tree.get(state, 'nu')
+  n = sum(x.size for x in jax.tree.leaves(ref_params))
+  assert sum(x.nbytes for x in jax.tree.leaves(nu)) / n <= max_bytes
+  # Each step is at most a few per cent off (sqrt of a 9 % code step).
+  for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(p, r, rtol=0.05, atol=1e-3)
+  # The readable state is float32 and shaped like the parameters.
+  readable = optax.tree.get(rmsprop_jax.unpack_state(state), 'nu')
+  assert jax.tree.structure(readable) == jax.tree.structure(ref_params)
+  for x, p in zip(jax.tree.leaves(readable), jax.tree.leaves(ref_params)):
+    assert x.shape == p.shape
+
+
+def test_8bit_centered_momentum_vmap_and_effective_lr():
+  tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8, centered=True,
+                           momentum=0.9)
+  batch = jax.vmap(lambda k: model_tree(k))(jax.random.split(
+      jax.random.PRNGKey(0), 3))
+  state = jax.vmap(tx.init)(batch)
+  _, state = jax.jit(jax.vmap(tx.update))(batch, state, batch)
+  mu = optax.tree.get(rmsprop_jax.unpack_state(state), 'mu')
+  assert mu['w1'].dtype == jnp.float32 and mu['w1'].shape == (3, 64, 300)
+  _, single = _steps(rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8), steps=2)
+  with pytest.raises(ValueError, match='bias_correction=False'):
+    rmsprop_jax.effective_learning_rate(single, 1e-2)
+  eff = rmsprop_jax.effective_learning_rate(single, 1e-2,
+                                            bias_correction=False)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(eff))
+
+
+def test_bad_storage_arguments_are_refused():
+  with pytest.raises(ValueError, match='stochastic_rounding applies'):
+    rmsprop_jax.rmsprop(0.1, stochastic_rounding=True)
+  with pytest.raises(ValueError, match='nu_dtype must be'):
+    rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.int32)
