@@ -1,7 +1,8 @@
-"""``python -m benchmarks [--quick] [--suites step,convergence] [--out DIR]``.
+"""``python -m benchmarks [--quick] [--suites step,compile,convergence] [--out DIR]``.
 
-Runs the step-speed-and-memory suite and the convergence suite and writes
-JSON, a Markdown table and PNG plots for each to ``--out``
+Runs the step-speed-and-memory suite, the compile-time suite and the
+convergence suite and writes JSON, a Markdown table (and PNG plots for step
+and convergence) for each to ``--out``
 (``benchmarks/results/``; ``benchmarks/results/quick/`` with ``--quick``).
 Runs unchanged on CPU, GPU and TPU: it measures whatever ``jax`` runs on.
 """
@@ -9,9 +10,9 @@ Runs unchanged on CPU, GPU and TPU: it measures whatever ``jax`` runs on.
 import argparse
 import pathlib
 
-from benchmarks import common, convergence, step
+from benchmarks import common, compile_time, convergence, step
 
-SUITES = ('step', 'convergence')
+SUITES = ('step', 'compile', 'convergence')
 
 
 def main(argv=None):
@@ -54,6 +55,8 @@ def main(argv=None):
         out, quick=args.quick, tree_names=split(args.trees),
         variants=split(args.variants), dtypes=split(args.dtypes),
         use_torch=not args.no_torch)
+  if 'compile' in suites:
+    results['compile'] = compile_time.run(out, quick=args.quick)
   if 'convergence' in suites:
     results['convergence'] = convergence.run(
         out, quick=args.quick, problems=split(args.problems))

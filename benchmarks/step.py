@@ -34,7 +34,12 @@ VARIANTS = {
     'centered': {'centered': True},
     'momentum': {'momentum': 0.9},
     'centered+momentum': {'centered': True, 'momentum': 0.9},
+    # Low-memory second moment (float32 parameters only); optax's side is
+    # plain optax.rmsprop, with its float32 state.
+    'bf16 nu (SR)': {'nu_dtype': jnp.bfloat16, 'stochastic_rounding': True},
+    '8-bit nu': {'nu_dtype': jnp.uint8},
 }
+LOW_MEMORY = ('nu_dtype', 'stochastic_rounding')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -76,14 +81,19 @@ def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
           'transformer': transformer_shapes()}
 
 
-def state_arrays(kwargs: dict) -> int:
-  """How many parameter-sized arrays the variant's state holds."""
-  return 1 + bool(kwargs.get('centered')) + bool(kwargs.get('momentum'))
+def state_dtypes(dtype, kwargs: dict) -> list:
+  """The dtype of each parameter-sized array in the variant's state (the
+  8-bit nu counts as uint8; its block scales add 1.6 %)."""
+  return ([kwargs.get('nu_dtype', dtype)]
+          + [dtype] * (bool(kwargs.get('centered'))
+                       + bool(kwargs.get('momentum'))))
 
 
-def moved_bytes(n_params: int, itemsize: int, kwargs: dict) -> int:
+def moved_bytes(n_params: int, dtype, kwargs: dict) -> int:
   """Bytes one step must read and write: params r/w, grads r, state r/w."""
-  return n_params * itemsize * (3 + 2 * state_arrays(kwargs))
+  per_param = 3 * jnp.dtype(dtype).itemsize + 2 * sum(
+      jnp.dtype(d).itemsize for d in state_dtypes(dtype, kwargs))
+  return n_params * per_param
 
 
 def _random_tree(shapes, dtype, key):
@@ -142,9 +152,9 @@ class JaxSide:
 class Ceiling:
   """A donated elementwise kernel moving the variant's bytes on flat buffers."""
 
-  def __init__(self, n, dtype, n_state, scan_steps):
+  def __init__(self, n, dtype, state_dtypes, scan_steps):
     def kernel(p, state, g):
-      return p + g, tuple(s * 0.5 + g for s in state)
+      return p + g, tuple(s + g.astype(s.dtype) for s in state)
 
     def many(p, state, g):
       return jax.lax.fori_loop(0, scan_steps,
@@ -153,7 +163,7 @@ class Ceiling:
     self.scan_steps = scan_steps
     self.grads = jnp.ones(n, dtype)
     self.carry = (jnp.zeros(n, dtype),
-                  tuple(jnp.zeros(n, dtype) for _ in range(n_state)))
+                  tuple(jnp.zeros(n, d) for d in state_dtypes))
     self.step = jax.jit(kernel, donate_argnums=(0, 1))
     self.many = jax.jit(many, donate_argnums=(0, 1))
 
@@ -202,8 +212,10 @@ def measure(tree_name, shapes, dtype_name, variant, *, repeats, target_s,
   sides = {
       'ours': JaxSide(rmsprop_jax.rmsprop(LR, **kwargs), params, grads,
                       scan_steps),
-      'optax': JaxSide(optax.rmsprop(LR, **kwargs), params, grads, scan_steps),
-      'ceiling': Ceiling(n, dtype, state_arrays(kwargs), scan_steps),
+      'optax': JaxSide(optax.rmsprop(LR, **{
+          k: v for k, v in kwargs.items() if k not in LOW_MEMORY}),
+                       params, grads, scan_steps),
+      'ceiling': Ceiling(n, dtype, state_dtypes(dtype, kwargs), scan_steps),
   }
   step_timers: dict[str, Callable[[int], float]] = {
       name: side.time_step for name, side in sides.items()}
@@ -217,7 +229,7 @@ def measure(tree_name, shapes, dtype_name, variant, *, repeats, target_s,
                  for name, t in scan_timers.items()}
   scan = common.alternate(scan_timers, scan_counts, repeats)
 
-  moved = moved_bytes(n, itemsize, kwargs)
+  moved = moved_bytes(n, dtype, kwargs)
   ours, ref = sides['ours'], sides['optax']
   return {
       'tree': tree_name, 'leaves': len(shapes), 'params': n,
@@ -245,8 +257,8 @@ def run(out, *, quick, tree_names=None, variants=None, dtypes=None,
         use_torch=True, log=print) -> dict:
   grid = trees(quick)
   tree_names = tree_names or list(grid)
-  variants = variants or (['plain', 'centered+momentum'] if quick
-                          else list(VARIANTS))
+  variants = variants or (['plain', 'centered+momentum', '8-bit nu']
+                          if quick else list(VARIANTS))
   dtypes = dtypes or list(DTYPES)
   if use_torch:
     try:
@@ -267,6 +279,9 @@ def run(out, *, quick, tree_names=None, variants=None, dtypes=None,
   for tree_name in tree_names:
     for dtype_name in dtypes:
       for variant in variants:
+        if dtype_name != 'float32' and any(
+            k in LOW_MEMORY for k in VARIANTS[variant]):
+          continue  # A narrower nu is for float32 parameters.
         row = measure(tree_name, grid[tree_name], dtype_name, variant,
                       **{k: v for k, v in settings.items() if k != 'quick'})
         rows.append(row)
