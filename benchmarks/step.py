@@ -77,8 +77,8 @@ def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
     return {'1 x 64K': [(1 << 16,)], '16 x 4K': [(4096,)] * 16,
             '200 x 64': [(64,)] * 200, 'transformer/8': transformer_shapes(8)}
   return {'1 x 16M': [(1 << 24,)], '256 x 64K': [(1 << 16,)] * 256,
-          '4096 x 4K': [(4096,)] * 4096, '2000 x 64': [(64,)] * 2000,
-          'transformer': transformer_shapes()}
+          '4096 x 4K': [(4096,)] * 4096, '1000 x 1K': [(1024,)] * 1000,
+          '2000 x 64': [(64,)] * 2000, 'transformer': transformer_shapes()}
 
 
 def state_dtypes(dtype, kwargs: dict) -> list:
@@ -272,8 +272,8 @@ def run(out, *, quick, tree_names=None, variants=None, dtypes=None,
                                    and torch.cuda.is_available())):
         log(f'PyTorch cannot run on this {backend}: its column is left out.')
         use_torch = False
-  settings = dict(quick=quick, repeats=3 if quick else 7,
-                  target_s=0.01 if quick else 0.2,
+  settings = dict(quick=quick, repeats=3 if quick else 5,
+                  target_s=0.01 if quick else 0.1,
                   scan_steps=3 if quick else 10, use_torch=use_torch)
   rows = []
   for tree_name in tree_names:

@@ -26,30 +26,38 @@ def quick_results(tmp_path_factory):
 
 def test_writes_json_markdown_and_plots(quick_results):
   out, _ = quick_results
-  for suite in ('step', 'convergence'):
+  for suite in ('step', 'compile', 'convergence'):
     payload = json.loads((out / f'{suite}.json').read_text())
     env = payload['environment']
     assert env['backend'] == jax.default_backend()
     assert env['jax'] == jax.__version__ and env['date']
     assert (out / f'{suite}.md').read_text().count('\n|') > 4
-    assert (out / f'{suite}.png').stat().st_size > 10_000
+    if suite != 'compile':
+      assert (out / f'{suite}.png').stat().st_size > 10_000
 
 
 def test_step_bytes_follow_the_performance_notes(quick_results):
   _, results = quick_results
   rows = results['step']['rows']
-  assert {r['variant'] for r in rows} == {'plain', 'centered+momentum'}
+  assert {r['variant'] for r in rows} == {'plain', 'centered+momentum',
+                                          '8-bit nu'}
   # Bytes per float32 parameter from the notes' table: 20 and 36; state
   # holds nu (and mu and the momentum buffer) in the parameters' dtype.
-  per_param = {('float32', 'plain'): (20, 4),
-               ('float32', 'centered+momentum'): (36, 12),
-               ('bfloat16', 'plain'): (10, 2),
-               ('bfloat16', 'centered+momentum'): (18, 6)}
+  # The 8-bit nu: 12 B for params and grads, 2 B for nu (r/w); its state
+  # is one byte per parameter plus a float32 scale per block of up to 256.
+  per_param = {('float32', 'plain'): (20, 4, 4),
+               ('float32', 'centered+momentum'): (36, 12, 12),
+               ('float32', '8-bit nu'): (14, (1, 1.1), 4),
+               ('bfloat16', 'plain'): (10, 2, 2),
+               ('bfloat16', 'centered+momentum'): (18, 6, 6)}
   for r in rows:
-    moved, state = per_param[r['dtype'], r['variant']]
+    moved, ours, optax_state = per_param[r['dtype'], r['variant']]
     assert r['moved_bytes'] == moved * r['params']
-    assert r['state_bytes_per_param']['optax'] == state
-    assert r['state_bytes_per_param']['ours'] == state
+    assert r['state_bytes_per_param']['optax'] == optax_state
+    if isinstance(ours, tuple):
+      assert ours[0] < r['state_bytes_per_param']['ours'] <= ours[1]
+    else:
+      assert r['state_bytes_per_param']['ours'] == ours
     assert all(t > 0 for t in r['step_s'].values())
     if r['speedup_vs_torch'] is None:  # Only when PyTorch is missing.
       require('torch')
@@ -64,6 +72,26 @@ def test_convergence_covers_every_method_and_problem(quick_results):
     assert set(r['methods']) == set(convergence.METHODS)
     for m in r['methods'].values():  # The tuned lr is the grid's best.
       assert m['final_median'] == pytest.approx(min(m['final_by_lr']))
+    # Low-memory ratios: at float32 RMSprop's tuned lr, from the grid.
+    ref = r['methods']['RMSprop']
+    i = ref['final_by_lr'].index(ref['final_median'])
+    for name, ratio in r['low_memory'].items():
+      assert ratio == pytest.approx(
+          r['methods'][name]['final_by_lr'][i] / ref['final_by_lr'][i])
+
+
+def test_compile_suite_covers_its_trees(quick_results):
+  from benchmarks import compile_time
+  _, results = quick_results
+  rows = results['compile']['rows']
+  trees = compile_time.trees(quick=True)
+  assert {(r['tree'], r['variant']) for r in rows} == {
+      (t, v) for t in trees for v in compile_time.VARIANTS}
+  for r in rows:
+    assert r['leaves'] == len(trees[r['tree']])
+    assert r['speedup_vs_optax'] == pytest.approx(
+        r['compile_s']['optax'] / r['compile_s']['ours'])
+    assert all(t > 0 for t in r['compile_s'].values())
 
 
 def test_convergence_grid_cell_equals_a_plain_optax_run():
