@@ -12,12 +12,14 @@ leaf, not ``jax.random``: no key to carry, and nearly free.
 
 The 8-bit code (:class:`Blockwise8bit`) stores, per block of
 :data:`BLOCK_SIZE` elements, the block's maximum in float32 and, per element,
-a code ``c`` in 0..255 standing for ``max * 2**((c - 255) / 8)``: a
-logarithmic code book spanning 32 octaves below the block maximum, 9 % apart.
-It cannot represent zero, so a positive second moment is never rounded to
-zero (which would blow up ``1 / sqrt(nu)``); values below the smallest code
-round up to it. Only a block that is entirely zero stores zero. Rounding
-between the two neighbouring codes is stochastic and unbiased.
+a tiny unsigned float relative to it: 5 exponent bits ``e`` and 3 mantissa
+bits ``m`` (code ``8 * e + m``) standing for ``max * 2**(e - 31) * (1 + m/8)``.
+The code book spans 32 octaves below the block maximum, 6 to 12.5 % apart,
+and has no zero, so a positive second moment is never rounded to zero (which
+would blow up ``1 / sqrt(nu)``); values below the smallest code round up to
+it, and only a block that is entirely zero stores zero. Coding is integer
+bit arithmetic on the float32 ratio to the block maximum (no logarithm, no
+table), and rounds stochastically, without bias, like the bfloat16 state.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCK_SIZE = 256
-_STEPS_PER_OCTAVE = 8
-# Code -> fraction of the block maximum (float64 maths, exact float32 table).
-CODE_BOOK = (2.0 ** ((np.arange(256) - 255) / _STEPS_PER_OCTAVE)).astype(
-    np.float32)
+_MANTISSA_BITS = 3
+_OCTAVES = 32
+# The float32 exponent of the smallest code: 2**-31 is exponent 127 - 31.
+_LOWEST_EXPONENT = 127 - (_OCTAVES - 1)
+_DROPPED_BITS = 23 - _MANTISSA_BITS  # float32 mantissa bits below the code's.
 
 
 def hash_bits(shape, step, salt: int) -> jax.Array:
@@ -101,21 +104,17 @@ def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
                  (0, n_blocks * block - size))
   blocks = jnp.maximum(flat.reshape(n_blocks, block), 0)
   scale = jnp.max(blocks, axis=1)
-  ratio = blocks / jnp.where(scale > 0, scale, 1)[:, None]
-  table = jnp.asarray(CODE_BOOK)
-  tiny = jnp.float32(np.finfo(np.float32).tiny)
-  lower = jnp.floor(_STEPS_PER_OCTAVE * jnp.log2(jnp.maximum(ratio, tiny)))
-  lower = jnp.clip(lower.astype(jnp.int32) + 255, 0, 254)
-  # log2 may be an ulp off: settle the lower code by the table itself.
-  lower = jnp.where(table[lower] > ratio, jnp.maximum(lower - 1, 0), lower)
-  lower = jnp.where(table[lower + 1] <= ratio, jnp.minimum(lower + 1, 254),
-                    lower)
-  low, high = table[lower], table[lower + 1]
-  p_up = jnp.clip((ratio - low) / (high - low), 0, 1)
-  uniform = (hash_bits(blocks.shape, step, salt) >> 8).astype(
-      jnp.float32) * jnp.float32(2.0**-24)
-  codes = (lower + (uniform < p_up)).astype(jnp.uint8)
-  return Blockwise8bit(codes, scale, shape)
+  ratio = blocks / jnp.where(scale > 0, scale, 1)[:, None]  # In [0, 1].
+  # Stochastic rounding to 3 mantissa bits: add random bits below them and
+  # truncate (a carry moves up to the next octave, as it should).
+  bits = jax.lax.bitcast_convert_type(ratio, jnp.uint32)
+  noise = hash_bits(blocks.shape, step, salt) & jnp.uint32(
+      (1 << _DROPPED_BITS) - 1)
+  bits = bits + noise
+  exponent = (bits >> 23).astype(jnp.int32) - _LOWEST_EXPONENT
+  mantissa = ((bits >> _DROPPED_BITS) & jnp.uint32(7)).astype(jnp.int32)
+  codes = jnp.where(exponent < 0, 0, (exponent << _MANTISSA_BITS) | mantissa)
+  return Blockwise8bit(codes.astype(jnp.uint8), scale, shape)
 
 
 def dequantize(q: Blockwise8bit) -> jax.Array:
@@ -125,9 +124,11 @@ def dequantize(q: Blockwise8bit) -> jax.Array:
   flushes subnormals to zero): it is never zero, even where
   ``scale * code`` would underflow.
   """
-  table = jnp.asarray(CODE_BOOK)
+  codes = q.codes.astype(jnp.uint32)
+  bits = (((codes >> _MANTISSA_BITS) + jnp.uint32(_LOWEST_EXPONENT)) << 23) | (
+      (codes & jnp.uint32(7)) << _DROPPED_BITS)
   scale = q.scale[..., None]
-  values = scale * table[q.codes.astype(jnp.int32)]
+  values = scale * jax.lax.bitcast_convert_type(bits, jnp.float32)
   values = jnp.where(scale > 0, jnp.maximum(
       values, jnp.float32(np.finfo(np.float32).tiny)), values)
   batch = q.codes.shape[:-2]
