@@ -11,9 +11,11 @@ from rmsprop_jax import diagnostics
 from rmsprop_jax import packing
 from rmsprop_jax import presets
 from rmsprop_jax import quantization
+from rmsprop_jax import sharding
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
 from rmsprop_jax.packing import unpack_state
+from rmsprop_jax.sharding import state_shardings
 from rmsprop_jax.transform import ScaleByRmsState
 from rmsprop_jax.transform import ScaleByRmsWithCountState
 from rmsprop_jax.transform import ScaleByRStdDevState
@@ -36,5 +38,7 @@ __all__ = [
     'rmsprop',
     'scale_by_rms',
     'scale_by_stddev',
+    'sharding',
+    'state_shardings',
     'unpack_state',
 ]

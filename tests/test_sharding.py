@@ -1,0 +1,193 @@
+"""The optimizer on a mesh of 8 (simulated CPU) devices.
+
+The suite runs on one device (the layout users start from); this module
+re-runs itself in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``. The reference for
+every sharded result is the same computation on one device; communication is
+read from the compiled program.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import rmsprop_jax
+
+N_DEVICES = 8
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter',
+               'collective-permute', 'all-to-all')
+
+if jax.device_count() < N_DEVICES:
+
+  def test_on_eight_devices():
+    env = dict(os.environ, XLA_FLAGS=(
+        os.environ.get('XLA_FLAGS', '') +
+        f' --xla_force_host_platform_device_count={N_DEVICES}').strip())
+    result = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+         __file__], env=env, capture_output=True, text=True, timeout=900)
+    print(result.stdout[-5000:], result.stderr[-3000:])
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert re.search(r'\b\d+ passed', result.stdout)
+    assert 'skipped' not in result.stdout
+
+else:
+
+  VARIANTS = {
+      'plain': {}, 'centered+momentum': dict(centered=True, momentum=0.9),
+      'weight decay, nesterov': dict(momentum=0.9, nesterov=True,
+                                     weight_decay=1e-2),
+      'bf16 nu (SR)': dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True),
+  }
+
+  def _mesh(kind='auto', shape=(4, 2)):
+    types = (AxisType.Auto if kind == 'auto' else AxisType.Explicit,) * 2
+    return jax.make_mesh(shape, ('data', 'model'), axis_types=types)
+
+  def _specs():
+    # Model-parallel kernels and biases, replicated norms and embeddings.
+    return {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model', None),
+            'b2': P(), 'scale': P(), 'emb': P(None, None)}
+
+  def _params(mesh, seed=0):
+    shapes = {'w1': (16, 8), 'b1': (8,), 'w2': (8, 12), 'b2': (12,),
+              'scale': (12,), 'emb': (32, 12)}
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return {name: jax.device_put(jax.random.normal(k, shape),
+                                 NamedSharding(mesh, _specs()[name]))
+            for k, (name, shape) in zip(keys, shapes.items())}
+
+  def _collectives(compiled) -> set[str]:
+    text = compiled.as_text()
+    return {c for c in COLLECTIVES if re.search(rf'\b{c}(-start)?\(', text)}
+
+  def _assert_same_places(tree, ref):
+    """Each leaf of ``tree`` sharded as the matching leaf of ``ref``."""
+    assert jax.tree.structure(tree) == jax.tree.structure(ref)
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
+      b = getattr(b, 'sharding', b)
+      assert a.sharding.is_equivalent_to(b, a.ndim), (a.sharding, b)
+
+  def test_default_does_not_pack_on_several_devices():
+    state = rmsprop_jax.rmsprop(0.1).init([jnp.zeros(3)] * 4)
+    assert not isinstance(state, rmsprop_jax.packing.PackedState)
+
+  @pytest.mark.parametrize('variant', list(VARIANTS))
+  @pytest.mark.parametrize('kind', ['auto', 'explicit'])
+  def test_state_follows_params_and_update_needs_no_communication(
+      variant, kind):
+    mesh = _mesh(kind)
+    params = _params(mesh)
+    tx = rmsprop_jax.rmsprop(1e-2, **VARIANTS[variant])
+    shardings = rmsprop_jax.state_shardings(tx, params)
+    with jax.set_mesh(mesh):
+      eager = tx.init(params)
+      jitted = jax.jit(tx.init, out_shardings=shardings)(params)
+      abstract = jax.eval_shape(tx.init, params)
+      for state in (eager, jitted):
+        for s, expect in zip(jax.tree.leaves(state),
+                             jax.tree.leaves(shardings)):
+          assert s.sharding.is_equivalent_to(expect, s.ndim)
+      # Every state leaf shaped like a parameter sits where it does.
+      _assert_same_places(optax.tree.get(eager, 'nu'), params)
+      assert jax.tree.structure(abstract) == jax.tree.structure(eager)
+
+      def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+      grads = _params(mesh, seed=1)
+      jstep = jax.jit(step, donate_argnums=(0, 1))
+      compiled = jstep.lower(params, eager, grads).compile()
+      assert _collectives(compiled) == set()
+      new_params, new_state = jstep(params, eager, grads)
+      # Shardings and dtypes are the same after the update as before.
+      _assert_same_places(new_params, grads)
+      for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(jitted)):
+        assert a.dtype == b.dtype
+        assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+
+    # The sharded result equals the single-device one, bit for bit.
+    local = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)),
+                         (_params(mesh), _params(mesh, seed=1)))
+    ref_params, ref_state = jax.jit(step)(local[0], tx.init(local[0]),
+                                          local[1])
+    for a, b in zip(jax.tree.leaves((new_params, new_state)),
+                    jax.tree.leaves((ref_params, ref_state))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_zero1_shards_state_over_data_with_one_all_gather():
+    mesh = _mesh('auto')
+    params = _params(mesh)
+    tx = rmsprop_jax.rmsprop(1e-2, centered=True, momentum=0.9)
+    plain = rmsprop_jax.state_shardings(tx, params)
+    zero1 = rmsprop_jax.state_shardings(tx, params, zero1_axis='data')
+    nu = optax.tree.get(zero1, 'nu')
+    # Split over 'data' on the first dimension that divides evenly, on top
+    # of the parameter's own split.
+    assert {k: v.spec for k, v in nu.items()} == {
+        'w1': P('data', 'model'), 'b1': P(('data', 'model')),
+        'w2': P(('data', 'model'), None), 'b2': P('data'),
+        'scale': P('data'), 'emb': P('data', None)}
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init, out_shardings=zero1)(params)
+      grads = _params(mesh, seed=1)
+      param_shardings = jax.tree.map(lambda x: x.sharding, params)
+      jstep = jax.jit(step, donate_argnums=(0, 1),
+                      out_shardings=(param_shardings, zero1))
+      compiled = jstep.lower(params, state, grads).compile()
+      # Each device updates its slice; the slices of the update are then
+      # gathered for the replicated parameters. Nothing else moves.
+      assert _collectives(compiled) == {'all-gather'}
+      new_params, new_state = jstep(params, state, grads)
+
+    def bytes_per_device(tree):
+      return max(sum(s.data.nbytes for x in jax.tree.leaves(tree)
+                     for s in x.addressable_shards if s.device == d)
+                 for d in mesh.devices.flat)
+
+    full = jax.jit(tx.init, out_shardings=plain)(params)
+    # 4 data-parallel replicas: a quarter of the state per device.
+    assert bytes_per_device(new_state) * 4 == pytest.approx(
+        bytes_per_device(full), rel=0.01)
+    # And the same numbers as without ZeRO-1.
+    with jax.set_mesh(mesh):
+      ref, _ = jax.jit(step)(_params(mesh), full, _params(mesh, seed=1))
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_state_shardings_from_abstract_params():
+    """Initialising without materialising: ShapeDtypeStructs in."""
+    mesh = _mesh('auto')
+    abstract = {name: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, _specs()[name]))
+                for name, x in _params(mesh).items()}
+    tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9)
+    shardings = rmsprop_jax.state_shardings(tx, abstract)
+    state = jax.jit(lambda: tx.init(jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), abstract)),
+                    out_shardings=shardings)()
+    _assert_same_places(optax.tree.get(state, 'trace'), abstract)
+
+  def test_state_shardings_refuses_what_it_cannot_place():
+    mesh = _mesh('auto')
+    params = _params(mesh)
+    with pytest.raises(ValueError, match='no axis'):
+      rmsprop_jax.state_shardings(rmsprop_jax.rmsprop(0.1), params,
+                                  zero1_axis='batch')
+    with pytest.raises(ValueError, match='8-bit'):
+      rmsprop_jax.state_shardings(
+          rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.uint8), params)
