@@ -77,7 +77,7 @@ def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
     return {'1 x 64K': [(1 << 16,)], '16 x 4K': [(4096,)] * 16,
             '200 x 64': [(64,)] * 200, 'transformer/8': transformer_shapes(8)}
   return {'1 x 16M': [(1 << 24,)], '256 x 64K': [(1 << 16,)] * 256,
-          '4096 x 4K': [(4096,)] * 4096, '1000 x 1K': [(1024,)] * 1000,
+          '1000 x 4K': [(4096,)] * 1000, '1000 x 1K': [(1024,)] * 1000,
           '2000 x 64': [(64,)] * 2000, 'transformer': transformer_shapes()}
 
 
