@@ -55,7 +55,7 @@ def compile_seconds(tx, shapes) -> float:
 
 def run(out, *, quick, log=print) -> dict:
   rows = []
-  repeats = 1 if quick else 2
+  repeats = 1
   for tree_name, shapes in trees(quick).items():
     for variant, kwargs in VARIANTS.items():
       sides = {'ours': lambda: rmsprop_jax.rmsprop(1e-3, **kwargs),
