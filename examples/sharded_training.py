@@ -122,8 +122,10 @@ def main(argv=None):
     state = jax.jit(tx.init, out_shardings=shardings)(params0)
     params = jax.tree.map(jnp.copy, params0)
     jstep, run = trainer(mesh, tx, shardings, x, y, batch)
-    with jax.set_mesh(mesh):
-      hlo = jstep.lower(params, state, x[:batch], y[:batch]).compile().as_text()
+    data_sh = NamedSharding(mesh, P('data'))
+    with jax.set_mesh(mesh):  # The program the loop runs: batches on 'data'.
+      hlo = jstep.lower(params, state, jax.device_put(x[:batch], data_sh),
+                        jax.device_put(y[:batch], data_sh)).compile().as_text()
     collectives = sorted({c for c in ('all-reduce', 'all-gather',
                                       'reduce-scatter') if f' {c}(' in hlo
                           or f' {c}-start(' in hlo})

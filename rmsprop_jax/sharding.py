@@ -52,10 +52,9 @@ def _with_axis(spec: PartitionSpec, shape: tuple[int, ...], mesh,
         entry if isinstance(entry, tuple) else (entry,))
     ways = math.prod(mesh.shape[a] for a in names) * mesh.shape[axis]
     if shape[dim] % ways == 0:
-      # Mesh order within a dimension: the devices of one shard of the
-      # parameter then hold consecutive pieces of it.
-      entries[dim] = axis if not names else tuple(
-          sorted((*names, axis), key=mesh.axis_names.index))
+      # The parameter's own axes first: each of its shards is then split
+      # further among the devices holding it (no permutation needed).
+      entries[dim] = axis if not names else (*names, axis)
       return PartitionSpec(*entries)
   return spec
 

@@ -134,8 +134,8 @@ else:
     # Split over 'data' on the first dimension that divides evenly, on top
     # of the parameter's own split.
     assert {k: v.spec for k, v in nu.items()} == {
-        'w1': P('data', 'model'), 'b1': P(('data', 'model')),
-        'w2': P(('data', 'model'), None), 'b2': P('data'),
+        'w1': P('data', 'model'), 'b1': P(('model', 'data')),
+        'w2': P(('model', 'data'), None), 'b2': P('data'),
         'scale': P('data'), 'emb': P('data', None)}
 
     def step(params, state, grads):
