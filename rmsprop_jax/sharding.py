@@ -27,6 +27,9 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rmsprop_jax import packing
+from rmsprop_jax import quantization
+
 
 def _sharding_of(x: Any) -> jax.sharding.Sharding:
   sharding = getattr(x, 'sharding', None)
@@ -93,7 +96,6 @@ def state_shardings(
     >>> shardings = rmsprop_jax.state_shardings(tx, params)
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
   """
-  from rmsprop_jax import packing, quantization  # pylint: disable=g-import-not-at-top
   shardings = jax.tree.map(_sharding_of, params)
   abstract_params = jax.tree.map(
       lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
@@ -111,13 +113,13 @@ def state_shardings(
         'state.')
   first = jax.tree.leaves(shardings)[0]
   mesh = getattr(first, 'mesh', None)
-  if isinstance(mesh, jax.sharding.AbstractMesh) or mesh is None:
-    replicated = first if first.is_fully_replicated else None
-    if replicated is None:
-      raise ValueError('state_shardings: the parameters need NamedSharding '
-                       'on a concrete Mesh.')
-  else:
+  if isinstance(mesh, jax.sharding.Mesh):
     replicated = NamedSharding(mesh, PartitionSpec())
+  elif first.is_fully_replicated:
+    replicated = first
+  else:
+    raise ValueError('state_shardings: the parameters need NamedSharding '
+                     'on a concrete Mesh.')
 
   def follow(leaf, param, sharding):
     if zero1_axis is None or not isinstance(sharding, NamedSharding):
