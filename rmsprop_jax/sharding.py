@@ -91,7 +91,7 @@ def state_shardings(
 
   Examples:
     >>> import jax, jax.numpy as jnp, rmsprop_jax
-    >>> tx = rmsprop_jax.rmsprop(1e-3, momentum=0.9)
+    >>> tx = rmsprop_jax.rmsprop(1e-3, momentum=0.9, packing=False)
     >>> params = {'w': jnp.zeros((4, 2))}
     >>> shardings = rmsprop_jax.state_shardings(tx, params)
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
