@@ -4,7 +4,8 @@
 PyTorch's, Keras' and TF1's variants; ``presets`` mirrors each framework's
 own constructor; ``scale_by_rms`` and ``scale_by_stddev`` are the building
 blocks; ``effective_learning_rate`` reads the per-parameter step size out
-of an optimizer state.
+of an optimizer state. With optax's arguments, ``rmsprop``'s state is
+``optax.rmsprop``'s own (the state classes exported here are optax's).
 """
 
 from rmsprop_jax import diagnostics
@@ -14,6 +15,7 @@ from rmsprop_jax import quantization
 from rmsprop_jax import sharding
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
+from rmsprop_jax.packing import pack_state
 from rmsprop_jax.packing import unpack_state
 from rmsprop_jax.sharding import state_shardings
 from rmsprop_jax.transform import ScaleByRmsState
@@ -32,6 +34,7 @@ __all__ = [
     'ScaleByRmsWithCountState',
     'diagnostics',
     'effective_learning_rate',
+    'pack_state',
     'packing',
     'presets',
     'quantization',

@@ -34,13 +34,14 @@ def rmsprop(
     nu_dtype: Any | None = None,
     stochastic_rounding: bool = False,
     skip_nonfinite: bool = False,
-    packing: bool | None = None,
+    packing: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop (Tieleman & Hinton 2012) and every framework's variant of it.
 
   With optax's arguments alone this is ``optax.rmsprop``: the same updates
-  (bit for bit on the same backend) and dtypes, and, after
-  :func:`rmsprop_jax.unpack_state` (see ``packing``), the same state. The
+  (bit for bit on the same backend), dtypes and state (optax's classes and
+  tree structure), so optax checkpoints, wrappers and state lookups keep
+  working, on every backend and device count. The
   keyword-only arguments add what optax cannot express, so that PyTorch's,
   Keras' and TF1's RMSprop are each one call (see :mod:`rmsprop_jax.presets`).
 
@@ -128,21 +129,35 @@ def rmsprop(
       (``optax.tree.get(state, 'total_notfinite')``). This is
       ``optax.apply_if_finite`` around the chain, with no limit on
       consecutive skips.
-    packing: run the update on the small leaves (at most
-      :data:`rmsprop_jax.packing.PACK_MAX_SIZE` elements) stacked, one stack
-      per shape and dtype that several share, with the state kept stacked
-      between steps, for speed on CPU (see
-      :func:`rmsprop_jax.packing.pack_small_leaves`). It changes no number,
-      only the state's layout: :func:`rmsprop_jax.unpack_state` gives back
-      optax's. ``None`` (default): pack on a CPU backend with one device and
-      no ``weight_decay_mask``, where it is measured to pay; ``False``: never.
+    packing: opt-in (default ``False``). ``True`` runs the update on the
+      small leaves (at most :data:`rmsprop_jax.packing.PACK_MAX_SIZE`
+      elements) stacked, one stack per shape and dtype that several share,
+      with the state kept stacked between steps: faster steps on trees of
+      many small leaves on a CPU (measured in the README). It changes no
+      number, but the state is then not ``optax.rmsprop``'s: its
+      parameter-shaped parts are :class:`rmsprop_jax.packing.Packed` stacks
+      inside a :class:`rmsprop_jax.packing.PackedState`.
+      :func:`rmsprop_jax.unpack_state` gives optax's layout back (to save a
+      checkpoint any optax user can restore) and
+      :func:`rmsprop_jax.pack_state` the packed layout from optax's (to
+      continue from an optax checkpoint). ``optax.tree_map_params`` maps
+      over the stacks; with extra parameter-shaped trees (shardings), unpack
+      first. The packing depends only on the parameters' shapes and dtypes.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. Its state is an
-    ``optax.chain`` state (inside a :class:`rmsprop_jax.packing.PackedState`
-    when packing); find a field by name with ``optax.tree.get(state, 'nu')``,
-    and read it as a tree like the parameters with
-    ``rmsprop_jax.unpack_state(state)``.
+    An ``optax.GradientTransformationExtraArgs``. Its state is
+    ``optax.rmsprop``'s for the same arguments: the same classes
+    (``optax.ScaleByRmsState`` or ``optax.ScaleByRStdDevState``, their
+    ``WithCount`` variants with ``bias_correction``,
+    ``optax.ScaleByScheduleState`` or ``optax.EmptyState``,
+    ``optax.TraceState`` or ``optax.EmptyState``), the same tree structure
+    and, except for float16 parameters, the same dtypes. The options optax
+    lacks add state only when used: ``maximize`` and coupled weight decay
+    add ``optax.EmptyState`` entries to the chain in front, decoupled weight
+    decay one after it; stochastic rounding and the 8-bit ``nu`` a step
+    ``count`` (the ``WithCount`` class), ``nu_dtype`` a narrower (or coded)
+    ``nu``; ``skip_nonfinite`` wraps the whole state in
+    ``optax.ApplyIfFiniteState``; ``packing=True`` packs it (see above).
 
   Raises:
     ValueError: if a concrete ``learning_rate``, ``eps``, ``momentum``,
@@ -201,9 +216,7 @@ def rmsprop(
                                   weight_decay_mask) if decoupled else None,
   ]
   tx = optax.chain(*(s for s in steps if s is not None))
-  if packing is None:
-    packing = _packing_pays() and weight_decay_mask is None
-  elif packing and weight_decay_mask is not None:
+  if packing and weight_decay_mask is not None:
     raise ValueError('rmsprop: packing=True cannot be combined with a '
                      'weight_decay_mask (the mask selects whole leaves).')
   if packing:
@@ -212,28 +225,28 @@ def rmsprop(
     # optax's wrapper, told never to give up: it skips every step whose
     # gradients hold a NaN or inf, and counts them (saturating at 2**31 - 1).
     tx = optax.apply_if_finite(tx, max_consecutive_errors=_INT32_MAX)
-  return _with_input_checks(tx, needs_params=weight_decay is not None)
+  return _with_input_checks(tx, needs_params=weight_decay is not None,
+                            packed=bool(packing))
 
 
 _INT32_MAX = 2**31 - 1
 
 
-def _packing_pays() -> bool:
-  """Whether packing small leaves is the default: on XLA:CPU with a single
-  device. XLA:GPU batches small elementwise kernels itself (horizontal
-  fusion), and packing leaves that a mesh shards differently would add
-  communication."""
-  return jax.default_backend() == 'cpu' and jax.device_count() == 1
-
-
 def _with_input_checks(
-    tx: optax.GradientTransformation, needs_params: bool,
+    tx: optax.GradientTransformation, needs_params: bool, packed: bool,
 ) -> optax.GradientTransformationExtraArgs:
   """Clear errors, at trace time, for ``params`` that are missing or do not
-  match the gradients (the building blocks check gradients against state)."""
+  match the gradients, and for a packed state given to an optimizer that
+  does not pack (the building blocks check gradients against state)."""
   tx = optax.with_extra_args_support(tx)
 
   def update(updates, state, params=None, **extra_args):
+    if not packed and packing_lib.is_packed(state):
+      raise ValueError(
+          'rmsprop: the state is packed (made by an optimizer with '
+          'packing=True), but this optimizer does not pack small leaves. '
+          'Convert it once with `state = rmsprop_jax.unpack_state(state)`, '
+          'or build the optimizer with packing=True.')
     if params is None and needs_params:
       raise ValueError(
           'rmsprop: weight_decay needs the parameters: call '

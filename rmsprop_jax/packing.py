@@ -16,9 +16,13 @@ Stacking keeps each leaf's shape, so XLA computes every element with the same
 code as on the separate leaf, and packing changes no bit. (Flattening would
 not: XLA:CPU contracts ``nu - mu**2`` into a fused multiply-add for some
 shapes and not for others, e.g. a (4, 3) leaf against the same 12 values
-flattened, 1 ulp apart.) It changes the state's layout:
-``optax.tree.get(unpack_state(state), 'nu')`` gives the second moment as a
-tree like the parameters again.
+flattened, 1 ulp apart.) It changes the state's layout, which is why packing is opt-in
+(``rmsprop(..., packing=True)``): a packed state is not ``optax.rmsprop``'s.
+:func:`unpack_state` turns it into optax's layout (to save a checkpoint any
+optax user can read, or to inspect it), and :func:`pack_state` turns an
+optax-layout state (a restored optax checkpoint) into the packed one. The
+packing depends only on the parameters' shapes and dtypes, never on the
+backend or the number of devices.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rmsprop_jax import _serialization
 from rmsprop_jax import _validation
 from rmsprop_jax import quantization
 
@@ -73,27 +78,43 @@ class Packed:
 
   ``stacks[k]`` has shape ``(n_k, *shape_k)``: the ``n_k`` small leaves of
   dtype and shape ``layout.groups[k]``, one per row; ``rest`` holds the other
-  leaves unchanged, in leaf order. :func:`unpack` rebuilds the original tree
-  given its structure.
+  leaves unchanged, in leaf order. ``treedef`` (static, with ``layout``) is
+  the structure of the parameters the tree stands for: :func:`unpack`
+  rebuilds it.
   """
 
-  def __init__(self, stacks, rest, layout: Layout):
+  def __init__(self, stacks, rest, layout: Layout, treedef: Any):
     self.stacks = tuple(stacks)
     self.rest = tuple(rest)
     self.layout = layout
+    self.treedef = treedef
+
+  def keys(self) -> list[str]:
+    """The names of the children, in order (also their checkpoint keys)."""
+    return ([f'{_group_name(*group)}_{g}'
+             for g, group in enumerate(self.layout.groups)]
+            + [f'leaf_{i}' for i in range(len(self.rest))])
 
   def tree_flatten_with_keys(self):
-    keys = [(jax.tree_util.GetAttrKey(f'{_group_name(*group)}_{g}'), x)
-            for g, (group, x) in enumerate(zip(self.layout.groups,
-                                              self.stacks))]
-    keys += [(jax.tree_util.GetAttrKey(f'leaf_{i}'), x)
-             for i, x in enumerate(self.rest)]
-    return keys, self.layout
+    children = self.stacks + self.rest
+    return ([(jax.tree_util.GetAttrKey(k), x)
+             for k, x in zip(self.keys(), children)],
+            (self.layout, self.treedef))
 
   @classmethod
-  def tree_unflatten(cls, layout, children):
+  def tree_unflatten(cls, aux, children):
+    layout, treedef = aux
     n = len(layout.groups)
-    return cls(children[:n], children[n:], layout)
+    return cls(children[:n], children[n:], layout, treedef)
+
+  def __eq__(self, other):
+    # Compares as a container (e.g. two equal trees of dtypes).
+    return (isinstance(other, Packed) and self.layout == other.layout
+            and self.treedef == other.treedef
+            and self.stacks + self.rest == other.stacks + other.rest)
+
+  def __hash__(self):
+    return hash((self.layout, self.treedef, self.stacks + self.rest))
 
   def __repr__(self):
     stacks = ', '.join(f'{_group_name(*g)}: {getattr(x, "shape", "?")}'
@@ -135,9 +156,11 @@ def layout_of(tree: Any, max_size: int = PACK_MAX_SIZE,
   return Layout(tuple(slots), tuple(groups), tuple(k[1] for k in keys))
 
 
-def pack(tree: Any, layout: Layout) -> Any:
-  """Packs ``tree`` (a tree like the one ``layout`` was made from); a tree
-  with nothing to stack is returned as it is."""
+def pack(tree: Any, layout: Layout, treedef: Any = None) -> Any:
+  """Packs ``tree`` (a tree like the one ``layout`` was made from; its
+  structure is recorded unless ``treedef`` is given); a tree with nothing to
+  stack is returned as it is. Raises ``ValueError`` if the leaves of one
+  stack do not share a dtype (stacking would promote them)."""
   if not layout.groups:
     return tree
   leaves = jax.tree.leaves(tree)
@@ -148,16 +171,25 @@ def pack(tree: Any, layout: Layout) -> Any:
       rest.append(x)
     else:
       rows[slot.group].append(x)
-  return Packed([jnp.stack(r) for r in rows], rest, layout)
+  for group, row in zip(layout.groups, rows):
+    dtypes = sorted({jnp.result_type(x).name for x in row})
+    if len(dtypes) > 1:
+      raise ValueError(
+          f'packing: the leaves stacked as {_group_name(*group)} come in '
+          f'several dtypes ({", ".join(dtypes)}); stacking would change '
+          'their arithmetic. Give them one dtype, or build the optimizer '
+          'with packing=False.')
+  return Packed([jnp.stack(r) for r in rows], rest, layout,
+                jax.tree.structure(tree) if treedef is None else treedef)
 
 
-def unpack(packed: Any, treedef: Any) -> Any:
-  """The tree of structure ``treedef`` that a :class:`Packed` tree stands
-  for (anything else is returned as it is). :func:`unpack_state` finds the
-  structure itself."""
+def unpack(packed: Any, treedef: Any = None) -> Any:
+  """The tree that a :class:`Packed` tree stands for, with the structure it
+  recorded or ``treedef`` (anything else is returned as it is)."""
   if not isinstance(packed, Packed):
     return packed
   layout = packed.layout
+  treedef = packed.treedef if treedef is None else treedef
   assert treedef.num_leaves == len(layout.slots), (treedef, layout)
   leaves = []
   for slot in layout.slots:
@@ -173,44 +205,181 @@ def unpack(packed: Any, treedef: Any) -> Any:
   return treedef.unflatten(leaves)
 
 
-def unpack_state(state: Any) -> Any:
-  """``state`` with every :class:`Packed` tree in it unpacked, and every
-  8-bit moment (:class:`rmsprop_jax.quantization.Blockwise8bit`) as a
-  float32 array: the state laid out as without packing, e.g.
-  ``optax.tree.get(unpack_state(state), 'nu')`` is the second moment as a
-  tree like the parameters. Works under ``jit`` and on ``vmap``-ed states."""
+def is_packed(state: Any) -> bool:
+  """Whether ``state`` holds a packed part (:class:`PackedState`)."""
+  return any(isinstance(x, PackedState) for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, PackedState)))
 
+
+def unpack_state(state: Any) -> Any:
+  """``state`` in ``optax.rmsprop``'s layout: every :class:`PackedState`
+  replaced by the state it wraps, with its small leaves unstacked, and every
+  8-bit moment (:class:`rmsprop_jax.quantization.Blockwise8bit`) as a
+  float32 array. ``optax.tree.get(unpack_state(state), 'nu')`` is the second
+  moment as a tree like the parameters, and a state from
+  ``rmsprop(..., packing=True)`` with optax's arguments becomes exactly the
+  state ``optax.rmsprop`` would hold (to save as a checkpoint any optax user
+  can restore). Works under ``jit`` and on ``vmap``-ed states; a state with
+  nothing packed is returned as it is. :func:`pack_state` is the inverse.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
+    >>> params = {'a': jnp.zeros(3), 'b': jnp.ones(3)}
+    >>> tx = rmsprop_jax.rmsprop(0.1, packing=True)
+    >>> state = tx.init(params)
+    >>> plain = rmsprop_jax.unpack_state(state)
+    >>> jax.tree.structure(plain) == jax.tree.structure(
+    ...     optax.rmsprop(0.1).init(params))
+    True
+  """
   state = quantization.dequantize_tree(state)
 
   def visit(x):
-    if not isinstance(x, PackedState):
-      return x
-    return jax.tree.map(lambda y: unpack(y, x.params_treedef),
-                        unpack_state(x.inner),
-                        is_leaf=lambda y: isinstance(y, Packed))
+    if isinstance(x, PackedState):
+      return unpack_state(x.inner)
+    return unpack(x)
 
   return jax.tree.map(visit, state,
-                      is_leaf=lambda x: isinstance(x, PackedState))
+                      is_leaf=lambda x: isinstance(x, (PackedState, Packed)))
+
+
+def pack_state(state: Any, tx: optax.GradientTransformation,
+               params: Any) -> Any:
+  """``state``, a state in ``optax.rmsprop``'s layout, laid out as
+  ``tx.init(params)`` lays out its own: the inverse of :func:`unpack_state`.
+
+  Use it to continue from an optax (or unpacked) checkpoint with an
+  optimizer built with ``packing=True`` or a narrow ``nu_dtype``: restore
+  the checkpoint as the plain state it is, then convert. Small leaves are
+  stacked where ``tx`` stacks them, each array is cast to the dtype of
+  ``tx``'s own state (``nu_dtype``), coded where ``tx`` keeps an 8-bit
+  ``nu`` (a lossy step, rounded stochastically), and a step ``count`` that
+  ``tx`` keeps (stochastic rounding, the 8-bit code) but ``state`` lacks
+  starts at zero. A state already in ``tx``'s layout is returned converted
+  to nothing new.
+
+  Args:
+    state: the optimizer state to convert (arrays, or anything
+      ``jax.numpy`` accepts).
+    tx: the optimizer that will continue from it.
+    params: the parameters (arrays or ``jax.ShapeDtypeStruct`` values), as
+      passed to ``tx.init``.
+
+  Returns:
+    A state with the structure, shapes and dtypes of ``tx.init(params)``.
+
+  Raises:
+    ValueError: if ``state`` does not fit ``tx``'s state (another variant,
+      e.g. centered against not, or other parameter shapes), naming the
+      first place where they differ.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
+    >>> params = {'a': jnp.zeros(3), 'b': jnp.ones(3)}
+    >>> plain = optax.rmsprop(0.1).init(params)  # e.g. from a checkpoint
+    >>> tx = rmsprop_jax.rmsprop(0.1, packing=True)
+    >>> state = rmsprop_jax.pack_state(plain, tx, params)
+    >>> jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+    True
+  """
+  target = jax.eval_shape(tx.init, params)
+  return _convert(unpack_state(state), target, '')
+
+
+def _convert(src: Any, tgt: Any, path: str) -> Any:
+  """``src`` (an unpacked state) in the layout of the abstract state ``tgt``."""
+  where = path or '(the root)'
+  if isinstance(tgt, PackedState):
+    return PackedState(_convert(src, tgt.inner, path + '.inner'))
+  if isinstance(tgt, Packed):
+    leaves = jax.tree.leaves(src)
+    if len(leaves) != len(tgt.layout.slots) or any(
+        np.shape(x) != s for x, s in zip(leaves, tgt.layout.shapes)):
+      raise ValueError(
+          f'pack_state: the state at {where} does not hold a tree like the '
+          'parameters (its leaves or their shapes differ).')
+    packed = pack(jax.tree.unflatten(tgt.treedef, leaves), tgt.layout,
+                  tgt.treedef)
+    return jax.tree.map(lambda x, t: _convert(x, t, path), packed, tgt)
+  if isinstance(tgt, quantization.Blockwise8bit):
+    return quantization.quantize(jnp.asarray(src, jnp.float32), 0, 0)
+  if isinstance(tgt, jax.ShapeDtypeStruct):
+    if isinstance(src, (tuple, list, dict)) or np.shape(src) != tgt.shape:
+      raise ValueError(
+          f'pack_state: the state at {where} should be an array of shape '
+          f'{tgt.shape}, not {_describe(src)}.')
+    return jnp.asarray(src).astype(tgt.dtype)
+  if hasattr(tgt, '_fields'):  # A NamedTuple state; match fields by name.
+    fields = getattr(src, '_fields', ())
+    missing = [f for f in tgt._fields if f not in fields and f != 'count']
+    if missing or not isinstance(src, tuple):
+      raise ValueError(
+          f'pack_state: the state at {where} should be a '
+          f'{type(tgt).__name__} with fields {tgt._fields}, not '
+          f'{_describe(src)}: it comes from another optimizer or variant.')
+    return type(tgt)(**{
+        f: (_convert(getattr(src, f), getattr(tgt, f), f'{path}.{f}')
+            if f in fields else jnp.zeros(tgt.count.shape, tgt.count.dtype))
+        for f in tgt._fields})
+  if isinstance(tgt, (tuple, list)):
+    if not isinstance(src, (tuple, list)) or len(src) != len(tgt):
+      raise ValueError(
+          f'pack_state: the state at {where} should be a sequence of '
+          f'{len(tgt)}, not {_describe(src)}.')
+    return type(tgt)(_convert(x, t, f'{path}[{i}]')
+                     for i, (x, t) in enumerate(zip(src, tgt)))
+  if isinstance(tgt, dict):
+    if not isinstance(src, dict) or set(src) != set(tgt):
+      raise ValueError(
+          f'pack_state: the state at {where} should be a dict with keys '
+          f'{sorted(tgt)}, not {_describe(src)}.')
+    return {k: _convert(src[k], t, f'{path}[{k!r}]') for k, t in tgt.items()}
+  if tgt is None or not jax.tree.leaves(tgt):
+    return tgt  # EmptyState, MaskedNode, None and the like: nothing to move.
+  # Any other node (e.g. a Flax variable): same structure, leaf by leaf.
+  if jax.tree.structure(src) != jax.tree.structure(tgt):
+    raise ValueError(
+        f'pack_state: the state at {where} has structure '
+        f'{jax.tree.structure(src)}, not {jax.tree.structure(tgt)}.')
+  return jax.tree.map(lambda x, t: _convert(x, t, path), src, tgt)
+
+
+def _describe(x: Any) -> str:
+  if hasattr(x, '_fields'):
+    return f'a {type(x).__name__} with fields {x._fields}'
+  if hasattr(x, 'shape'):
+    return f'an array of shape {tuple(x.shape)}'
+  return f'a {type(x).__name__}'
 
 
 @jax.tree_util.register_pytree_with_keys_class
 class PackedState:
-  """State of :func:`pack_small_leaves`: the inner state, packed; and,
-  static, the structure and packing of the parameters it was created from."""
+  """State of :func:`pack_small_leaves`: the inner state, built from the
+  packed parameters (its parameter-shaped parts are :class:`Packed` trees).
 
-  def __init__(self, inner: optax.OptState, params_treedef: Any,
-               layout: Layout):
+  It has no static data of its own, so ``optax.tree_map_params`` (which
+  calls ``init`` on a placeholder with no leaves) sees the same structure,
+  and maps its function over each stack.
+  """
+
+  def __init__(self, inner: optax.OptState):
     self.inner = inner
-    self.params_treedef = params_treedef
-    self.layout = layout
 
   def tree_flatten_with_keys(self):
-    return ([(jax.tree_util.GetAttrKey('inner'), self.inner)],
-            (self.params_treedef, self.layout))
+    return [(jax.tree_util.GetAttrKey('inner'), self.inner)], None
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], *aux)
+    del aux
+    return cls(children[0])
+
+  def __eq__(self, other):
+    # Compares as a container, so that two equal trees of dtypes (or
+    # shapes) of states compare equal.
+    return isinstance(other, PackedState) and self.inner == other.inner
+
+  def __hash__(self):
+    return hash(('PackedState', self.inner))
 
   def __repr__(self):
     return f'PackedState(inner={self.inner!r})'
@@ -249,29 +418,43 @@ def pack_small_leaves(
 
   def init_fn(params):
     _validation.check_float_leaves(name, 'parameter', params)
-    layout = layout_of(params, max_size, max_rows)
-    return PackedState(inner.init(pack(params, layout)),
-                       jax.tree.structure(params), layout)
+    # (``optax.tree_map_params`` passes a placeholder with no leaves: nothing
+    # is stacked, and the placeholder stands where the Packed trees are.)
+    _serialization.register_with_flax()
+    return PackedState(inner.init(pack(params,
+                                       layout_of(params, max_size, max_rows))))
 
   def update_fn(updates, state, params=None, **extra_args):
-    _validation.check_float_leaves(name, 'gradient', updates)
-    layout = layout_of(updates, max_size, max_rows)
-    if layout != state.layout:
-      # Name the leaf if the structures or shapes differ; else the dtypes do.
-      _validation.check_same_tree(
-          name, 'gradient', updates, 'optimizer state',
-          state.params_treedef.unflatten(
-              [jax.ShapeDtypeStruct(s, jnp.float32)
-               for s in state.layout.shapes]))
+    if not isinstance(state, PackedState):
       raise ValueError(
-          f'{name}: the gradients\' dtypes differ from those of the '
-          'parameters the state was created from (stacks '
-          f'{layout.groups} against {state.layout.groups}).')
-    packed_params = None if params is None else pack(params, layout)
+          f'{name}: this optimizer packs small leaves (packing=True), but the '
+          f'state is a {type(state).__name__}, not a PackedState: it has '
+          "the plain layout of optax.rmsprop's state (e.g. restored from an "
+          'optax checkpoint). Convert it once with '
+          '`state = rmsprop_jax.pack_state(state, tx, params)`.')
+    _validation.check_float_leaves(name, 'gradient', updates)
+    ref = next((x for x in jax.tree.leaves(
+        state.inner, is_leaf=lambda x: isinstance(x, Packed))
+                if isinstance(x, Packed)), None)
+    if ref is not None:
+      leaves = jax.tree.leaves(updates)
+      if len(leaves) != len(ref.layout.slots) or any(
+          np.shape(x) != s for x, s in zip(leaves, ref.layout.shapes)):
+        # Name the leaf where the structures or shapes differ.
+        _validation.check_same_tree(
+            name, 'gradient', updates, 'optimizer state',
+            ref.treedef.unflatten([jax.ShapeDtypeStruct(s, jnp.float32)
+                                   for s in ref.layout.shapes]))
+        raise ValueError(f'{name}: the gradients do not match the '
+                         'parameters the state was created from.')
+      updates_in = pack(updates, ref.layout, ref.treedef)
+      params = None if params is None else pack(params, ref.layout,
+                                                ref.treedef)
+    else:
+      updates_in = updates
     new, inner_state = inner.update(
-        jax.lax.optimization_barrier(pack(updates, layout)), state.inner,
-                                    packed_params, **extra_args)
-    return (unpack(new, jax.tree.structure(updates)),
-            PackedState(inner_state, state.params_treedef, state.layout))
+        jax.lax.optimization_barrier(updates_in), state.inner, params,
+        **extra_args)
+    return unpack(new, jax.tree.structure(updates)), PackedState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -86,6 +86,14 @@ class Blockwise8bit:
   def tree_unflatten(cls, shape, children):
     return cls(*children, shape)
 
+  def __eq__(self, other):
+    # Compares as a container (e.g. two equal trees of dtypes).
+    return (isinstance(other, Blockwise8bit) and self.shape == other.shape
+            and (self.codes, self.scale) == (other.codes, other.scale))
+
+  def __hash__(self):
+    return hash((self.shape, self.codes, self.scale))
+
   def __repr__(self):
     return f'Blockwise8bit(shape={self.shape})'
 

@@ -76,8 +76,8 @@ def state_shardings(
 
   Args:
     tx: the optimizer (any optax transformation whose state holds
-      parameter-shaped trees, as ``rmsprop_jax.rmsprop`` without packing or
-      an 8-bit ``nu``).
+      parameter-shaped trees, as ``rmsprop_jax.rmsprop``'s by default; not
+      with packing=True or an 8-bit ``nu``).
     params: the parameters, as ``jax.Array`` values or as
       ``jax.ShapeDtypeStruct`` values with a ``sharding``.
     zero1_axis: a mesh axis (e.g. ``'data'``) to split the state over as
@@ -91,7 +91,7 @@ def state_shardings(
 
   Examples:
     >>> import jax, jax.numpy as jnp, rmsprop_jax
-    >>> tx = rmsprop_jax.rmsprop(1e-3, momentum=0.9, packing=False)
+    >>> tx = rmsprop_jax.rmsprop(1e-3, momentum=0.9)
     >>> params = {'w': jnp.zeros((4, 2))}
     >>> shardings = rmsprop_jax.state_shardings(tx, params)
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)

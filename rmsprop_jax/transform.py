@@ -14,45 +14,28 @@ drop-in replacements. They add keyword-only options that optax lacks:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax import tree_utils as otu
+from optax._src import transform as optax_transform
 
+from rmsprop_jax import _serialization
 from rmsprop_jax import _validation
 from rmsprop_jax import quantization
 
 
-class ScaleByRmsState(NamedTuple):
-  """State of :func:`scale_by_rms` without bias correction."""
-
-  nu: optax.Updates  # EMA of squared gradients, one array per parameter.
-
-
-class ScaleByRmsWithCountState(NamedTuple):
-  """State of :func:`scale_by_rms` with ``bias_correction=True``, stochastic
-  rounding or an 8-bit ``nu``."""
-
-  count: jax.Array  # int32 scalar, number of updates so far (saturating).
-  nu: optax.Updates
-
-
-class ScaleByRStdDevState(NamedTuple):
-  """State of :func:`scale_by_stddev` without bias correction."""
-
-  mu: optax.Updates  # EMA of gradients.
-  nu: optax.Updates  # EMA of squared gradients.
-
-
-class ScaleByRStdDevWithCountState(NamedTuple):
-  """State of :func:`scale_by_stddev` with ``bias_correction=True``,
-  stochastic rounding or an 8-bit ``nu``."""
-
-  count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
+# The states are optax's own classes (not look-alikes), so that a state is
+# interchangeable with ``optax.rmsprop``'s: checkpoints, ``isinstance`` checks,
+# ``optax.tree.get`` and target-structure restores see no difference. The
+# ``WithCount`` variants are not exported at optax's top level; they are the
+# classes ``optax.scale_by_rms(bias_correction=True)`` returns.
+ScaleByRmsState = optax.ScaleByRmsState
+ScaleByRStdDevState = optax.ScaleByRStdDevState
+ScaleByRmsWithCountState = optax_transform.ScaleByRmsWithCountState
+ScaleByRStdDevWithCountState = optax_transform.ScaleByRStdDevWithCountState
 
 
 def _abs_sq(x: jax.Array) -> jax.Array:
@@ -253,6 +236,7 @@ def _scale_by_moments(
   def init_fn(params):
     _validation.check_float_leaves(owner, 'parameter', params)
     if eight_bit:
+      _serialization.register_with_flax()
       leaves, treedef = jax.tree.flatten(params)
       nu = treedef.unflatten([
           quantization.quantize(

@@ -133,16 +133,15 @@ def test_layout_stacks_only_repeated_small_leaves():
   assert packing.pack(single, packing.layout_of(single)) is single
 
 
-def test_default_packs_on_single_device_cpu():
-  state = rmsprop_jax.rmsprop(0.1).init(layered_tree(jax.random.PRNGKey(0)))
-  expected = jax.default_backend() == 'cpu' and jax.device_count() == 1
-  assert isinstance(state, packing.PackedState) == expected
-  # A weight-decay mask selects whole leaves: no packing by default, and an
-  # error if asked for.
-  masked = rmsprop_jax.rmsprop(0.1, weight_decay=0.1,
-                               weight_decay_mask=lambda p: jax.tree.map(
-                                   lambda x: x.ndim > 0, p))
-  assert not isinstance(masked.init({'w': jnp.zeros(2)}), packing.PackedState)
+def test_packing_is_opt_in():
+  params = layered_tree(jax.random.PRNGKey(0))
+  state = rmsprop_jax.rmsprop(0.1).init(params)
+  assert not rmsprop_jax.packing.is_packed(state)
+  assert jax.tree.structure(state) == jax.tree.structure(
+      optax.rmsprop(0.1).init(params))
+  assert isinstance(rmsprop_jax.rmsprop(0.1, packing=True).init(params),
+                    packing.PackedState)
+  # A weight-decay mask selects whole leaves: an error if asked for.
   with pytest.raises(ValueError, match='weight_decay_mask'):
     rmsprop_jax.rmsprop(0.1, weight_decay=0.1, weight_decay_mask={'w': True},
                         packing=True)
@@ -202,9 +201,17 @@ def test_mismatched_gradients_are_named():
   missing = {k: v for k, v in grads.items() if k != 'lone'}
   with pytest.raises(ValueError, match=r"missing from the gradient: \['lone'\]"):
     tx.update(missing, state)
-  wrong_dtype = dict(grads, half=[x.astype(jnp.float32) for x in grads['half']])
-  with pytest.raises(ValueError, match="dtypes differ"):
-    tx.update(wrong_dtype, state)
+  # Gradients in another dtype than the parameters run as without packing
+  # (optax accepts them), as long as the leaves of one stack share a dtype.
+  other_dtype = dict(grads, half=[x.astype(jnp.float32) for x in grads['half']])
+  assert_trees_equal(
+      tx.update(other_dtype, state)[0],
+      rmsprop_jax.rmsprop(0.05).update(other_dtype,
+                                       rmsprop_jax.rmsprop(0.05).init(params))[0])
+  mixed = dict(grads, half=[grads['half'][0].astype(jnp.float32),
+                            grads['half'][1]])
+  with pytest.raises(ValueError, match="several dtypes"):
+    tx.update(mixed, state)
   with pytest.raises(TypeError, match=r"\['lone'\] has dtype int32"):
     tx.update(dict(grads, lone=jnp.zeros(7, jnp.int32)), state)
 
