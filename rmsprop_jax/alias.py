@@ -133,8 +133,11 @@ def rmsprop(
       small leaves (at most :data:`rmsprop_jax.packing.PACK_MAX_SIZE`
       elements) stacked, one stack per shape and dtype that several share,
       with the state kept stacked between steps: faster steps on trees of
-      many small leaves on a CPU (measured in the README). It changes no
-      number, but the state is then not ``optax.rmsprop``'s: its
+      many small leaves on a CPU (measured in the README). The updates
+      are the same bits when the gradients enter the jitted step as
+      arguments (computed in the same ``jit``, XLA:CPU may round the last
+      bit of some entries differently). The state is then not
+      ``optax.rmsprop``'s: its
       parameter-shaped parts are :class:`rmsprop_jax.packing.Packed` stacks
       inside a :class:`rmsprop_jax.packing.PackedState`.
       :func:`rmsprop_jax.unpack_state` gives optax's layout back (to save a

@@ -257,6 +257,28 @@ def _scale_by_moments(
       return ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
     return ScaleByRStdDevState(mu=mu, nu=nu)
 
+  def _check_layout(state):
+    """A state from another variant (a step count, an 8-bit nu, or not)
+    must be converted, not silently run or reshaped."""
+    coded = [isinstance(x, quantization.Blockwise8bit) for x in jax.tree.leaves(
+        state.nu, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit))]
+    problem = None
+    has_count = 'count' in getattr(state, '_fields', ())
+    if has_count != with_count:
+      problem = 'has a step count' if has_count else 'has no step count'
+    elif eight_bit and not all(coded):
+      problem = 'has a float nu, where this optimizer keeps an 8-bit one'
+    elif not eight_bit and any(coded):
+      problem = 'has an 8-bit nu, where this optimizer keeps a float one'
+    if problem:
+      raise ValueError(
+          f'{owner}: the state ({type(state).__name__}) {problem}: it was made '
+          'by another variant (bias_correction, stochastic_rounding or '
+          'nu_dtype differ). Convert it once: '
+          '`rmsprop_jax.unpack_state(state)` gives the plain float layout, '
+          'and `rmsprop_jax.pack_state(state, tx, params)` the layout of '
+          '`tx`.')
+
   def store(new_tree, old_tree, count, salt0):
     """Each new moment in its state's storage: a plain cast, a stochastic
     rounding to bfloat16 or the 8-bit code (the salt tells leaves apart)."""
@@ -276,6 +298,7 @@ def _scale_by_moments(
 
   def update_fn(updates, state, params=None):
     del params
+    _check_layout(state)
     old_nu = quantization.dequantize_tree(state.nu)
     _validation.check_same_tree(owner, 'gradient', updates, 'optimizer state',
                                 old_nu)

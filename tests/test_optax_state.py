@@ -325,6 +325,17 @@ def test_packed_and_plain_states_never_restore_silently():
   counted = optax.rmsprop(0.05, bias_correction=True).init(params)
   with pytest.raises(ValueError, match='nu_dtype'):
     serialization.from_bytes(eight, serialization.to_bytes(counted))
+  # The moment state of another variant (a count, an 8-bit nu, or not).
+  counted_tx = rmsprop_jax.rmsprop(0.05, bias_correction=True)
+  eight_tx = rmsprop_jax.rmsprop(0.05, nu_dtype=jnp.uint8,
+                                 bias_correction=True)
+  for tx, state in ((counted_tx, eight), (eight_tx, counted),
+                    (plain_tx, eight), (eight_tx, plain)):
+    with pytest.raises(ValueError, match=r'rmsprop_jax\.pack_state'):
+      tx.update(g, state, params)
+  # pack_state into optax's own optimizer gives optax's exact classes.
+  back = rmsprop_jax.pack_state(eight, optax.rmsprop(0.05), params)
+  assert jax.tree.structure(back) == jax.tree.structure(plain)
   with pytest.raises(ValueError, match='does not fit|should be'):
     rmsprop_jax.pack_state(plain, rmsprop_jax.rmsprop(0.05, centered=True),
                            params)
