@@ -104,3 +104,14 @@ def check_same_tree(owner: str, what: str, tree: Any, ref_what: str,
       raise ValueError(
           f'{owner}: the {what} leaf at {key} has shape {np.shape(x)}, the '
           f'{ref_what} leaf {np.shape(want[key])}.')
+
+
+def as_dtype(value: Any) -> np.dtype | None:
+  """``value`` as a dtype (``None`` stays ``None``). Accepts an array too:
+  ``optax.inject_hyperparams`` takes a dtype such as ``jnp.bfloat16`` for a
+  schedule (it is callable) and passes its value, an array of that dtype."""
+  if value is None:
+    return None
+  if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+    return jnp.dtype(value.dtype)
+  return jnp.dtype(value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from rmsprop_jax import _validation
@@ -26,6 +27,7 @@ def rmsprop(
     bias_correction: bool = False,
     *,
     lr_in_momentum: bool = True,
+    accumulator_dtype: Any | None = None,
     weight_decay: optax.ScalarOrSchedule | None = None,
     decoupled_weight_decay: bool = False,
     weight_decay_mask: MaskOrFn = None,
@@ -76,6 +78,32 @@ def rmsprop(
   ``nesterov`` the step is :math:`\eta_t \hat g_t + \gamma b_t` (optax's
   ``trace``). Without momentum (``None``) no buffer is kept.
 
+  Dtypes (the same on every backend, device count and layout):
+
+  * State: every array keeps the parameters' dtype, as optax's (``nu_dtype``
+    and ``accumulator_dtype`` change the moments' and the momentum buffer's),
+    and keeps it through every ``update``: a ``lax.scan`` over training
+    steps never sees it change. (optax's chain widens a bfloat16 state when
+    a hyperparameter is a float32 array or is injected as one.)
+  * Arithmetic: optax's, in optax's order (JAX's promotion of the gradient's
+    and the state's dtypes), except that float16 gradients are computed in
+    float32 (optax returns NaN for a float16 zero gradient), and that a
+    state of another dtype than optax's (``nu_dtype``, stochastic rounding)
+    is read into, or widens, the gradient.
+  * Updates: the promotion of the gradients' and the parameters' dtypes
+    (optax's: float32 updates for float32 parameters with bfloat16
+    gradients), or the gradients' own with ``nu_dtype``; never a
+    hyperparameter's dtype, however it is passed (float, NumPy or JAX
+    scalar, schedule, ``optax.inject_hyperparams`` with any
+    ``hyperparam_dtype``).
+  * Complex parameters: ``|g|**2`` in ``nu`` (real values; complex dtype
+    unless ``nu_dtype`` is real), ``mu`` complex.
+
+  Where optax's own dtypes change during training (bfloat16 parameters with
+  float32 gradients, or float32 array hyperparameters with bfloat16
+  parameters), ours stay put, so the bits differ from optax's from the
+  second step on; everywhere else they are optax's bits.
+
   .. warning::
     Frameworks disagree on four points, and each changes results:
     :math:`\epsilon` inside the square root (optax, Keras, TF1) or outside
@@ -100,6 +128,11 @@ def rmsprop(
       ``eps_in_sqrt=False`` this is Adam with ``b1=0``.
     lr_in_momentum: apply the learning rate before the momentum buffer
       (default; optax, TF1, Keras) or after it (``False``: PyTorch).
+    accumulator_dtype: dtype of the momentum buffer (optax's name, as in
+      ``optax.trace``); ``None`` keeps the parameters'. ``jnp.float32``
+      for bfloat16 parameters: a bfloat16 buffer with ``momentum=0.99``
+      rounds away most of each step's contribution (steps come out about a
+      third too short).
     weight_decay: :math:`\lambda` >= 0 (a scalar or a schedule), or ``None``
       for none. Needs ``params`` in ``update``.
     decoupled_weight_decay: ``False`` (default): coupled L2, added to the
@@ -114,15 +147,20 @@ def rmsprop(
       square root (default). It changes a result only where round-off made
       the variance negative, where optax, PyTorch and Keras give NaN (or a
       step past the :math:`1/\sqrt\epsilon` bound).
-    nu_dtype: dtype of the second-moment state (and of the centered mean);
-      ``None`` keeps the parameters' dtype, as optax, except float16, whose
-      moments are float32 (see :func:`rmsprop_jax.scale_by_rms`).
-      ``jnp.bfloat16`` halves the state of float32 parameters;
+    nu_dtype: dtype of the second-moment state (and of the centered mean;
+      complex for complex parameters); ``None`` keeps the parameters' dtype,
+      as optax (see the dtype policy above). ``jnp.float32`` keeps float16
+      or bfloat16 parameters' moments wider (recommended for float16, where
+      ``g**2`` above 65504, i.e. ``|g| > 256``, is stored as inf and stops
+      that entry, in optax too); ``jnp.bfloat16`` halves the state of
+      float32 parameters;
       ``jnp.uint8`` stores ``nu`` in an 8-bit blockwise code (about 1.02
       bytes per parameter; see :mod:`rmsprop_jax.quantization`).
-    stochastic_rounding: round a bfloat16 state stochastically (unbiased;
-      see :func:`rmsprop_jax.scale_by_rms`), so that slow averages
-      (``decay`` near 1) keep moving.
+    stochastic_rounding: with ``nu_dtype=jnp.bfloat16``, compute the
+      moments in float32 (also for bfloat16 parameters) and round them into
+      the bfloat16 state stochastically (unbiased; see
+      :func:`rmsprop_jax.scale_by_rms`), so that slow averages (``decay``
+      near 1) keep moving. (A complex ``mu`` is stored as is.)
     skip_nonfinite: skip every step whose gradients hold a NaN or an inf:
       the update is zero and the whole state (moments, momentum, counts) is
       left as it was. The skips are counted in the state
@@ -186,6 +224,9 @@ def rmsprop(
     Neural Networks, arXiv:1308.0850, 2013 (centered, momentum).
   """
   owner = 'rmsprop'
+  if weight_decay_mask is not None and weight_decay is None:
+    raise ValueError('rmsprop: weight_decay_mask has no effect without a '
+                     'weight_decay; pass one, or drop the mask.')
   _validation.check_non_negative(owner, 'learning_rate', learning_rate)
   _validation.check_non_negative(owner, 'momentum', momentum)
   _validation.check_non_negative(owner, 'weight_decay', weight_decay)
@@ -205,18 +246,26 @@ def rmsprop(
   coupled = weight_decay is not None and not decoupled_weight_decay
   decoupled = weight_decay is not None and decoupled_weight_decay
 
-  scale_by_lr = optax.scale_by_learning_rate(learning_rate)
-  accumulate = (optax.trace(decay=momentum, nesterov=nesterov)
+  # Every step after the first keeps the dtypes it is given (and its state's
+  # own): a hyperparameter passed as a float32 array (or injected with
+  # ``optax.inject_hyperparams(..., hyperparam_dtype=...)``) must not widen
+  # bfloat16 updates or a bfloat16 momentum buffer mid-training (optax's
+  # own chain does). No-ops for weakly typed (Python) hyperparameters.
+  scale_by_lr = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
+  accumulate = (_keep_dtypes(optax.trace(
+      decay=momentum, nesterov=nesterov,
+      accumulator_dtype=_validation.as_dtype(accumulator_dtype)))
                 if momentum is not None else optax.identity())
   steps = [
       optax.scale(-1.0) if maximize else None,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask)
+      _keep_dtypes(optax.add_decayed_weights(weight_decay, weight_decay_mask))
       if coupled else None,
       normalise,
       *((scale_by_lr, accumulate) if lr_in_momentum
         else (accumulate, scale_by_lr)),
-      _add_decoupled_weight_decay(learning_rate, weight_decay,
-                                  weight_decay_mask) if decoupled else None,
+      _keep_dtypes(_add_decoupled_weight_decay(
+          learning_rate, weight_decay, weight_decay_mask))
+      if decoupled else None,
   ]
   tx = optax.chain(*(s for s in steps if s is not None))
   if packing and weight_decay_mask is not None:
@@ -233,6 +282,22 @@ def rmsprop(
 
 
 _INT32_MAX = 2**31 - 1
+
+
+def _keep_dtypes(
+    tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` with its updates cast to the dtypes of the updates it is given,
+  and its state to the dtypes of the state it is given: dtypes never change
+  during training (a ``lax.scan`` carry stays valid). Adds no state."""
+
+  def update(updates, state, params=None):
+    new_updates, new_state = tx.update(updates, state, params)
+    cast = lambda new, old: (new if old is None or not hasattr(new, 'astype')
+                             else new.astype(jnp.result_type(old)))
+    return (jax.tree.map(cast, new_updates, updates),
+            jax.tree.map(cast, new_state, state))
+
+  return optax.GradientTransformation(tx.init, update)
 
 
 def _with_input_checks(

@@ -63,12 +63,6 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   return 1 / (jnp.sqrt(ms) + eps)
 
 
-def _widen_half(dtype):
-  """float32 for float16, which cannot hold ``g**2`` (it overflows above
-  ``|g| = 256`` and underflows below 2.4e-4) nor ``eps = 1e-8``."""
-  return jnp.dtype(jnp.float32) if dtype == jnp.float16 else dtype
-
-
 def _validate(owner, decay, eps, initial_scale):
   _validation.check_decay(owner, 'decay', decay)
   _validation.check_non_negative(owner, 'eps', eps)
@@ -110,18 +104,23 @@ def scale_by_rms(
       Adds an int32 step ``count`` to the state (as do stochastic rounding
       and the 8-bit ``nu``).
     nu_dtype: dtype of the ``nu`` state; ``None`` keeps the parameters'
-      dtype (optax's behaviour), except for float16 parameters, whose state
-      is float32 (float16 cannot hold ``g**2`` beyond 2.4e-4..256, nor
-      ``eps = 1e-8``: optax returns NaN for a float16 zero gradient). The
-      moment is updated and the update computed in the wider of the
-      gradient's and the state's dtypes, and never in float16; ``nu`` is
-      stored in its own dtype and the output keeps the gradient's dtype.
-      ``jnp.uint8``: an 8-bit blockwise code, about 1.02 bytes per
-      parameter, computed in float32 (see
+      dtype (optax's). Arithmetic follows optax's (JAX's promotion of the
+      gradient's and the stored moment's dtypes), except that float16
+      gradients are widened to float32 first (float16 cannot hold ``g**2``
+      outside 2.4e-4..256, nor ``eps = 1e-8``: optax returns NaN for a
+      float16 zero gradient; the state is still stored in float16, as
+      optax's), a narrower state is read into the gradient's dtype, and a
+      wider one widens the gradient. Updates: the promotion of the
+      gradient's and the state's dtypes without ``nu_dtype`` (optax's), the
+      gradient's own with it. ``jnp.uint8``: an 8-bit blockwise code, about
+      1.02 bytes per parameter, computed in float32 (see
       :mod:`rmsprop_jax.quantization`; it never stores a positive value as
-      zero, and rounds stochastically).
-    stochastic_rounding: with ``nu_dtype=jnp.bfloat16`` (and float32
-      parameters), round the stored moment up or down at random, in
+      zero, and rounds stochastically). For complex parameters a real
+      ``nu_dtype`` gives a real ``nu`` (``|g|**2`` is real) and a complex
+      ``mu`` of the same precision.
+    stochastic_rounding: with ``nu_dtype=jnp.bfloat16``, compute the
+      moment in (at least) float32 and round it to bfloat16 up or down at
+      random, in
       proportion to its distance to each neighbour, instead of to nearest;
       the noise is a hash of the position and step. Adds a step ``count``
       to the state.
@@ -214,8 +213,7 @@ def _scale_by_moments(
 ) -> optax.GradientTransformation:
   """Shared implementation of :func:`scale_by_rms` and :func:`scale_by_stddev`."""
   owner = 'scale_by_stddev' if centered else 'scale_by_rms'
-  if nu_dtype is not None:
-    nu_dtype = jnp.dtype(nu_dtype)
+  nu_dtype = _validation.as_dtype(nu_dtype)
   eight_bit = nu_dtype == jnp.uint8
   if nu_dtype is not None and not eight_bit and not jnp.issubdtype(
       nu_dtype, jnp.floating):
@@ -228,10 +226,32 @@ def _scale_by_moments(
   # The step count seeds the rounding noise, when there is any.
   with_count = bias_correction or stochastic_rounding or eight_bit
 
-  def state_dtype(p):
-    if nu_dtype is not None and not eight_bit:
-      return nu_dtype
-    return _widen_half(jnp.result_type(p))
+  def state_dtype(p, moment):
+    """The stored dtype of ``nu`` or ``mu``: the parameters' (optax's), or
+    ``nu_dtype``; a complex parameter's ``mu`` is complex (the counterpart
+    of a real ``nu_dtype``), and an 8-bit ``nu`` leaves ``mu`` alone."""
+    dtype = jnp.result_type(p)
+    if nu_dtype is not None and not (eight_bit and moment == 'mu'):
+      dtype = jnp.dtype(jnp.float32) if eight_bit else nu_dtype
+      if moment == 'mu' and jnp.iscomplexobj(p):
+        dtype = jnp.promote_types(dtype, jnp.complex64)
+    return dtype
+
+  def _updates_dtype(g_dtype, n_dtype):
+    return g_dtype if nu_dtype is not None else jnp.promote_types(g_dtype,
+                                                                  n_dtype)
+
+  def _compute_input(g, n):
+    """The gradient as the moments take it: as given (optax), but widened
+    to float32 if float16 or rounding stochastically, and to the stored
+    moment's dtype where ``nu_dtype`` asks for a wider one."""
+    g = jnp.asarray(g)
+    if g.dtype == jnp.float16 or (stochastic_rounding
+                                  and jnp.finfo(g.dtype).bits < 32):
+      g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+    if nu_dtype is not None:
+      g = g.astype(jnp.promote_types(g.dtype, n.dtype))
+    return g
 
   def init_fn(params):
     _validation.check_float_leaves(owner, 'parameter', params)
@@ -244,14 +264,15 @@ def _scale_by_moments(
           for i, p in enumerate(leaves)])
     else:
       nu = jax.tree.map(
-          lambda p: jnp.full_like(p, initial_scale, dtype=state_dtype(p)),
+          lambda p: jnp.full_like(p, initial_scale,
+                                  dtype=state_dtype(p, 'nu')),
           params)
     count = jnp.zeros([], jnp.int32)
     if not centered:
       if with_count:
         return ScaleByRmsWithCountState(count=count, nu=nu)
       return ScaleByRmsState(nu=nu)
-    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype(p)),
+    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype(p, 'mu')),
                       params)
     if with_count:
       return ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
@@ -290,7 +311,7 @@ def _scale_by_moments(
       if isinstance(old, quantization.Blockwise8bit):
         out.append(quantization.quantize(new, count, salt0 + i))
       elif (stochastic_rounding and old.dtype == jnp.bfloat16
-            and new.dtype == jnp.float32):
+            and new.dtype != jnp.bfloat16 and not jnp.iscomplexobj(new)):
         out.append(quantization.stochastic_round_bf16(new, count, salt0 + i))
       else:
         out.append(new.astype(old.dtype))
@@ -303,20 +324,22 @@ def _scale_by_moments(
     _validation.check_same_tree(owner, 'gradient', updates, 'optimizer state',
                                 old_nu)
     _validation.check_float_leaves(owner, 'gradient', updates)
-    # Work in the wider of the gradient's and the state's dtypes, and in at
-    # least float32 for float16 (a no-op for optax's dtypes), in optax's
-    # order of operations.
-    # The moments are read into that dtype too: a bfloat16 state must not
-    # round ``decay * nu`` to bfloat16 before the sum.
-    # (Promotion of the dtypes themselves: a weakly typed float32 gradient
-    # must not fall to a bfloat16 state's dtype.)
-    grads = jax.tree.map(
-        lambda g, n: jnp.asarray(g).astype(_widen_half(
-            jnp.promote_types(jnp.asarray(g).dtype, n.dtype))),
-        updates, old_nu)
+    # optax's arithmetic, in optax's order of operations and with JAX's
+    # promotion of the gradient's and the stored moment's dtypes (so
+    # ``|g|**2`` of a bfloat16 gradient is taken in bfloat16, as optax does),
+    # except that a float16 gradient, and any gradient when rounding
+    # stochastically, is first widened to float32 (float16 cannot hold
+    # ``g**2`` outside 2.4e-4..256 nor ``eps = 1e-8``; stochastic rounding
+    # needs a float32 moment to round), and to a wider ``nu_dtype``. A
+    # narrower stored moment is read into the gradient's dtype (a bfloat16
+    # state must not round ``decay * nu`` to bfloat16 before the sum).
+    grads = jax.tree.map(_compute_input, updates, old_nu)
+    # (|g|**2 is real: a real nu is read into the gradient's real dtype.)
     new_nu = jax.tree.map(
         lambda g, n: _ema(_abs_sq(g), n.astype(jnp.promote_types(
-            g.dtype, n.dtype)), decay), grads, old_nu)
+            jnp.finfo(g.dtype).dtype if jnp.isrealobj(n) else g.dtype,
+            n.dtype)),
+                          decay), grads, old_nu)
     new_mu = (jax.tree.map(
         lambda g, m: _ema(g, m.astype(jnp.promote_types(g.dtype, m.dtype)),
                           decay), grads, state.mu) if centered else None)
@@ -337,10 +360,14 @@ def _scale_by_moments(
       ms = nu_hat
     new_updates = jax.tree.map(
         lambda v, g: _inverse_rms(v, eps, eps_in_sqrt) * g, ms, grads)
-    # Back to the gradient's and the state's own dtypes and storage (no-ops
-    # unless the computation was widened or the state is narrow).
-    new_updates = jax.tree.map(lambda u, g: u.astype(jnp.asarray(g).dtype),
-                               new_updates, updates)
+    # The updates' dtype: as in optax, the promotion of the gradient's and
+    # the stored moment's, and the gradient's own with a ``nu_dtype``; never
+    # that of a hyperparameter (a float32 ``eps`` or ``decay`` array must
+    # not widen bfloat16 updates).
+    new_updates = jax.tree.map(
+        lambda u, g, n: u.astype(_updates_dtype(jnp.asarray(g).dtype,
+                                                n.dtype)),
+        new_updates, updates, old_nu)
     new_nu = store(new_nu, state.nu, count, 0)
     if centered:
       # Other salts than nu's: the two moments get independent noise.
