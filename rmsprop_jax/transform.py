@@ -120,8 +120,8 @@ def scale_by_rms(
       ``mu`` of the same precision.
     stochastic_rounding: with ``nu_dtype=jnp.bfloat16``, compute the
       moment in (at least) float32 and round it to bfloat16 up or down at
-      random, in
-      proportion to its distance to each neighbour, instead of to nearest;
+      random, in proportion to its distance to each neighbour, instead of
+      to nearest;
       the noise is a hash of the position and step. Adds a step ``count``
       to the state.
 
