@@ -115,3 +115,21 @@ def as_dtype(value: Any) -> np.dtype | None:
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
     return jnp.dtype(value.dtype)
   return jnp.dtype(value)
+
+
+def check_not_schedule(owner: str, **values: Any) -> None:
+  """Raises ``ValueError`` for a callable where a number is needed (only
+  learning rates and weight decays take schedules)."""
+  for name, value in values.items():
+    if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+      raise ValueError(
+          f'{owner}: `{name}` must be a number or an array, not a schedule '
+          '(only the learning rate and the weight decay take schedules; '
+          'for others, use optax.inject_hyperparams).')
+
+
+def check_float_dtype(owner: str, name: str, dtype: Any) -> None:
+  """Raises ``ValueError`` unless ``dtype`` is None or a float dtype."""
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f'{owner}: `{name}` must be a floating-point dtype, '
+                     f'not {dtype}.')

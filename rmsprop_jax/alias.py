@@ -192,7 +192,7 @@ def rmsprop(
     ``WithCount`` variants with ``bias_correction``,
     ``optax.ScaleByScheduleState`` or ``optax.EmptyState``,
     ``optax.TraceState`` or ``optax.EmptyState``), the same tree structure
-    and, except for float16 parameters, the same dtypes. The options optax
+    and the same dtypes. The options optax
     lacks add state only when used: ``maximize`` and coupled weight decay
     add ``optax.EmptyState`` entries to the chain in front, decoupled weight
     decay one after it; stochastic rounding and the 8-bit ``nu`` a step
@@ -203,7 +203,14 @@ def rmsprop(
   Raises:
     ValueError: if a concrete ``learning_rate``, ``eps``, ``momentum``,
       ``initial_scale`` or ``weight_decay`` is negative or ``decay`` is not in
-      [0, 1). Schedules and traced values are not checked. When traced,
+      [0, 1); if ``decay``, ``eps``, ``initial_scale`` or ``momentum`` is a
+      schedule; if ``nu_dtype`` or ``accumulator_dtype`` is not a float
+      dtype (or uint8 for ``nu_dtype``); if one of our options could not
+      change a number (``weight_decay_mask`` or
+      ``decoupled_weight_decay=True`` without a ``weight_decay``,
+      ``accumulator_dtype`` or ``lr_in_momentum=False`` without momentum,
+      ``clamp_variance=False`` without ``centered``). Schedules and traced
+      values are not range-checked. When traced,
       ``update`` raises ``ValueError`` for gradient, state or parameter trees
       that do not match (naming the leaf) and when weight decay has no
       ``params``, and ``TypeError`` for integer or non-array leaves.
@@ -224,9 +231,27 @@ def rmsprop(
     Neural Networks, arXiv:1308.0850, 2013 (centered, momentum).
   """
   owner = 'rmsprop'
-  if weight_decay_mask is not None and weight_decay is None:
-    raise ValueError('rmsprop: weight_decay_mask has no effect without a '
-                     'weight_decay; pass one, or drop the mask.')
+  # Our own options that could not change a number are refused, not ignored.
+  # (optax's own arguments are accepted as optax accepts them: nesterov
+  # without momentum is a no-op there too.)
+  useless = [
+      (weight_decay_mask is not None and weight_decay is None,
+       'weight_decay_mask has no effect without a weight_decay'),
+      (decoupled_weight_decay and weight_decay is None,
+       'decoupled_weight_decay=True has no effect without a weight_decay'),
+      (accumulator_dtype is not None and momentum is None,
+       'accumulator_dtype has no effect without momentum'),
+      (not lr_in_momentum and momentum is None,
+       'lr_in_momentum=False has no effect without momentum'),
+      (not clamp_variance and not centered,
+       'clamp_variance=False has no effect without centered=True'),
+  ]
+  for condition, message in useless:
+    if condition:
+      raise ValueError(f'rmsprop: {message}; pass it, or drop the option.')
+  accumulator_dtype = _validation.as_dtype(accumulator_dtype)
+  _validation.check_float_dtype(owner, 'accumulator_dtype', accumulator_dtype)
+  _validation.check_not_schedule(owner, momentum=momentum)
   _validation.check_non_negative(owner, 'learning_rate', learning_rate)
   _validation.check_non_negative(owner, 'momentum', momentum)
   _validation.check_non_negative(owner, 'weight_decay', weight_decay)
@@ -244,6 +269,9 @@ def rmsprop(
   if _validation.is_python_zero(weight_decay):
     weight_decay = None
   coupled = weight_decay is not None and not decoupled_weight_decay
+  # Coupled weight decay gives the gradient the dtype of ``g + wd * theta``
+  # with a Python ``wd``: the promotion of the gradient's and the
+  # parameters' (as optax's add_decayed_weights), never the decay's.
   decoupled = weight_decay is not None and decoupled_weight_decay
 
   # Every step after the first keeps the dtypes it is given (and its state's
@@ -252,13 +280,12 @@ def rmsprop(
   # bfloat16 updates or a bfloat16 momentum buffer mid-training (optax's
   # own chain does). No-ops for weakly typed (Python) hyperparameters.
   scale_by_lr = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
-  accumulate = (_keep_dtypes(optax.trace(
-      decay=momentum, nesterov=nesterov,
-      accumulator_dtype=_validation.as_dtype(accumulator_dtype)))
+  accumulate = (_keep_dtypes(_trace(momentum, nesterov, accumulator_dtype))
                 if momentum is not None else optax.identity())
   steps = [
       optax.scale(-1.0) if maximize else None,
-      _keep_dtypes(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+      _keep_dtypes(optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                   with_params=True)
       if coupled else None,
       normalise,
       *((scale_by_lr, accumulate) if lr_in_momentum
@@ -274,30 +301,87 @@ def rmsprop(
   if packing:
     tx = packing_lib.pack_small_leaves(tx, name=owner)
   if skip_nonfinite:
-    # optax's wrapper, told never to give up: it skips every step whose
-    # gradients hold a NaN or inf, and counts them (saturating at 2**31 - 1).
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=_INT32_MAX)
+    tx = _skip_nonfinite(tx)
   return _with_input_checks(tx, needs_params=weight_decay is not None,
                             packed=bool(packing))
 
 
-_INT32_MAX = 2**31 - 1
+def _skip_nonfinite(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.apply_if_finite(inner, max_consecutive_errors=inf)``, with its
+  state (``optax.ApplyIfFiniteState``) and counts: every step whose
+  gradients hold a NaN or an inf is skipped (zero updates, state kept).
+  Unlike optax's, the skipped step's zeros have the dtypes of the applied
+  step's updates, so gradients narrower than the parameters work."""
+  inner = optax.with_extra_args_support(inner)
+  reference = optax.apply_if_finite(inner, max_consecutive_errors=0)
+
+  def update(updates, state, params=None, **extra_args):
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                                for x in jax.tree.leaves(updates)]))
+    apply = lambda _: inner.update(updates, state.inner_state, params,
+                                   **extra_args)
+    out_shapes = jax.eval_shape(apply, None)[0]
+    skip = lambda _: (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                   out_shapes), state.inner_state)
+    new_updates, inner_state = jax.lax.cond(finite, apply, skip, None)
+    return new_updates, optax.ApplyIfFiniteState(
+        notfinite_count=jnp.where(
+            finite, jnp.zeros([], jnp.int32),
+            optax.safe_increment(state.notfinite_count)),
+        last_finite=finite,
+        total_notfinite=jnp.where(
+            finite, state.total_notfinite,
+            optax.safe_increment(state.total_notfinite)),
+        inner_state=inner_state)
+
+  return optax.GradientTransformationExtraArgs(reference.init, update)
 
 
-def _keep_dtypes(
-    tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``tx`` with its updates cast to the dtypes of the updates it is given,
-  and its state to the dtypes of the state it is given: dtypes never change
-  during training (a ``lax.scan`` carry stays valid). Adds no state."""
+def _keep_dtypes(tx: optax.GradientTransformation,
+                 with_params: bool = False) -> optax.GradientTransformation:
+  """``tx`` with its updates cast to the dtypes of the updates it is given
+  (promoted with the parameters' if ``with_params``), and its state to the
+  dtypes of the state it is given: dtypes never change during training (a
+  ``lax.scan`` carry stays valid). Adds no state."""
+
+  def cast(new, old):
+    if old is None or not hasattr(new, 'astype'):
+      return new
+    return new.astype(jnp.result_type(old))
 
   def update(updates, state, params=None):
     new_updates, new_state = tx.update(updates, state, params)
-    cast = lambda new, old: (new if old is None or not hasattr(new, 'astype')
-                             else new.astype(jnp.result_type(old)))
-    return (jax.tree.map(cast, new_updates, updates),
+    dtypes = jax.tree.map(jnp.result_type, updates)
+    if with_params and params is not None:
+      dtypes = jax.tree.map(jnp.promote_types, dtypes, jax.tree.map(
+          jnp.result_type, params))
+    return (jax.tree.map(lambda u, d: u.astype(d), new_updates, dtypes),
             jax.tree.map(cast, new_state, state))
 
   return optax.GradientTransformation(tx.init, update)
+
+
+def _trace(momentum, nesterov: bool,
+           accumulator_dtype) -> optax.GradientTransformation:
+  """``optax.trace``, with the buffer in ``accumulator_dtype`` (complex, of
+  that precision, for complex parameters; optax would drop the imaginary
+  part)."""
+  tx = optax.trace(decay=momentum, nesterov=nesterov)
+  if accumulator_dtype is None:
+    return tx
+
+  def buffer_dtype(p):
+    if jnp.iscomplexobj(p):
+      return jnp.promote_types(accumulator_dtype, jnp.complex64)
+    return accumulator_dtype
+
+  def init(params):
+    return optax.TraceState(trace=jax.tree.map(
+        lambda p: jnp.zeros(jnp.shape(p), buffer_dtype(p)), params))
+
+  return optax.GradientTransformation(init, tx.update)
 
 
 def _with_input_checks(

@@ -93,7 +93,8 @@ def pytorch(
          momentum, weight_decay)
   return rmsprop(
       lr, decay=alpha, eps=eps, eps_in_sqrt=False, centered=centered,
-      momentum=_momentum_or_none(momentum), lr_in_momentum=False,
+      momentum=_momentum_or_none(momentum),
+      lr_in_momentum=_momentum_or_none(momentum) is None,
       weight_decay=weight_decay, maximize=maximize)
 
 
@@ -139,7 +140,8 @@ def keras(
   return rmsprop(
       learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True,
       centered=centered, momentum=_momentum_or_none(momentum),
-      weight_decay=weight_decay, decoupled_weight_decay=True)
+      weight_decay=weight_decay,
+      decoupled_weight_decay=weight_decay is not None)
 
 
 def tf1(

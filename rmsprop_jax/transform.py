@@ -64,13 +64,15 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
 
 
 def _validate(owner, decay, eps, initial_scale):
+  _validation.check_not_schedule(owner, decay=decay, eps=eps,
+                                 initial_scale=initial_scale)
   _validation.check_decay(owner, 'decay', decay)
   _validation.check_non_negative(owner, 'eps', eps)
   _validation.check_non_negative(owner, 'initial_scale', initial_scale)
 
 
 def scale_by_rms(
-    decay: optax.ScalarOrSchedule = 0.9,
+    decay: jax.typing.ArrayLike = 0.9,
     eps: jax.typing.ArrayLike = 1e-8,
     initial_scale: jax.typing.ArrayLike = 0.0,
     eps_in_sqrt: bool = True,

@@ -221,6 +221,67 @@ def test_stochastic_rounding_works_for_bfloat16_parameters():
   np.testing.assert_allclose(out[True].mean(), exact, rtol=2e-3)
 
 
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(decoupled_weight_decay=True), 'decoupled_weight_decay'),
+    (dict(accumulator_dtype=jnp.float32), 'accumulator_dtype'),
+    (dict(lr_in_momentum=False), 'lr_in_momentum'),
+    (dict(clamp_variance=False), 'clamp_variance'),
+    (dict(momentum=0.9, accumulator_dtype=jnp.int32), 'accumulator_dtype'),
+    (dict(decay=optax.constant_schedule(0.9)), 'decay'),
+    (dict(eps=lambda count: 1e-8), 'eps'),
+    (dict(momentum=optax.constant_schedule(0.9)), 'momentum'),
+])
+def test_options_without_effect_are_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    rmsprop_jax.rmsprop(1e-3, **kwargs)
+
+
+def test_presets_pass_only_options_that_act():
+  # PyTorch without momentum, Keras without weight decay: no refusal.
+  for tx in (rmsprop_jax.presets.pytorch(0.01),
+             rmsprop_jax.presets.keras(1e-3)):
+    tx.init({'w': jnp.zeros(2)})
+
+
+def test_real_accumulator_dtype_keeps_complex_momentum():
+  params = {'z': jnp.ones(1, jnp.complex64)}
+  grads = {'z': jnp.array([1j], jnp.complex64)}
+  tx = rmsprop_jax.rmsprop(0.1, momentum=0.9, accumulator_dtype=jnp.float32)
+  state = tx.init(params)
+  for _ in range(3):
+    u, state = tx.update(grads, state, params)
+  assert optax.tree.get(state, 'trace')['z'].dtype == jnp.complex64
+  ref = numpy_rmsprop([1j] * 3, 0.1, 0.9, 1e-8, False, 0.9)[-1]
+  np.testing.assert_allclose(u['z'], ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize('grad_dtype', [jnp.bfloat16, jnp.float16])
+def test_skip_nonfinite_with_narrow_gradients(grad_dtype):
+  """optax.apply_if_finite's skipped step returns zeros in the gradients'
+  dtype, which does not match the applied step's (float32): ours does."""
+  params = {'w': jnp.ones(3)}
+  tx = rmsprop_jax.rmsprop(0.1, skip_nonfinite=True)
+  plain = rmsprop_jax.rmsprop(0.1)
+  g = {'w': jnp.full(3, 0.5, grad_dtype)}
+  u, state = jax.jit(tx.update)(g, tx.init(params), params)
+  assert_trees_equal(u, plain.update(g, plain.init(params), params)[0])
+  bad = {'w': jnp.array([1, np.nan, 1], grad_dtype)}
+  u2, state2 = jax.jit(tx.update)(bad, state, params)
+  assert u2['w'].dtype == jnp.float32 and not np.any(np.asarray(u2['w']))
+  assert_trees_equal(state2.inner_state, state.inner_state)
+  assert int(state2.total_notfinite) == 1
+  assert isinstance(state2, optax.ApplyIfFiniteState)
+
+
+def test_coupled_weight_decay_on_narrow_gradients_is_optax_chain():
+  params = {'w': jnp.linspace(-1, 1, 8)}
+  grads = {'w': jnp.linspace(-2, 1, 8).astype(jnp.bfloat16)}
+  tx = rmsprop_jax.rmsprop(0.01, weight_decay=0.1)
+  ref = optax.chain(optax.add_decayed_weights(0.1), optax.rmsprop(0.01))
+  assert_trees_equal(tx.update(grads, tx.init(params), params)[0],
+                     ref.update(grads, ref.init(params), params)[0])
+
+
 # The property: over parameter dtype x gradient dtype x variant x way of
 # passing the hyperparameters.
 
@@ -239,6 +300,9 @@ VARIANTS = {
     'stochastic rounding': dict(nu_dtype=jnp.bfloat16,
                                 stochastic_rounding=True, centered=True),
     'packed': dict(packing=True, momentum=0.9, centered=True),
+    'skip nonfinite': dict(skip_nonfinite=True, momentum=0.9),
+    'float32 momentum buffer': dict(momentum=0.9,
+                                    accumulator_dtype=jnp.float32),
 }
 WAYS = ['python', 'numpy float32', 'numpy float64', 'jax float32',
         'jax bfloat16', 'schedule', 'inject float32', 'inject bfloat16']
