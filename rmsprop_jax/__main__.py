@@ -11,7 +11,7 @@ def main(argv=None) -> int:
   commands = parser.add_subparsers(dest='command', required=True)
   demo = commands.add_parser(
       'demo',
-      help="run the seed's three RMSprop demos and plot them",
+      help="run the three classic RMSprop demos and plot them",
       description=(
           "Runs three demos with rmsprop_jax and prints their tables: "
           "(1) RMSprop minimising x² + y² from (10, 10); "

@@ -1,11 +1,11 @@
-"""The seed document's three demos, run with rmsprop_jax, with figures.
+"""The three classic RMSprop demos, run with rmsprop_jax, with figures.
 
 1. RMSprop minimising ``x**2 + y**2`` from (10, 10).
 2. RMSprop against SGD on the ill-conditioned ``100 x**2 + y**2``.
 3. RMSprop against AdaGrad over a long run, with both effective learning
    rates.
 
-``python -m rmsprop_jax demo [--out DIR]`` prints the seed's tables, a
+``python -m rmsprop_jax demo [--out DIR]`` prints the classic demos' tables, a
 one-line conclusion per demo computed from the runs, and writes three PNG
 figures to ``DIR``.
 """
@@ -35,7 +35,7 @@ def run(tx: optax.GradientTransformation, loss_fn: Callable, x0, steps: int,
   """Runs ``steps`` full-gradient steps of ``tx`` in one jitted ``lax.scan``.
 
   ``diagnostic(state)`` is evaluated on the state *before* each update, as
-  the seed's Demo 3 does for the effective learning rate.
+  the classic Demo 3 does for the effective learning rate.
   """
   x0 = jnp.asarray(x0, jnp.float32)
 
@@ -106,7 +106,7 @@ def demo2() -> tuple[Run, Run]:
   print('RMSprop vs SGD on Ill-Conditioned Problem')
   _rule()
   print('Minimizing f(x, y) = 100x² + y²\n')
-  # One long run each: the seed's table shows its first 100 steps, and the
+  # One long run each: the classic table shows its first 100 steps, and the
   # rest tells how long each optimizer needs to get below f = 1.
   x0, steps, horizon, lr_sgd = [10.0, 10.0], 100, 5000, 0.001
   rms_long = run(presets.hinton2012(learning_rate=0.1), ravine, x0, horizon)
@@ -148,7 +148,7 @@ def demo3() -> tuple[Run, Run]:
                 s[0].sum_of_squares[0] > 0,
                 jax.lax.rsqrt(s[0].sum_of_squares[0] + ada_eps), 1.0))
   # Before any gradient, RMSprop's v is 0 and its "effective rate" is lr/eps;
-  # the seed prints the plain learning rate there.
+  # the classic demo prints the plain learning rate there.
   rms_eff = rms.extra.copy()
   rms_eff[0] = lr_rms
   print(f"{'Iter':<8} {'RMSprop x':<15} {'AdaGrad x':<15} {'RMS eff_lr':<15} "

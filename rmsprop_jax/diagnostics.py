@@ -1,6 +1,6 @@
 """Effective learning rates: how far RMSprop lets each parameter move.
 
-The seed document's definition, for parameter :math:`i` at step :math:`t`:
+The classic definition (the one the classic demos print), for parameter :math:`i` at step :math:`t`:
 
 .. math::
 
@@ -66,7 +66,7 @@ def effective_learning_rate(
   state does not record them). Centering is read from the state.
 
   The value is the step the next update takes per unit of gradient, before
-  momentum: it ignores the gradient of the next step itself (as the seed's
+  momentum: it ignores the gradient of the next step itself (as the classic demos'
   Demo 3 does).
 
   Args:

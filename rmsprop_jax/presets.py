@@ -193,7 +193,7 @@ def hinton2012(
 
   The slides give ``MeanSquare = 0.9 MeanSquare + 0.1 g^2`` and divide the
   gradient by its square root; they state no epsilon, no initial value and
-  no learning rate. This preset follows the project's seed text (its
+  no learning rate. This preset follows the classic demos' reference NumPy implementation (its
   algorithm box and NumPy class): :math:`v_0 = 0`, :math:`\epsilon` = 1e-8
   outside the square root, :math:`\eta` = 0.001, no momentum.
 

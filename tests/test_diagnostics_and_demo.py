@@ -82,7 +82,7 @@ def test_demo_runs_and_writes_three_figures(tmp_path, capsys):
 
 
 def test_demo1_table_matches_the_seed_numpy_class(capsys):
-  # The printed final point is the seed's own NumPy class' (float32 here).
+  # The printed final point is the reference NumPy implementation's (float32 here).
   from test_references import seed_demo1_trajectory
   from rmsprop_jax import demo
   r = demo.demo1()

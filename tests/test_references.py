@@ -4,7 +4,7 @@
   TensorFlow's real ``ApplyRMSProp`` / ``ApplyCenteredRMSProp`` kernels
   (TensorFlow 2.21.0, float64), copied from the project's shared test data.
 * NumPy transcriptions, line by line, of those kernels
-  (``tensorflow/core/kernels/training_ops.cc``), of the seed document's
+  (``tensorflow/core/kernels/training_ops.cc``), of the classic demos'
   NumPy ``RMSprop`` class, of Graves (2013) eqs. (38)-(41) and of DeepMind's
   DQN Lua code (``NeuralQLearner.lua``).
 """
@@ -99,11 +99,12 @@ def test_tf1_preset_matches_kernel_transcription(centered, momentum, x64):
   np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-14)
 
 
-# --- The seed document's NumPy class and Demo 1 -----------------------------
+# --- The classic demos' reference NumPy class and Demo 1 -----------------------------
 
 
 class SeedRMSprop:
-  """The seed's NumPy ``RMSprop`` class, verbatim in substance."""
+  """The classic demos' reference NumPy ``RMSprop`` class, verbatim in
+  substance."""
 
   def __init__(self, learning_rate=0.001, rho=0.9, epsilon=1e-8):
     self.learning_rate = learning_rate
