@@ -1,6 +1,10 @@
 """Command line: ``python -m rmsprop_jax demo [--out DIR]``."""
 
+from __future__ import annotations
+
 import argparse
+import os
+import pathlib
 import sys
 
 
@@ -31,9 +35,30 @@ def main(argv=None) -> int:
            '(and need no matplotlib)')
   args = parser.parse_args(argv)
   if args.command == 'demo':
+    if not args.no_plots:
+      problem = _unwritable(args.out)
+      if problem:
+        print(f'python -m rmsprop_jax demo: error: --out {args.out!r}: '
+              f'{problem}', file=sys.stderr)
+        return 2
     from rmsprop_jax import demo as demo_module
     return demo_module.main(out=args.out, plots=not args.no_plots)
   return 2
+
+
+def _unwritable(out: str) -> str | None:
+  """Why figures cannot be written to the folder ``out`` (created if
+  missing), or None: checked before any work is done."""
+  path = pathlib.Path(out)
+  if path.exists() and not path.is_dir():
+    return 'exists and is not a folder'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    return f'cannot create the folder ({error.strerror or error})'
+  if not os.access(path, os.W_OK | os.X_OK):
+    return 'the folder is not writable'
+  return None
 
 
 if __name__ == '__main__':

@@ -81,9 +81,30 @@ def test_demo_runs_and_writes_three_figures(tmp_path, capsys):
     assert p.read_bytes()[:4] == b'\x89PNG'
 
 
-def test_demo1_table_matches_the_seed_numpy_class(capsys):
+def test_demo1_table_matches_the_reference_numpy_class(capsys):
   # The printed final point is the reference NumPy implementation's (float32 here).
   from test_references import seed_demo1_trajectory
   from rmsprop_jax import demo
   r = demo.demo1()
   np.testing.assert_allclose(r.params[1:], seed_demo1_trajectory(), rtol=2e-5)
+
+
+@pytest.mark.parametrize('kind', ['cannot be created', 'is a file'])
+def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
+  """One line on stderr, exit status 2, nothing printed or run first."""
+  import subprocess
+  import sys
+  if kind == 'is a file':
+    out = tmp_path / 'figures.png'
+    out.write_text('not a folder')
+  else:
+    blocker = tmp_path / 'blocker'
+    blocker.write_text('')
+    out = blocker / 'sub'  # A folder inside a file cannot be created.
+  result = subprocess.run(
+      [sys.executable, '-m', 'rmsprop_jax', 'demo', '--out', str(out)],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stdout == ''
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(out) in lines[0] and 'error' in lines[0]
