@@ -25,6 +25,37 @@ def _concrete(value: Any) -> np.ndarray | None:
     return None
 
 
+def check_type(owner: str, name: str, value: Any, *, schedule: bool = False,
+               optional: bool = False) -> None:
+  """Raises ``TypeError`` unless ``value`` is a real number, a scalar array
+  (concrete or traced), or, where ``schedule``, a schedule (a callable);
+  ``None`` only where ``optional``. Strings, booleans and complex numbers
+  are refused; an array of another shape than ``()`` raises ``ValueError``.
+  """
+  if value is None:
+    if optional:
+      return
+    raise TypeError(f'{owner}: `{name}` must be a number, not None.')
+  if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+    if schedule:
+      return
+    check_not_schedule(owner, **{name: value})
+  what = (f'a {type(value).__name__}' if not hasattr(value, 'dtype')
+          else f'an array of dtype {value.dtype}')
+  real = lambda dtype: (jnp.issubdtype(dtype, jnp.floating)
+                        or jnp.issubdtype(dtype, jnp.integer))
+  if isinstance(value, (bool, np.bool_)) or not (
+      isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
+      and real(getattr(value, 'dtype', type(value)))):
+    expected = 'a real number, a scalar array' + (
+        ' or a schedule (step -> value)' if schedule else '')
+    raise TypeError(f'{owner}: `{name}` must be {expected}, not {what} '
+                    f'({value!r}).')
+  if np.shape(value) != ():
+    raise ValueError(f'{owner}: `{name}` must be a scalar, not an array of '
+                     f'shape {np.shape(value)}.')
+
+
 def check_non_negative(owner: str, name: str, value: Any) -> None:
   """Raises ``ValueError`` unless every element of ``value`` is >= 0."""
   x = _concrete(value)

@@ -251,9 +251,15 @@ def rmsprop(
       raise ValueError(f'rmsprop: {message}; pass it, or drop the option.')
   accumulator_dtype = _validation.as_dtype(accumulator_dtype)
   _validation.check_float_dtype(owner, 'accumulator_dtype', accumulator_dtype)
-  _validation.check_not_schedule(owner, momentum=momentum)
+  _validation.check_type(owner, 'learning_rate', learning_rate, schedule=True)
+  _validation.check_type(owner, 'momentum', momentum, optional=True)
+  _validation.check_type(owner, 'weight_decay', weight_decay, schedule=True,
+                         optional=True)
+  transform._validate(owner, decay, eps, initial_scale)
   _validation.check_non_negative(owner, 'learning_rate', learning_rate)
-  _validation.check_non_negative(owner, 'momentum', momentum)
+  # Heavy-ball momentum of 1 or more never forgets: the buffer grows without
+  # bound under a constant gradient. No framework's recipe uses it.
+  _validation.check_decay(owner, 'momentum', momentum)
   _validation.check_non_negative(owner, 'weight_decay', weight_decay)
   kwargs = dict(decay=decay, eps=eps, initial_scale=initial_scale,
                 eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,

@@ -43,11 +43,17 @@ __all__ = ['pytorch', 'keras', 'tf1', 'hinton2012', 'graves2013', 'dqn2015']
 
 def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
            momentum=0.0, weight_decay=None):
-  """Validates with the framework's own argument names."""
+  """Validates types and ranges with the framework's own argument names."""
+  _validation.check_type(owner, lr_name, lr, schedule=True)
+  _validation.check_type(owner, decay_name, decay)
+  _validation.check_type(owner, eps_name, eps)
+  _validation.check_type(owner, 'momentum', momentum)
+  _validation.check_type(owner, 'weight_decay', weight_decay, schedule=True,
+                         optional=True)
   _validation.check_non_negative(owner, lr_name, lr)
   _validation.check_decay(owner, decay_name, decay)
   _validation.check_non_negative(owner, eps_name, eps)
-  _validation.check_non_negative(owner, 'momentum', momentum)
+  _validation.check_decay(owner, 'momentum', momentum)
   _validation.check_non_negative(owner, 'weight_decay', weight_decay)
 
 

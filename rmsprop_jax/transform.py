@@ -64,8 +64,10 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
 
 
 def _validate(owner, decay, eps, initial_scale):
-  _validation.check_not_schedule(owner, decay=decay, eps=eps,
-                                 initial_scale=initial_scale)
+  """Type and range checks, named after the function the user called."""
+  for name, value in (('decay', decay), ('eps', eps),
+                      ('initial_scale', initial_scale)):
+    _validation.check_type(owner, name, value)
   _validation.check_decay(owner, 'decay', decay)
   _validation.check_non_negative(owner, 'eps', eps)
   _validation.check_non_negative(owner, 'initial_scale', initial_scale)

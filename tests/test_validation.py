@@ -17,7 +17,10 @@ BAD = [
      '[0, 1)'),
     (rmsprop_jax.rmsprop, dict(learning_rate=0.1, eps=-1e-8), 'eps', '>= 0'),
     (rmsprop_jax.rmsprop, dict(learning_rate=0.1, momentum=-0.9), 'momentum',
-     '>= 0'),
+     '[0, 1)'),
+    # Momentum 1 or more never forgets: the buffer grows without bound.
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, momentum=1.0), 'momentum',
+     '[0, 1)'),
     (rmsprop_jax.rmsprop, dict(learning_rate=0.1, initial_scale=-1.0),
      'initial_scale', '>= 0'),
     (rmsprop_jax.rmsprop, dict(learning_rate=0.1, weight_decay=-0.1),
@@ -31,17 +34,18 @@ BAD = [
     (presets.pytorch, dict(lr=-1.0), 'lr', '>= 0'),
     (presets.pytorch, dict(alpha=1.0), 'alpha', '[0, 1)'),
     (presets.pytorch, dict(eps=-1.0), 'eps', '>= 0'),
-    (presets.pytorch, dict(momentum=-0.5), 'momentum', '>= 0'),
+    (presets.pytorch, dict(momentum=-0.5), 'momentum', '[0, 1)'),
+    (presets.pytorch, dict(momentum=1.5), 'momentum', '[0, 1)'),
     (presets.pytorch, dict(weight_decay=-0.5), 'weight_decay', '>= 0'),
     (presets.keras, dict(learning_rate=-1.0), 'learning_rate', '>= 0'),
     (presets.keras, dict(rho=1.1), 'rho', '[0, 1)'),
     (presets.keras, dict(epsilon=-1.0), 'epsilon', '>= 0'),
-    (presets.keras, dict(momentum=-0.1), 'momentum', '>= 0'),
+    (presets.keras, dict(momentum=-0.1), 'momentum', '[0, 1)'),
     (presets.tf1, dict(learning_rate=-0.01), 'learning_rate', '>= 0'),
     (presets.tf1, dict(learning_rate=0.01, decay=1.0), 'decay', '[0, 1)'),
     (presets.tf1, dict(learning_rate=0.01, epsilon=-1.0), 'epsilon', '>= 0'),
     (presets.hinton2012, dict(decay=2.0), 'decay', '[0, 1)'),
-    (presets.graves2013, dict(momentum=-0.9), 'momentum', '>= 0'),
+    (presets.graves2013, dict(momentum=-0.9), 'momentum', '[0, 1)'),
     (presets.dqn2015, dict(eps=-0.01), 'eps', '>= 0'),
 ]
 
@@ -78,3 +82,59 @@ def test_schedules_and_traced_values_are_not_checked():
     return tx.update(params, tx.init(params))[0]
 
   jax.vmap(step)(jnp.array([0.1, 0.2]), jnp.array([0.9, 0.99]))
+
+
+WRONG_TYPES = [
+    # (constructor, kwargs, the argument the message must name)
+    (rmsprop_jax.rmsprop, dict(learning_rate='0.001'), 'learning_rate'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=None), 'learning_rate'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=True), 'learning_rate'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=1e-3, decay='0.9'), 'decay'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=1e-3, eps=None), 'eps'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=1e-3, momentum='0.9'),
+     'momentum'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=1e-3, weight_decay=False),
+     'weight_decay'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=1e-3, initial_scale=1j),
+     'initial_scale'),
+    (rmsprop_jax.scale_by_rms, dict(decay=None), 'decay'),
+    (rmsprop_jax.scale_by_stddev, dict(eps='1e-8'), 'eps'),
+    (presets.pytorch, dict(lr='0.01'), 'lr'),
+    (presets.keras, dict(rho=None), 'rho'),
+    (presets.tf1, dict(learning_rate=None), 'learning_rate'),
+    (presets.hinton2012, dict(eps=True), 'eps'),
+    (presets.graves2013, dict(momentum=None), 'momentum'),
+    (presets.dqn2015, dict(learning_rate='2.5e-4'), 'learning_rate'),
+]
+
+
+@pytest.mark.parametrize('factory, kwargs, name', WRONG_TYPES,
+                         ids=lambda x: getattr(x, '__name__', str(x)))
+def test_wrong_types_raise_naming_the_function_and_argument(factory, kwargs,
+                                                            name):
+  with pytest.raises(TypeError) as info:
+    factory(**kwargs)
+  message = str(info.value)
+  owner = factory.__name__ if factory.__module__ != presets.__name__ else (
+      f'presets.{factory.__name__}')
+  assert message.startswith(f'{owner}: `{name}`'), message
+
+
+def test_messages_name_the_function_the_user_called():
+  # rmsprop's own name, not its building block's.
+  with pytest.raises(ValueError, match=r'^rmsprop: `decay`'):
+    rmsprop_jax.rmsprop(1e-3, decay=1.0)
+
+
+@pytest.mark.parametrize('kwargs', [dict(learning_rate=jnp.ones(3)),
+                                    dict(learning_rate=1e-3, decay=jnp.full(
+                                        2, 0.9))])
+def test_wrong_shaped_arrays_raise(kwargs):
+  with pytest.raises(ValueError, match='scalar'):
+    rmsprop_jax.rmsprop(**kwargs)
+
+
+def test_numbers_of_every_kind_are_accepted():
+  for lr in (1e-3, 1, jnp.float32(1e-3), jnp.asarray(1e-3, jnp.bfloat16),
+             __import__('numpy').float64(1e-3), optax.constant_schedule(1e-3)):
+    rmsprop_jax.rmsprop(lr, momentum=jnp.asarray(0.9), eps=1e-8)
