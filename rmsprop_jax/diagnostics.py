@@ -57,7 +57,13 @@ def effective_learning_rate(
     clamp_variance: bool = True,
     bias_correction: bool | None = None,
 ) -> optax.Updates:
-  r"""Per-parameter effective learning rate :math:`\eta/(\sqrt{v}+\epsilon)`.
+  r"""Per-parameter effective learning rate: :math:`\eta/\sqrt{s+\epsilon}`
+  or :math:`\eta/(\sqrt{s}+\epsilon)`.
+
+  :math:`s` is the second moment :math:`\nu`, or the (clamped) variance
+  :math:`\nu - |\mu|^2` for centered RMSprop, bias-corrected if the
+  transformation is, and the epsilon goes where ``eps_in_sqrt`` says: the
+  same denominator the transformation divides the gradient by.
 
   Reads the second moment (and, for centered RMSprop, the mean) from
   ``state``: the state of :func:`rmsprop_jax.rmsprop`, of a preset, of the
