@@ -116,7 +116,7 @@ def demo2() -> tuple[Run, Run]:
   print('-' * 60)
   for i in range(0, steps, 20):
     print(f'{i:<12} {rms.loss[i + 1]:<20.6f} {sgd.loss[i + 1]:<20.6f}')
-  print('\nRMSprop handles different gradient scales automatically!')
+  print()
   first_below = {
       name: int(np.argmax(r.loss < 1.0)) if (r.loss < 1.0).any() else None
       for name, r in [('RMSprop', rms_long), ('SGD', sgd_long)]}
@@ -147,18 +147,17 @@ def demo3() -> tuple[Run, Run]:
             diagnostic=lambda s: lr_ada * jnp.where(
                 s[0].sum_of_squares[0] > 0,
                 jax.lax.rsqrt(s[0].sum_of_squares[0] + ada_eps), 1.0))
-  # Before any gradient, RMSprop's v is 0 and its "effective rate" is lr/eps;
-  # the classic demo prints the plain learning rate there.
-  rms_eff = rms.extra.copy()
-  rms_eff[0] = lr_rms
+  # Row i shows x after step i + 1 and the effective rates that step's
+  # gradient left behind (before any gradient, RMSprop's v is 0 and its
+  # "effective rate" lr / eps means nothing, so it is never shown).
+  rms_eff = rms.extra
   print(f"{'Iter':<8} {'RMSprop x':<15} {'AdaGrad x':<15} {'RMS eff_lr':<15} "
         f"{'Ada eff_lr':<15}")
   print('-' * 70)
   for i in range(0, steps, 40):
     print(f'{i:<8} {rms.params[i + 1, 0]:<15.8f} {ada.params[i + 1, 0]:<15.8f} '
-          f'{rms_eff[i]:<15.10f} {ada.extra[i]:<15.10f}')
-  print("\nObservation: RMSprop maintains reasonable effective learning rate!")
-  print("AdaGrad's effective LR approaches zero over time.")
+          f'{rms_eff[i + 1]:<15.10f} {ada.extra[i + 1]:<15.10f}')
+  print()
   first, last = 1, steps - 1  # Effective rates once a gradient was seen.
   closer = 'AdaGrad' if abs(ada.params[-1, 0]) < abs(rms.params[-1, 0]) else (
       'RMSprop')
@@ -170,7 +169,6 @@ def demo3() -> tuple[Run, Run]:
         f'|x| = {abs(rms.params[-1, 0]):.3g} (RMSprop) and '
         f'{abs(ada.params[-1, 0]):.3g} (AdaGrad): {closer} is closer on this '
         f'fixed parabola{", where RMSprop keeps bouncing around the minimum" if closer == "AdaGrad" else ""}.\n')
-  rms = rms._replace(extra=rms_eff)
   return rms, ada
 
 
@@ -228,22 +226,38 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   ]
   for ax, runs, title, ylabel in curves:
     for label, r in runs.items():
-      ax.semilogy(np.maximum(r.loss, 1e-30), color=colors[label], label=label)
+      # No floor: every value is drawn as it is (a zero would leave a gap).
+      ax.semilogy(np.where(r.loss > 0, r.loss, np.nan), color=colors[label],
+                  label=label)
     ax.set(title=title, xlabel='step', ylabel=f'{ylabel} (log scale)')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
+  # Demo 3: RMSprop's dive to float32's smallest numbers and the jump back.
+  loss = d3[0].loss
+  low = int(np.nanargmin(np.where(loss > 0, loss, np.nan)))
+  jump = low + int(np.argmax(loss[low:] > 1e-2))
+  axes[2].annotate(
+      f'f reaches {loss[low]:.0e}, near float32\'s\nsmallest numbers',
+      xy=(low, loss[low]), xytext=(low + 30, loss[low] * 1e4), fontsize=8,
+      arrowprops=dict(arrowstyle='->', lw=0.8))
+  axes[2].annotate(
+      'the instability: with g near 0, v decays,\nthe effective learning '
+      'rate grows,\nx is thrown back out', xy=(jump, loss[jump]),
+      xytext=(jump - 25, loss[low] * 1e17), fontsize=8, ha='left',
+      arrowprops=dict(arrowstyle='->', lw=0.8))
   fig.suptitle('Loss against steps')
   save(fig, '2_loss_curves.png')
 
   # 3. Effective learning rates over time (Demo 3).
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   rms, ada = d3
-  steps = np.arange(len(rms.extra))
-  axes[0].semilogy(steps, rms.extra, color=colors['RMSprop'],
+  # From step 1: before the first gradient there is no rate to speak of.
+  steps = np.arange(1, len(rms.extra))
+  axes[0].semilogy(steps, rms.extra[1:], color=colors['RMSprop'],
                    label='RMSprop: 0.5 / (√v + ε), v = EMA of g², ρ = 0.9')
-  axes[0].semilogy(steps, ada.extra, color=colors['AdaGrad'],
+  axes[0].semilogy(steps, ada.extra[1:], color=colors['AdaGrad'],
                    label='AdaGrad: 1.0 / √(Σ g² + ε)')
-  axes[0].set(title='Effective learning rate per step', xlabel='step',
+  axes[0].set(title='Effective learning rate after each step', xlabel='step',
               ylabel='effective learning rate (log scale)')
   axes[0].grid(True, which='both', alpha=0.3)
   axes[0].legend(fontsize=8)

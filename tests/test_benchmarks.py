@@ -15,30 +15,44 @@ import pytest
 from conftest import require
 
 
+SUITES = ('step', 'compile', 'convergence')
+
+
 @pytest.fixture(scope='module')
 def quick_results(tmp_path_factory):
+  """``python -m benchmarks --quick``, one suite at a time and only when a
+  test first needs it, so that pytest shows progress between suites."""
   for module in ('flax', 'sklearn', 'matplotlib'):
     require(module)
   from benchmarks.__main__ import main
   out = tmp_path_factory.mktemp('bench')
-  return out, main(['--quick', '--out', str(out)])
+  results = {}
+
+  def get(suite):
+    if suite not in results:
+      results[suite] = main(['--quick', '--suites', suite, '--out',
+                             str(out)])[suite]
+    return results[suite]
+
+  return out, get
 
 
-def test_writes_json_markdown_and_plots(quick_results):
-  out, _ = quick_results
-  for suite in ('step', 'compile', 'convergence'):
-    payload = json.loads((out / f'{suite}.json').read_text())
-    env = payload['environment']
-    assert env['backend'] == jax.default_backend()
-    assert env['jax'] == jax.__version__ and env['date']
-    assert (out / f'{suite}.md').read_text().count('\n|') > 4
-    if suite != 'compile':
-      assert (out / f'{suite}.png').stat().st_size > 10_000
+@pytest.mark.parametrize('suite', SUITES)
+def test_writes_json_markdown_and_plots(quick_results, suite):
+  out, get = quick_results
+  get(suite)
+  payload = json.loads((out / f'{suite}.json').read_text())
+  env = payload['environment']
+  assert env['backend'] == jax.default_backend()
+  assert env['jax'] == jax.__version__ and env['date']
+  assert (out / f'{suite}.md').read_text().count('\n|') > 4
+  if suite != 'compile':
+    assert (out / f'{suite}.png').stat().st_size > 10_000
 
 
 def test_step_bytes_follow_the_performance_notes(quick_results):
-  _, results = quick_results
-  rows = results['step']['rows']
+  _, get = quick_results
+  rows = get('step')['rows']
   assert {r['variant'] for r in rows} == {'plain', 'centered+momentum',
                                           '8-bit nu'}
   # Bytes per float32 parameter from the notes' table: 20 and 36; state
@@ -65,8 +79,8 @@ def test_step_bytes_follow_the_performance_notes(quick_results):
 
 def test_convergence_covers_every_method_and_problem(quick_results):
   from benchmarks import convergence
-  _, results = quick_results
-  problems = results['convergence']['problems']
+  _, get = quick_results
+  problems = get('convergence')['problems']
   assert set(problems) == set(convergence.PROBLEMS)
   for r in problems.values():
     assert set(r['methods']) == set(convergence.METHODS)
@@ -82,8 +96,8 @@ def test_convergence_covers_every_method_and_problem(quick_results):
 
 def test_compile_suite_covers_its_trees(quick_results):
   from benchmarks import compile_time
-  _, results = quick_results
-  rows = results['compile']['rows']
+  _, get = quick_results
+  rows = get('compile')['rows']
   trees = compile_time.trees(quick=True)
   assert {(r['tree'], r['variant']) for r in rows} == {
       (t, v) for t in trees for v in compile_time.VARIANTS}
