@@ -86,8 +86,9 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 
 def test_sweep_heatmap_cells_match_single_optax_runs(tmp_path):
   module = _example('sweep_heatmap')
-  lrs, decays, losses = module.main(['--quick', '--out', str(tmp_path)])
-  assert losses.shape == (lrs.size, decays.size)
+  lrs, decays, losses, tail_means = module.main(['--quick', '--out',
+                                                 str(tmp_path)])
+  assert losses.shape == tail_means.shape == (lrs.size, decays.size)
   assert (tmp_path / 'sweep_heatmap.png').exists()
   # One cell of the vmapped grid against a plain optax.rmsprop run.
   import jax, jax.numpy as jnp, optax
