@@ -275,9 +275,6 @@ def rmsprop(
   if _validation.is_python_zero(weight_decay):
     weight_decay = None
   coupled = weight_decay is not None and not decoupled_weight_decay
-  # Coupled weight decay gives the gradient the dtype of ``g + wd * theta``
-  # with a Python ``wd``: the promotion of the gradient's and the
-  # parameters' (as optax's add_decayed_weights), never the decay's.
   decoupled = weight_decay is not None and decoupled_weight_decay
 
   # Every step after the first keeps the dtypes it is given (and its state's
@@ -285,6 +282,9 @@ def rmsprop(
   # ``optax.inject_hyperparams(..., hyperparam_dtype=...)``) must not widen
   # bfloat16 updates or a bfloat16 momentum buffer mid-training (optax's
   # own chain does). No-ops for weakly typed (Python) hyperparameters.
+  # Coupled weight decay gives the gradient the dtype ``g + wd * theta`` has
+  # with a Python ``wd``: the promotion of the gradient's and the
+  # parameters' (as optax's add_decayed_weights), never the decay's.
   scale_by_lr = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
   accumulate = (_keep_dtypes(_trace(momentum, nesterov, accumulator_dtype))
                 if momentum is not None else optax.identity())
@@ -321,7 +321,8 @@ def _skip_nonfinite(
   Unlike optax's, the skipped step's zeros have the dtypes of the applied
   step's updates, so gradients narrower than the parameters work."""
   inner = optax.with_extra_args_support(inner)
-  reference = optax.apply_if_finite(inner, max_consecutive_errors=0)
+  # Its init builds the state optax's wrapper builds.
+  optax_wrapper = optax.apply_if_finite(inner, max_consecutive_errors=0)
 
   def update(updates, state, params=None, **extra_args):
     finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
@@ -342,7 +343,7 @@ def _skip_nonfinite(
             optax.safe_increment(state.total_notfinite)),
         inner_state=inner_state)
 
-  return optax.GradientTransformationExtraArgs(reference.init, update)
+  return optax.GradientTransformationExtraArgs(optax_wrapper.init, update)
 
 
 def _keep_dtypes(tx: optax.GradientTransformation,
