@@ -150,13 +150,12 @@ def demo3() -> tuple[Run, Run]:
   # Row i shows x after step i + 1 and the effective rates that step's
   # gradient left behind (before any gradient, RMSprop's v is 0 and its
   # "effective rate" lr / eps means nothing, so it is never shown).
-  rms_eff = rms.extra
   print(f"{'Iter':<8} {'RMSprop x':<15} {'AdaGrad x':<15} {'RMS eff_lr':<15} "
         f"{'Ada eff_lr':<15}")
   print('-' * 70)
   for i in range(0, steps, 40):
     print(f'{i:<8} {rms.params[i + 1, 0]:<15.8f} {ada.params[i + 1, 0]:<15.8f} '
-          f'{rms_eff[i + 1]:<15.10f} {ada.extra[i + 1]:<15.10f}')
+          f'{rms.extra[i + 1]:<15.10f} {ada.extra[i + 1]:<15.10f}')
   print()
   first, last = 1, steps - 1  # Effective rates once a gradient was seen.
   closer = 'AdaGrad' if abs(ada.params[-1, 0]) < abs(rms.params[-1, 0]) else (
@@ -164,7 +163,7 @@ def demo3() -> tuple[Run, Run]:
   print(f"Conclusion: AdaGrad's effective learning rate went from "
         f'{ada.extra[first]:.3g} to {ada.extra[last]:.3g} and can only fall '
         f"(it divides by the sum of all past g²); RMSprop's went from "
-        f'{rms_eff[first]:.3g} to {rms_eff[last]:.3g}, set by the last ~10 '
+        f'{rms.extra[first]:.3g} to {rms.extra[last]:.3g}, set by the last ~10 '
         f'gradients, so it can still take large steps. At step {steps} '
         f'|x| = {abs(rms.params[-1, 0]):.3g} (RMSprop) and '
         f'{abs(ada.params[-1, 0]):.3g} (AdaGrad): {closer} is closer on this '

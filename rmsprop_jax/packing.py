@@ -16,8 +16,9 @@ Stacking keeps each leaf's shape, so XLA computes every element with the same
 code as on the separate leaf, and packing changes no bit. (Flattening would
 not: XLA:CPU contracts ``nu - mu**2`` into a fused multiply-add for some
 shapes and not for others, e.g. a (4, 3) leaf against the same 12 values
-flattened, 1 ulp apart.) It changes the state's layout, which is why packing is opt-in
-(``rmsprop(..., packing=True)``): a packed state is not ``optax.rmsprop``'s.
+flattened, 1 ulp apart.) It changes the state's layout, which is why
+packing is opt-in (``rmsprop(..., packing=True)``): a packed state is not
+``optax.rmsprop``'s.
 :func:`unpack_state` turns it into optax's layout (to save a checkpoint any
 optax user can read, or to inspect it), and :func:`pack_state` turns an
 optax-layout state (a restored optax checkpoint) into the packed one. The
@@ -255,8 +256,8 @@ def pack_state(state: Any, tx: optax.GradientTransformation,
   ``tx``'s own state (``nu_dtype``), coded where ``tx`` keeps an 8-bit
   ``nu`` (a lossy step, rounded stochastically), and a step ``count`` that
   ``tx`` keeps (stochastic rounding, the 8-bit code) but ``state`` lacks
-  starts at zero. A state already in ``tx``'s layout is returned converted
-  to nothing new.
+  starts at zero. A state already in ``tx``'s layout is unpacked and laid
+  out again, so it comes back as it was.
 
   Args:
     state: the optimizer state to convert (arrays, or anything

@@ -97,10 +97,10 @@ def pytorch(
   """
   _check('presets.pytorch', 'lr', lr, 'alpha', alpha, 'eps', eps,
          momentum, weight_decay)
+  momentum = _momentum_or_none(momentum)
   return rmsprop(
       lr, decay=alpha, eps=eps, eps_in_sqrt=False, centered=centered,
-      momentum=_momentum_or_none(momentum),
-      lr_in_momentum=_momentum_or_none(momentum) is None,
+      momentum=momentum, lr_in_momentum=momentum is None,
       weight_decay=weight_decay, maximize=maximize)
 
 
@@ -199,7 +199,8 @@ def hinton2012(
 
   The slides give ``MeanSquare = 0.9 MeanSquare + 0.1 g^2`` and divide the
   gradient by its square root; they state no epsilon, no initial value and
-  no learning rate. This preset follows the classic demos' reference NumPy implementation (its
+  no learning rate. This preset follows the classic demos' reference NumPy
+  implementation (its
   algorithm box and NumPy class): :math:`v_0 = 0`, :math:`\epsilon` = 1e-8
   outside the square root, :math:`\eta` = 0.001, no momentum.
 
