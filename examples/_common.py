@@ -1,22 +1,63 @@
-"""Shared command-line handling for the examples (not part of the library)."""
+"""Shared command-line handling and progress bars for the examples (not part
+of the library)."""
 
 import argparse
 import pathlib
 
+import jax
+from tqdm import tqdm
+
+from rmsprop_jax.__main__ import _unwritable
+
 
 def parse_args(description: str, argv=None) -> argparse.Namespace:
+  """Parses the examples' options. An ``--out`` that cannot hold the figure
+  is refused at once (one line on stderr, exit status 2), before training."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--quick', action='store_true',
                       help='a short run for smoke tests (CI): 3 to 15 s on a '
                            'quiet 2-core machine, start-up included '
                            '(measured)')
   parser.add_argument('--out', default='example_figures', metavar='DIR',
-                      help='folder for the figure (default: ./example_figures)')
+                      help='folder for the figure, created if missing '
+                           '(default: ./example_figures)')
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
+  problem = _unwritable(args.out)
+  if problem:
+    parser.exit(2, f'{parser.prog}: error: --out {args.out!r}: {problem}\n')
   args.out = pathlib.Path(args.out)
-  args.out.mkdir(parents=True, exist_ok=True)
   return args
+
+
+class StepBar(tqdm):
+  """A tqdm bar counting training steps, also inside a jitted ``lax.scan``.
+
+  In Python loops, call ``update()`` after each step as with any tqdm bar.
+  Inside ``jax.jit``/``jax.vmap``/``lax.scan``, call ``tick(step)`` with the
+  loop's step index (a traced integer, the same for every vmapped run): every
+  ``every`` steps it calls back to the host (``jax.debug.callback``) and moves
+  the bar to the step reached. Several runs can share one bar: call
+  ``end_run(steps)`` after each, and the next run's ticks count on from there.
+  """
+
+  def __init__(self, total: int, desc: str, every: int | None = None):
+    super().__init__(total=total, desc=desc, unit='step')
+    self.offset = 0
+    self.every = every or max(1, total // 200)
+
+  def tick(self, step) -> None:
+    def report(step):
+      self.update(max(0, self.offset + int(step) + 1 - self.n))
+
+    jax.lax.cond((step + 1) % self.every == 0,
+                 lambda s: jax.debug.callback(report, s), lambda s: None,
+                 step)
+
+  def end_run(self, steps: int) -> None:
+    """Marks a run of ``steps`` steps as done; later ticks count after it."""
+    self.offset += steps
+    self.update(max(0, self.offset - self.n))
 
 
 def pyplot():

@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot, save_figure
+from _common import StepBar, parse_args, pyplot, save_figure
 
 BASELINE = 1 / 6  # MSE of always answering 1.
 SOLVED = 0.01
@@ -50,7 +49,7 @@ def adding_batch(key, batch, length):
   return jnp.stack([values, marks], -1), jnp.sum(values * marks, 1)
 
 
-def make_trainer(make_tx, length, hidden, batch, steps):
+def make_trainer(make_tx, length, hidden, batch, steps, bar=None):
   model = GRURegressor(hidden)
 
   def loss_fn(params, x, y):
@@ -61,7 +60,10 @@ def make_trainer(make_tx, length, hidden, batch, steps):
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     params = model.init(init_key, jnp.zeros((1, length, 2)))
 
-    def step(carry, key):
+    def step(carry, inputs):
+      i, key = inputs
+      if bar is not None:
+        bar.tick(i)
       params, state = carry
       x, y = adding_batch(key, batch, length)
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
@@ -69,7 +71,8 @@ def make_trainer(make_tx, length, hidden, batch, steps):
       return (optax.apply_updates(params, updates), state), loss
 
     _, losses = jax.lax.scan(step, (params, tx.init(params)),
-                             jax.random.split(data_key, steps))
+                             (jnp.arange(steps),
+                              jax.random.split(data_key, steps)))
     return losses
 
   # All (learning rate, seed) pairs at once: losses[lr, seed, step].
@@ -93,18 +96,22 @@ def main(argv=None):
   seeds = args.seed + jnp.arange(n_seeds)
   tail = steps // 10
   results = {}
-  for name, make_tx in tqdm(OPTIMIZERS.items(), desc='optimizers'):
-    losses = np.asarray(make_trainer(make_tx, length, hidden, 32, steps)(
+  bar = StepBar(len(OPTIMIZERS) * steps,
+                f'{len(OPTIMIZERS)} optimizers x {lrs.size * n_seeds} runs')
+  for name, make_tx in OPTIMIZERS.items():
+    losses = np.asarray(make_trainer(make_tx, length, hidden, 32, steps, bar)(
         lrs, seeds))
+    bar.end_run(steps)
     final = np.median(losses[:, :, -tail:].mean(-1), axis=1)
     best = int(np.nanargmin(np.where(np.isfinite(final), final, np.inf)))
     results[name] = dict(lrs=np.asarray(grid), losses=losses, best=best,
                          final=losses[:, :, -tail:].mean(-1))
+  bar.close()
 
   print(f'\nAdding problem, length {length}, GRU {hidden}, batch 32, {steps} '
         f'steps, {n_seeds} seeds (baseline MSE {BASELINE:.3f})')
   print(f"{'optimizer':<38} {'best lr':>8} {'final MSE (median)':>19} "
-        f"{'steps to MSE<' + str(SOLVED):>18}")
+        f"{'first step with MSE<' + str(SOLVED):>25}")
   summary = {}
   for name, r in results.items():
     curves = r['losses'][r['best']]
@@ -113,7 +120,7 @@ def main(argv=None):
     solved = int(below[0]) + window if below.size else None  # Window's end.
     summary[name] = (float(np.median(r['final'][r['best']])), solved)
     print(f"{name:<38} {r['lrs'][r['best']]:>8.0e} {summary[name][0]:>19.4f} "
-          f"{solved if solved is not None else 'never':>18}")
+          f"{solved if solved is not None else 'never':>25}")
   (a, sa), (b, sb) = summary.values()
   names = list(summary)
   winner = names[0] if a < b else names[1]

@@ -18,10 +18,9 @@ import optax
 from flax.training import train_state
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot, save_figure
+from _common import StepBar, parse_args, pyplot, save_figure
 
 BATCH = 32
 EPS = 1e-8
@@ -65,7 +64,7 @@ def accuracy(state, x, y):
                   == y)
 
 
-def train(rmsprop, data, epochs, seed, log=None):
+def train(rmsprop, data, epochs, seed, bar, log=None):
   x_tr, x_te, y_tr, y_te = data
   steps_per_epoch = len(x_tr) // BATCH
   schedule = optax.warmup_cosine_decay_schedule(
@@ -82,6 +81,7 @@ def train(rmsprop, data, epochs, seed, log=None):
     for idx in np.array_split(order, steps_per_epoch):
       state, loss = train_step(state, x_tr[idx], y_tr[idx])
       losses.append(float(loss))
+      bar.update()
     history.append(np.mean(losses))
     if log is not None:
       eff = rmsprop_jax.effective_learning_rate(
@@ -101,11 +101,13 @@ def main(argv=None):
   epochs = 2 if args.quick else 40
   data = load(args.seed)
   results = {}
-  for name, rmsprop in tqdm([('rmsprop_jax.rmsprop', rmsprop_jax.rmsprop),
-                             ('optax.rmsprop', optax.rmsprop)],
-                            desc='optimizers'):
-    log = tqdm.write if name.startswith('rmsprop_jax') else None
-    results[name] = train(rmsprop, data, epochs, args.seed, log)
+  runs = [('rmsprop_jax.rmsprop', rmsprop_jax.rmsprop),
+          ('optax.rmsprop', optax.rmsprop)]
+  steps = epochs * (len(data[0]) // BATCH)
+  with StepBar(len(runs) * steps, f'{len(runs)} optimizers') as bar:
+    for name, rmsprop in runs:
+      log = bar.write if name.startswith('rmsprop_jax') else None
+      results[name] = train(rmsprop, data, epochs, args.seed, bar, log)
 
   ours, ref = results['rmsprop_jax.rmsprop'], results['optax.rmsprop']
   print(f'\nDigits CNN (Flax Linen, TrainState), {epochs} epochs; centered '

@@ -13,10 +13,9 @@ import optax
 from flax import nnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot, save_figure
+from _common import StepBar, parse_args, pyplot, save_figure
 
 
 class MLP(nnx.Module):
@@ -36,7 +35,7 @@ def load(seed):
                           stratify=y)
 
 
-def train(tx, data, epochs, batch, seed):
+def train(tx, data, epochs, batch, seed, bar):
   x_tr, x_te, y_tr, y_te = data
   model = MLP(nnx.Rngs(seed))
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -59,8 +58,10 @@ def train(tx, data, epochs, batch, seed):
   history = []
   for _ in range(epochs):
     order = rng.permutation(len(x_tr))
-    losses = [float(step(model, opt, x_tr[i], y_tr[i]))
-              for i in np.array_split(order, len(order) // batch)]
+    losses = []
+    for i in np.array_split(order, len(order) // batch):
+      losses.append(float(step(model, opt, x_tr[i], y_tr[i])))
+      bar.update()
     history.append(np.mean(losses))
   return (np.asarray(history), float(accuracy(model, x_tr, y_tr)),
           float(accuracy(model, x_te, y_te)))
@@ -76,8 +77,10 @@ def main(argv=None):
       'optax.adam(1e-3)': optax.adam(1e-3),
   }
   results = {}
-  for name, tx in tqdm(optimizers.items(), desc='optimizers'):
-    results[name] = train(tx, data, epochs, 32, args.seed)
+  steps = epochs * (len(data[0]) // 32)
+  with StepBar(len(optimizers) * steps, f'{len(optimizers)} optimizers') as bar:
+    for name, tx in optimizers.items():
+      results[name] = train(tx, data, epochs, 32, args.seed, bar)
 
   print(f'\nDigits MLP, {epochs} epochs, batch 32 '
         f'({len(data[0])} train / {len(data[1])} test images)')

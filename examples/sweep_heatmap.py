@@ -15,13 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn.datasets import load_digits
-from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot, save_figure
+from _common import StepBar, parse_args, pyplot, save_figure
 
 
-def sweep(lrs, decays, steps, x, y):
+def sweep(lrs, decays, steps, x, y, bar=None):
   """(final loss, mean loss over the last tenth of the steps) per pair."""
   def loss_fn(p):
     logits = x @ p['w'] + p['b']
@@ -31,14 +30,16 @@ def sweep(lrs, decays, steps, x, y):
     tx = rmsprop_jax.rmsprop(lr, decay=decay)
     params = {'w': jnp.zeros((x.shape[1], 10)), 'b': jnp.zeros(10)}
 
-    def step(carry, _):
+    def step(carry, i):
+      if bar is not None:
+        bar.tick(i)
       params, state = carry
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, state = tx.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
 
     (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
-                                       length=steps)
+                                       jnp.arange(steps))
     return loss_fn(params), losses[-max(1, steps // 10):].mean()
 
   grid = jax.vmap(jax.vmap(train, in_axes=(None, 0)), in_axes=(0, None))
@@ -53,10 +54,10 @@ def main(argv=None):
   lrs = jnp.geomspace(1e-4, 1.0, 9)
   decays = jnp.array([0.0, 0.5, 0.9, 0.95, 0.99, 0.999])
   tail = max(1, steps // 10)
-  with tqdm(total=1, desc=f'{lrs.size * decays.size} runs in one call') as bar:
+  with StepBar(steps, f'{lrs.size * decays.size} runs in one call') as bar:
     losses, tail_means = (np.asarray(a) for a in sweep(lrs, decays, steps,
-                                                         x, y))
-    bar.update()
+                                                         x, y, bar))
+    bar.end_run(steps)
   i, j = np.unravel_index(np.nanargmin(tail_means), tail_means.shape)
   print(f'\n{lrs.size} x {decays.size} grid, {steps} full-batch steps each')
   print(f'lowest mean loss over the last {tail} steps: learning rate '

@@ -22,8 +22,37 @@ def _example(name):
     sys.path.remove(str(EXAMPLES))
 
 
-def test_digits_nnx(tmp_path):
-  results = _example('digits_nnx').main(['--quick', '--out', str(tmp_path)])
+def _record_progress(monkeypatch, module):
+  """Replaces the example's progress bar with one that records its count
+  after every move: a list of (count, total)."""
+  seen = []
+
+  class Recorder(sys.modules['_common'].StepBar):
+
+    def update(self, n=1):
+      moved = super().update(n)
+      seen.append((self.n, self.total))
+      return moved
+
+  monkeypatch.setattr(module, 'StepBar', Recorder)
+  return seen
+
+
+def _assert_follows_steps(seen, total_steps, runs):
+  """The bar counted every training step, rising steadily: many more moves
+  than the number of runs (each run moves it once at its end), so it also
+  moved while a jitted loop ran."""
+  counts = [n for n, _ in seen]
+  assert {t for _, t in seen} == {total_steps}
+  assert counts == sorted(counts) and counts[-1] == total_steps
+  assert len(set(counts)) >= 10 * runs
+
+
+def test_digits_nnx(tmp_path, monkeypatch):
+  module = _example('digits_nnx')
+  seen = _record_progress(monkeypatch, module)
+  results = module.main(['--quick', '--out', str(tmp_path)])
+  _assert_follows_steps(seen, 3 * 3 * (1347 // 32), runs=3)
   ours = results['rmsprop_jax.rmsprop(1e-3)']
   ref = results['optax.rmsprop(1e-3)']
   np.testing.assert_array_equal(ours[0], ref[0])  # Same losses, bit for bit.
@@ -31,8 +60,11 @@ def test_digits_nnx(tmp_path):
   assert (tmp_path / 'digits_nnx.png').exists()
 
 
-def test_digits_linen_trainstate(tmp_path):
-  results = _example('digits_linen').main(['--quick', '--out', str(tmp_path)])
+def test_digits_linen_trainstate(tmp_path, monkeypatch):
+  module = _example('digits_linen')
+  seen = _record_progress(monkeypatch, module)
+  results = module.main(['--quick', '--out', str(tmp_path)])
+  _assert_follows_steps(seen, 2 * 2 * (1347 // module.BATCH), runs=2)
   ours, ref = results['rmsprop_jax.rmsprop'], results['optax.rmsprop']
   np.testing.assert_array_equal(ours[0], ref[0])  # Same losses, bit for bit.
   assert ours[2] > 0.5  # It learned (10 classes: chance is 0.1).
@@ -41,9 +73,11 @@ def test_digits_linen_trainstate(tmp_path):
   assert (tmp_path / 'digits_linen.png').exists()
 
 
-def test_adding_gru(tmp_path):
+def test_adding_gru(tmp_path, monkeypatch):
   module = _example('adding_gru')
+  seen = _record_progress(monkeypatch, module)
   results = module.main(['--quick', '--out', str(tmp_path)])
+  _assert_follows_steps(seen, 2 * 200, runs=2)
   graves = results['Graves 2013 (centered, momentum 0.9)']
   for r in results.values():
     assert r['losses'].shape == (2, 2, 200) and np.isfinite(r['losses']).all()
@@ -59,9 +93,11 @@ def test_adding_gru(tmp_path):
   assert (tmp_path / 'adding_gru.png').exists()
 
 
-def test_online_drift(tmp_path):
+def test_online_drift(tmp_path, monkeypatch):
   module = _example('online_drift')
+  seen = _record_progress(monkeypatch, module)
   results = module.main(['--quick', '--out', str(tmp_path)])
+  _assert_follows_steps(seen, 4 * 5000, runs=4)
   tune = 500
   for scenario in module.SCENARIOS:
     _, err, eff, _ = results[scenario, 'AdaGrad']
@@ -84,10 +120,12 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(a[1], b[1])
 
 
-def test_sweep_heatmap_cells_match_single_optax_runs(tmp_path):
+def test_sweep_heatmap_cells_match_single_optax_runs(tmp_path, monkeypatch):
   module = _example('sweep_heatmap')
+  seen = _record_progress(monkeypatch, module)
   lrs, decays, losses, tail_means = module.main(['--quick', '--out',
                                                  str(tmp_path)])
+  _assert_follows_steps(seen, 20, runs=1)
   assert losses.shape == tail_means.shape == (lrs.size, decays.size)
   assert (tmp_path / 'sweep_heatmap.png').exists()
   # One cell of the vmapped grid against a plain optax.rmsprop run.
@@ -117,10 +155,16 @@ def test_sharded_training_on_eight_devices(tmp_path):
     require(module)
   env = dict(os.environ,
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  blocker = tmp_path / 'blocker'  # A folder inside a file cannot be made.
+  blocker.write_text('')
   script = (
       'import sys, json, numpy as np\n'
       f'sys.path.insert(0, {str(EXAMPLES)!r})\n'
       'import sharded_training as ex\n'
+      'try:\n'
+      f'  ex.main(["--quick", "--out", {str(blocker / "sub")!r}])\n'
+      'except SystemExit as e:\n'
+      '  print("BAD OUT EXIT", e.code)\n'
       f'r = ex.main(["--quick", "--out", {str(tmp_path)!r}])\n'
       'res = r["results"]\n'
       'print("RESULT", json.dumps(dict(\n'
@@ -134,6 +178,9 @@ def test_sharded_training_on_eight_devices(tmp_path):
   out = subprocess.run([sys.executable, '-c', script], env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  # A bad --out stops it at once: exit status 2, the one-line error first.
+  assert out.stdout.startswith('BAD OUT EXIT 2\n')
+  assert 'error: --out ' in out.stderr.splitlines()[0]
   import json
   r = json.loads(out.stdout.split('RESULT ', 1)[1].splitlines()[0])
   assert r['same'] and r['exact'] and r['placed']
@@ -147,3 +194,39 @@ def test_sharded_training_on_eight_devices(tmp_path):
   assert r['collectives']['ZeRO-1'] == ['all-gather', 'all-reduce']
   assert r['collectives']['state follows params'] == ['all-reduce']
   assert (tmp_path / 'sharded_training.png').exists()
+
+
+EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob('*.py')
+                       if not p.stem.startswith('_'))
+
+
+def test_example_refuses_a_bad_out_before_any_work(tmp_path):
+  """Like the demo: one line on stderr, exit status 2, no training first."""
+  import subprocess
+  out = tmp_path / 'figures.png'
+  out.write_text('not a folder')
+  result = subprocess.run(
+      [sys.executable, str(EXAMPLES / 'sweep_heatmap.py'), '--out', str(out)],
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stdout == ''
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and str(out) in lines[0] and 'error' in lines[0]
+
+
+# sharded_training needs 8 devices from its import on: its own subprocess
+# test checks its --out the same way.
+@pytest.mark.parametrize('example', [
+    e for e in EXAMPLE_NAMES if e != 'sharded_training'])
+def test_every_example_checks_out_first(tmp_path, example, capsys):
+  """The same check in each example (in this process: the subprocess above
+  shows the command line), before any training or printing."""
+  module = _example(example)
+  blocker = tmp_path / 'blocker'
+  blocker.write_text('')
+  with pytest.raises(SystemExit) as exit_info:
+    module.main(['--out', str(blocker / 'sub')])
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  assert str(blocker / 'sub') in captured.err and 'error' in captured.err
