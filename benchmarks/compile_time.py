@@ -31,9 +31,8 @@ BLOCK = [(16, 16), (16,), (16, 64), (64,), (64, 16), (16,), (16,), (16,),
 
 def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
   if quick:
-    return {'100 x 64': [(64,)] * 100,
-            '100 distinct': [(64 + i,) for i in range(100)],
-            '1000 in 40 blocks': BLOCK * 40}
+    return {'50 distinct': [(64 + i,) for i in range(50)],
+            '100 in 4 blocks': BLOCK * 4}
   return {'1000 x 64': [(64,)] * 1000,
           '1000 distinct': [(64 + i,) for i in range(1000)],
           '10000 x 64': [(64,)] * 10000,

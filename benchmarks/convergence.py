@@ -277,7 +277,7 @@ def plot(results, path):
                            squeeze=False)
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for ax, (name, r) in zip(axes.flat, results.items()):
-    top = 0.0
+    top, zeros = 0.0, []
     for i, (method, m) in enumerate(r['methods'].items()):
       curves = np.where(np.isfinite(m['curves']), m['curves'], np.nan)
       lo, mid, hi = (np.nanquantile(curves, q, 0) for q in (0, .5, 1))
@@ -288,18 +288,36 @@ def plot(results, path):
               label=f"{method} ({m['best_lr']:.0e})")
       ax.fill_between(steps, lo, hi, color=color, alpha=0.12)
       top = max(top, np.nanmax(mid[:3]))
+      zero = np.nonzero(mid == 0)[0]
+      if zero.size:  # A log scale cannot draw 0: mark where it is reached.
+        zeros.append((steps[zero[0]], color))
     # A diverging seed's band can reach 1e30: keep the scale readable.
     ax.set(yscale='log', ylim=(None, 10 * top), xlabel='step',
            ylabel='loss (log)', title=r['about'])
+    for x, color in zeros:
+      ax.plot(x, ax.get_ylim()[0], 'v', color=color, ms=9, clip_on=False,
+              zorder=5)
     ax.title.set_fontsize(9)
     ax.grid(True, which='both', alpha=0.3)
   for ax in list(axes.flat)[n:]:
     ax.axis('off')
   handles, labels = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, [l.split(' (')[0] for l in labels], loc='lower right',
-             fontsize=9, ncols=2 if n % cols else 3)
-  fig.suptitle('Loss at each method\'s tuned learning rate (median of seeds;'
-               ' band: min to max)')
-  fig.tight_layout()
+  # Each label ends in its tuned learning rate, ' (1e-02)': drop that only.
+  labels = [l.rsplit(' (', 1)[0] for l in labels]
+  handles.append(plt.Line2D([], [], ls='none', marker='v', color='grey',
+                            ms=9))
+  labels.append('median loss reaches exactly 0')
+  if n < rows * cols:  # The legend fills the first empty panel.
+    axes.flat[n].legend(handles, labels, loc='center', fontsize=9,
+                        ncols=2 if rows * cols - n == 1 else 3)
+    right = 1.0
+  else:  # No empty panel: the legend goes to the right.
+    fig.set_figwidth(fig.get_figwidth() + 3.5)
+    right = 1 - 3.5 / fig.get_figwidth()
+    fig.legend(handles, labels, loc='center left', fontsize=9,
+               bbox_to_anchor=(right, 0.5))
+  fig.suptitle("Loss at each method's tuned learning rate (median of seeds;"
+               ' band: min to max)', fontsize=11)
+  fig.tight_layout(rect=(0, 0, right, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
