@@ -95,7 +95,8 @@ def main(argv=None):
   ax.semilogy(resumed_losses, 'k--', lw=1, label='saved and resumed')
   ax.axvline(half, color='grey', ls=':', label='checkpoint')
   ax.set(xlabel='step', ylabel='training loss (log scale)',
-         title='Orbax checkpoint of rmsprop_jax state: resumed run coincides')
+         title='Orbax checkpoint of rmsprop_jax state: the resumed run '
+               + ('coincides' if identical else 'differs'))
   ax.legend()
   save_figure(fig, args.out / 'checkpoint_resume.png')
   return identical, full_params, params

@@ -130,7 +130,8 @@ def main(argv=None):
   for layer in ours[3][0]:
     axes[1].semilogy(epochs_axis, [e[layer] for e in ours[3]], label=layer)
   axes[1].set(xlabel='epoch', ylabel='median effective learning rate (log)',
-              title='lr(t) / sqrt(variance + eps), per parameter')
+              title='Effective learning rate lr(t) / sqrt(variance + eps):\n'
+                    'median over each layer, at the end of each epoch')
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)

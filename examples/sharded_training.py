@@ -190,7 +190,8 @@ def main(argv=None):
   ax.plot(np.arange(steps, steps + more), resumed,
           label='ZeRO-1 restored on 2 x 4')
   ax.set(yscale='log', xlabel='step', ylabel='training loss (batch)',
-         title='Same losses with and without ZeRO-1')
+         title=('Same losses' if same else 'Different losses')
+         + ' with and without ZeRO-1')
   ax.legend()
   names = list(results)
   bx.bar(np.arange(2) - 0.2, [results[m]['params_bytes'] / 1e3 for m in names],

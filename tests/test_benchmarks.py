@@ -6,6 +6,7 @@ independent computations.
 """
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -146,3 +147,39 @@ def test_convergence_grid_cell_equals_a_plain_optax_run():
       expected.append(problem.evaluate(params))
   # float32 rounding only: the grid passes lr as a float32 array.
   np.testing.assert_allclose(losses[1, 1], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--suites', 'steps'], "--suites: unknown 'steps'"),
+    (['--quick', '--trees', '2000 x 64'], "--trees: unknown '2000 x 64'"),
+    (['--variants', 'plain,nesterov'], "--variants: unknown 'nesterov'"),
+    (['--dtypes', 'float16'], "--dtypes: unknown 'float16'"),
+    (['--problems', 'mnist'], "--problems: unknown 'mnist'"),
+    (['--out', 'FILE'], 'exists and is not a folder'),
+])
+def test_command_line_refuses_bad_input_before_any_work(tmp_path, capsys,
+                                                        args, message):
+  """One line on stderr, exit status 2, nothing run or printed first."""
+  from benchmarks.__main__ import main
+  afile = tmp_path / 'results.json'
+  afile.write_text('')
+  with pytest.raises(SystemExit) as exit_info:
+    main([str(afile) if a == 'FILE' else a for a in args])
+  assert exit_info.value.code == 2
+  captured = capsys.readouterr()
+  assert captured.out == ''
+  lines = captured.err.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_command_line_error_through_a_subprocess(tmp_path):
+  import subprocess
+  import sys
+  result = subprocess.run(
+      [sys.executable, '-m', 'benchmarks', '--suites', 'step,compiles'],
+      capture_output=True, text=True, timeout=120,
+      cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert result.returncode == 2 and result.stdout == ''
+  assert result.stderr.strip() == (
+      "python -m benchmarks: error: --suites: unknown 'compiles'; choose "
+      'from step, compile, convergence')
