@@ -33,6 +33,7 @@ def rmsprop(
     weight_decay_mask: MaskOrFn = None,
     maximize: bool = False,
     clamp_variance: bool = True,
+    caution: bool = False,
     nu_dtype: Any | None = None,
     stochastic_rounding: bool = False,
     skip_nonfinite: bool = False,
@@ -147,6 +148,13 @@ def rmsprop(
       square root (default). It changes a result only where round-off made
       the variance negative, where optax, PyTorch and Keras give NaN (or a
       step past the :math:`1/\sqrt\epsilon` bound).
+    caution: the cautious update of Liang et al. (2024), as timm's
+      ``RMSpropTF(caution=True)``: each step keeps only the entries where it
+      points against the gradient (where the momentum buffer and the
+      gradient agree in sign), scaled by ``1 / max(fraction kept, 1e-3)``
+      per leaf. The momentum buffer itself is kept whole; weight decay,
+      coupled (inside the gradient) or decoupled (next to the step), is not
+      masked. Needs ``momentum``.
     nu_dtype: dtype of the second-moment state (and of the centered mean;
       complex for complex parameters); ``None`` keeps the parameters' dtype,
       as optax (see the dtype policy above). ``jnp.float32`` keeps float16
@@ -245,6 +253,8 @@ def rmsprop(
        'lr_in_momentum=False has no effect without momentum'),
       (not clamp_variance and not centered,
        'clamp_variance=False has no effect without centered=True'),
+      (caution and momentum is None,
+       'caution=True has no effect without momentum'),
   ]
   for condition, message in useless:
     if condition:
@@ -288,14 +298,16 @@ def rmsprop(
   scale_by_lr = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
   accumulate = (_keep_dtypes(_trace(momentum, nesterov, accumulator_dtype))
                 if momentum is not None else optax.identity())
+  step = [normalise, *((scale_by_lr, accumulate) if lr_in_momentum
+                       else (accumulate, scale_by_lr))]
+  if caution:
+    step = [_cautious(optax.chain(*step))]
   steps = [
       optax.scale(-1.0) if maximize else None,
       _keep_dtypes(optax.add_decayed_weights(weight_decay, weight_decay_mask),
                    with_params=True)
       if coupled else None,
-      normalise,
-      *((scale_by_lr, accumulate) if lr_in_momentum
-        else (accumulate, scale_by_lr)),
+      *step,
       _keep_dtypes(_add_decoupled_weight_decay(
           learning_rate, weight_decay, weight_decay_mask))
       if decoupled else None,
@@ -304,6 +316,9 @@ def rmsprop(
   if packing and weight_decay_mask is not None:
     raise ValueError('rmsprop: packing=True cannot be combined with a '
                      'weight_decay_mask (the mask selects whole leaves).')
+  if packing and caution:
+    raise ValueError('rmsprop: packing=True cannot be combined with '
+                     'caution=True (its rescaling is per leaf).')
   if packing:
     tx = packing_lib.pack_small_leaves(tx, name=owner)
   if skip_nonfinite:
@@ -344,6 +359,26 @@ def _skip_nonfinite(
         inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(optax_wrapper.init, update)
+
+
+def _cautious(
+    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` (which turns gradients into descent steps) with the cautious
+  mask of Liang et al. (2024), as timm's ``_apply_caution``: per leaf,
+  ``step * keep / max(mean(keep), 1e-3)`` with ``keep`` where the step and
+  the gradient have opposite signs. The state is ``inner``'s, unmasked."""
+
+  def update(grads, state, params=None):
+    steps, state = inner.update(grads, state, params)
+
+    def mask(step, g):
+      keep = (jnp.real(step * jnp.conj(g)) < 0).astype(step.dtype)
+      return step * (keep / jnp.maximum(jnp.mean(keep), 1e-3).astype(
+          keep.dtype))
+
+    return jax.tree.map(mask, steps, grads), state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def _keep_dtypes(tx: optax.GradientTransformation,

@@ -22,6 +22,8 @@ preset             decay     eps      eps in   nu_0      lr vs          weight
 ``pytorch``        0.99      1e-8     no       0         outside        coupled
 ``keras``          0.9       1e-7     yes      0         inside         decoupled
 ``tf1``            0.9       1e-10    yes      **1**     inside         none
+``timm``           0.9       1e-10    yes      **1**     inside         coupled
+                                                         (or outside)   (or decoupled)
 ``hinton2012``     0.9       1e-8     no       0         no momentum    none
 ``graves2013``     0.95      1e-4     yes      0         inside (0.9)   none
 ``dqn2015``        0.95      0.01     yes      0         no momentum    none
@@ -38,7 +40,8 @@ import optax
 from rmsprop_jax import _validation
 from rmsprop_jax.alias import rmsprop
 
-__all__ = ['pytorch', 'keras', 'tf1', 'hinton2012', 'graves2013', 'dqn2015']
+__all__ = ['pytorch', 'keras', 'tf1', 'timm', 'hinton2012', 'graves2013',
+           'dqn2015']
 
 
 def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
@@ -183,6 +186,114 @@ def tf1(
       learning_rate, decay=decay, eps=epsilon, initial_scale=1.0,
       eps_in_sqrt=True, centered=centered,
       momentum=_momentum_or_none(momentum))
+
+
+def timm(
+    lr: optax.ScalarOrSchedule = 1e-2,
+    alpha: jax.typing.ArrayLike = 0.9,
+    eps: jax.typing.ArrayLike = 1e-10,
+    weight_decay: jax.typing.ArrayLike = 0,
+    momentum: jax.typing.ArrayLike = 0.0,
+    centered: bool = False,
+    decoupled_decay: bool = False,
+    corrected_weight_decay: bool = False,
+    lr_in_momentum: bool = True,
+    caution: bool = False,
+    foreach: bool | None = None,
+    *,
+    max_lr: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""timm's ``RMSpropTF`` (``timm/optim/rmsprop_tf.py``, ``--opt rmsproptf``).
+
+  The PyTorch port of TF1's RMSprop that ImageNet recipes (EfficientNet,
+  MobileNet) train with:
+
+  .. math::
+
+    g &\leftarrow g + \lambda\theta \ \text{(coupled)}; \quad
+    \theta \leftarrow \theta(1 - \eta_t\lambda) \ \text{(decoupled\_decay,
+    before the step)}
+
+    v &\leftarrow v + (g^2 - v)(1-\alpha); \quad
+    \bar g \leftarrow \bar g + (g - \bar g)(1-\alpha) \ (\text{centered});
+    \quad d = \sqrt{v - \bar g^2 + \epsilon} \ \text{or}\
+    \sqrt{v + \epsilon}
+
+    b &\leftarrow \mu b + \eta_t g/d;\ \theta \leftarrow \theta - b
+    \quad (\text{lr\_in\_momentum}) \qquad
+    b \leftarrow \mu b + g/d;\ \theta \leftarrow \theta - \eta_t b
+    \quad (\text{otherwise})
+
+  and :math:`\theta \leftarrow \theta - \eta_t g/d` without momentum.
+  :math:`v_0 = 1` (TF1's), :math:`\epsilon` inside the square root; the
+  learning rate inside the momentum buffer by default (TF1's), after it with
+  ``lr_in_momentum=False`` (PyTorch's); weight decay coupled L2 by default
+  (PyTorch's), decoupled with ``decoupled_decay=True``. ``caution`` is
+  :func:`rmsprop_jax.rmsprop`'s ``caution`` (timm ignores it without
+  momentum; here that is an error).
+
+  Arguments with no meaning in JAX, or whose meaning needs a value timm
+  reads elsewhere:
+
+  * ``foreach`` chooses timm's multi-tensor kernel; it changes no number
+    and is accepted and ignored (XLA fuses the update anyway).
+  * ``corrected_weight_decay=True`` (with ``decoupled_decay``) decays by
+    :math:`\eta_t^2\lambda/\eta_{max}`, where timm's :math:`\eta_{max}` is
+    the ``lr`` the optimizer was built with. With a number ``lr`` that is
+    ``lr`` (and the correction changes nothing while the rate stays
+    constant); with a schedule, pass that value as ``max_lr``.
+
+  Args: as ``timm.optim.RMSpropTF``; ``lr`` may be an optax schedule
+    (timm's "current learning rate" at step ``t``, 0-based, is
+    ``lr(t)``).
+    max_lr: :math:`\eta_{max}` for ``corrected_weight_decay`` with a
+      schedule ``lr`` (keyword only).
+
+  Raises:
+    ValueError: as :func:`rmsprop_jax.rmsprop`, in timm's argument names;
+      for ``corrected_weight_decay`` without ``decoupled_decay`` or with a
+      schedule and no ``max_lr``, and ``max_lr`` otherwise; for
+      ``caution=True`` without momentum.
+
+  References:
+    Wightman, PyTorch Image Models, ``timm/optim/rmsprop_tf.py`` (read at
+    timm 1.0.31); Liang et al., Cautious Optimizers, arXiv:2411.16085, 2024.
+  """
+  owner = 'presets.timm'
+  _check(owner, 'lr', lr, 'alpha', alpha, 'eps', eps, momentum, weight_decay)
+  _validation.check_type(owner, 'max_lr', max_lr, optional=True)
+  if foreach is not None and not isinstance(foreach, bool):
+    raise TypeError(f'{owner}: foreach must be None, True or False, got '
+                    f'{foreach!r}.')
+  momentum = _momentum_or_none(momentum)
+  if caution and momentum is None:
+    raise ValueError(f'{owner}: caution=True has no effect without '
+                     'momentum (timm ignores it); pass a momentum, or drop '
+                     'caution.')
+  if corrected_weight_decay and not decoupled_decay:
+    raise ValueError(f'{owner}: corrected_weight_decay=True has no effect '
+                     'without decoupled_decay=True (as in timm).')
+  if max_lr is not None and not (corrected_weight_decay and callable(lr)):
+    raise ValueError(f'{owner}: max_lr is only read with '
+                     'corrected_weight_decay=True and a schedule lr.')
+  if corrected_weight_decay and callable(lr):
+    if max_lr is None:
+      raise ValueError(
+          f'{owner}: corrected_weight_decay=True with a schedule lr needs '
+          'max_lr: the lr timm\'s optimizer was built with.')
+    _validation.check_non_negative(owner, 'max_lr', max_lr)
+    if max_lr == 0:
+      raise ValueError(f'{owner}: max_lr must be positive, got 0.')
+    wd = (weight_decay if callable(weight_decay)
+          else lambda _, value=weight_decay: value)
+    # lr_t * (lr_t * wd_t / max_lr): decoupled decay at a scheduled rate.
+    weight_decay = lambda count: lr(count) * wd(count) / max_lr
+  return rmsprop(
+      lr, decay=alpha, eps=eps, initial_scale=1.0, eps_in_sqrt=True,
+      centered=centered, momentum=momentum,
+      lr_in_momentum=lr_in_momentum or momentum is None,
+      weight_decay=weight_decay, decoupled_weight_decay=decoupled_decay,
+      caution=caution)
 
 
 def hinton2012(

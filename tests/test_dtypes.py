@@ -226,6 +226,8 @@ def test_stochastic_rounding_works_for_bfloat16_parameters():
     (dict(accumulator_dtype=jnp.float32), 'accumulator_dtype'),
     (dict(lr_in_momentum=False), 'lr_in_momentum'),
     (dict(clamp_variance=False), 'clamp_variance'),
+    (dict(caution=True), 'caution'),
+    (dict(momentum=0.9, caution=True, packing=True), 'caution'),
     (dict(momentum=0.9, accumulator_dtype=jnp.int32), 'accumulator_dtype'),
     (dict(decay=optax.constant_schedule(0.9)), 'decay'),
     (dict(eps=lambda count: 1e-8), 'eps'),
@@ -239,7 +241,7 @@ def test_options_without_effect_are_refused(kwargs, match):
 def test_presets_pass_only_options_that_act():
   # PyTorch without momentum, Keras without weight decay: no refusal.
   for tx in (rmsprop_jax.presets.pytorch(0.01),
-             rmsprop_jax.presets.keras(1e-3)):
+             rmsprop_jax.presets.keras(1e-3), rmsprop_jax.presets.timm()):
     tx.init({'w': jnp.zeros(2)})
 
 
