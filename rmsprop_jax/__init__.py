@@ -4,12 +4,15 @@
 PyTorch's, Keras' and TF1's variants; ``presets`` mirrors each framework's
 own constructor; ``scale_by_rms`` and ``scale_by_stddev`` are the building
 blocks; ``effective_learning_rate`` reads the per-parameter step size out
-of an optimizer state. With optax's arguments, ``rmsprop``'s state is
+of an optimizer state; ``porting`` moves a running training's weights and
+optimizer state from PyTorch, timm, Keras or TF1 and back. With optax's
+arguments, ``rmsprop``'s state is
 ``optax.rmsprop``'s own (the state classes exported here are optax's).
 """
 
 from rmsprop_jax import diagnostics
 from rmsprop_jax import packing
+from rmsprop_jax import porting
 from rmsprop_jax import presets
 from rmsprop_jax import quantization
 from rmsprop_jax import sharding
@@ -36,6 +39,7 @@ __all__ = [
     'effective_learning_rate',
     'pack_state',
     'packing',
+    'porting',
     'presets',
     'quantization',
     'rmsprop',

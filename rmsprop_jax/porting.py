@@ -1,0 +1,549 @@
+"""Moving a running training between frameworks: weights and RMSprop state.
+
+A checkpoint half-way through a PyTorch, timm, Keras or TF1 run holds the
+optimizer's statistics (the second moment, the centered mean, the momentum
+buffer, the step count). Resetting them changes the run: an accumulator reset
+to zero makes the next steps about ``1/sqrt(1 - decay)`` times too large.
+These functions carry them over, exactly, into the matching preset's state
+(:func:`rmsprop_jax.presets.pytorch`, :func:`~rmsprop_jax.presets.timm`,
+:func:`~rmsprop_jax.presets.keras`, :func:`~rmsprop_jax.presets.tf1`), and
+back.
+
+Parameters are matched as porting tools match weights: a **parameter map**
+gives, for each source name, where the parameter goes in the JAX tree and how
+its axes are laid out there::
+
+    {'conv1.weight': (('conv1', 'kernel'), (2, 3, 1, 0)),  # OIHW -> HWIO
+     'fc.weight': (('fc', 'kernel'), (1, 0)),              # (out, in) -> (in, out)
+     'fc.bias': (('fc', 'bias'), None)}
+
+A JAX path is a tuple of dict keys (or sequence indices); the layout is the
+permutation ``jnp.transpose`` takes to turn the source array into the JAX
+one, or ``None``. The same map ports the weights (:func:`port_params`) and
+each state tensor; :func:`torch_to_flax_map` writes it for the common case
+of PyTorch ``named_parameters()`` into a Flax tree with the same module
+names.
+
+How each framework's state maps onto the presets' (optax's classes):
+
+==========  ==================  ==============  =====================  =======
+framework   second moment       centered mean   momentum buffer        count
+==========  ==================  ==============  =====================  =======
+PyTorch     ``square_avg``      ``grad_avg``    ``momentum_buffer``    ``step``
+timm        ``square_avg``      ``grad_avg``    ``momentum_buffer``    ``step``
+Keras 3     ``*_velocity``      ``*_average_    ``*_momentum``         ``itera
+                                gradient``                             tion``
+TF1         ``rms``             ``mg``          ``momentum``           (given)
+==========  ==================  ==============  =====================  =======
+
+The momentum buffer holds ``sum(m^k * g/d)`` where the learning rate is
+applied after it (PyTorch, timm with ``lr_in_momentum=False``): optax's
+``TraceState`` holds the same. Where the learning rate is inside the buffer
+(TF1, Keras, timm's default) the framework's buffer is the step subtracted
+from the parameters, and optax's ``trace`` holds its negative.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from rmsprop_jax import packing as packing_lib
+
+__all__ = ['torch_to_flax_map', 'port_params', 'export_params',
+           'import_torch_state',
+           'export_torch_state', 'import_keras_state', 'export_keras_state',
+           'import_tf1_slots', 'export_tf1_slots']
+
+ParamMap = Mapping[str, tuple[tuple, Sequence[int] | None]]
+
+# The optax state fields a port fills: the per-parameter moments, and counts.
+_MOMENTS = ('nu', 'mu', 'trace')
+
+
+def torch_to_flax_map(names_and_shapes: Iterable[tuple[str, Any]],
+                      params: Any,
+                      rename: Mapping[str, str] | None = None) -> dict:
+  """The parameter map from PyTorch ``named_parameters()`` to a Flax tree.
+
+  Each PyTorch name ``a.b.weight`` becomes the JAX path ``('a', 'b', leaf)``
+  (a module name listed in ``rename`` is replaced first; a component made
+  of digits is looked up as that string, then as an integer, as Flax NNX
+  keys list items). ``weight`` becomes ``kernel`` where the Flax module has
+  one (transposed: ``(out, in)`` to ``(in, out)`` for ``Linear``, ``OIHW``
+  to ``HWIO`` for ``Conv2d``, ``OIW`` to ``WIO`` and ``OIDHW`` to ``DHWIO``),
+  else ``scale`` (normalisation layers) or ``embedding`` (``Embedding``),
+  unchanged. ``bias`` stays ``bias``.
+
+  Args:
+    names_and_shapes: ``(name, tensor)`` or ``(name, shape)`` pairs, e.g.
+      ``model.named_parameters()``.
+    params: the Flax parameter tree (arrays or ``jax.ShapeDtypeStruct``), as
+      nested dicts or Flax ``nnx.State``.
+    rename: PyTorch module names to Flax module names, e.g.
+      ``{'features.0': 'conv1'}`` (applied to the longest matching prefix).
+
+  Returns:
+    A dict: PyTorch name -> (JAX path, permutation or ``None``).
+
+  Raises:
+    ValueError: naming the parameter, where no Flax leaf fits its name and
+      shape.
+  """
+  rename = dict(rename or {})
+  out = {}
+  for name, value in names_and_shapes:
+    shape = tuple(getattr(value, 'shape', value))
+    module, _, leaf = name.rpartition('.')
+    for prefix in sorted(rename, key=len, reverse=True):
+      if module == prefix or module.startswith(prefix + '.'):
+        module = rename[prefix] + module[len(prefix):]
+        break
+    node, path = params, []
+    for part in (module.split('.') if module else []):
+      node, key = _child(node, part, name)
+      path.append(key)
+    if leaf == 'weight':
+      for jax_leaf, perm in (('kernel', _torch_kernel_perm(len(shape))),
+                             ('scale', None), ('embedding', None),
+                             ('weight', None)):
+        if _has(node, jax_leaf):
+          break
+      else:
+        raise ValueError(f'torch_to_flax_map: {name!r}: the Flax module at '
+                         f'{tuple(path)} has no kernel, scale or embedding.')
+    else:
+      jax_leaf, perm = leaf, None
+    target, key = _child(node, jax_leaf, name)
+    expected = tuple(np.empty(shape, np.bool_).transpose(perm).shape
+                     if perm else shape)
+    if tuple(np.shape(target)) != expected:
+      raise ValueError(
+          f'torch_to_flax_map: {name!r} has shape {shape}, laid out '
+          f'{expected}, but the Flax leaf {tuple(path + [key])} has shape '
+          f'{tuple(np.shape(target))}.')
+    out[name] = (tuple(path + [key]), perm)
+  return out
+
+
+def port_params(source: Mapping[str, Any], param_map: ParamMap,
+                params: Any) -> Any:
+  """``params`` with every leaf in ``param_map`` taken from ``source``
+  (a name -> array mapping, e.g. a PyTorch ``state_dict()`` of a model),
+  laid out by the map and cast to the leaf's dtype.
+
+  Raises:
+    ValueError: for a name missing from ``source``, a leaf the map does not
+      cover, or a shape that does not fit.
+  """
+  values = {}
+  for name, (path, perm) in param_map.items():
+    if name not in source:
+      raise ValueError(f'port_params: {name!r} is not in the source.')
+    values[tuple(path)] = (_to_numpy(source[name]), perm, name)
+  return _fill_tree(params, values, 'port_params')
+
+
+def export_params(params: Any, param_map: ParamMap) -> dict:
+  """The inverse of :func:`port_params`: ``{source name: NumPy array}`` in
+  the source's layout (for PyTorch: ``model.load_state_dict({k:
+  torch.from_numpy(v) for k, v in ...})``)."""
+  return {name: _from_jax(_get(params, path), perm)
+          for name, (path, perm) in param_map.items()}
+
+
+def import_torch_state(state_dict: Mapping[str, Any],
+                       names: Sequence[str],
+                       param_map: ParamMap,
+                       tx: optax.GradientTransformation,
+                       params: Any) -> Any:
+  """The state of ``tx`` from a ``torch.optim.RMSprop`` or timm
+  ``RMSpropTF`` ``state_dict()``.
+
+  Args:
+    state_dict: ``optimizer.state_dict()`` of the PyTorch optimizer.
+    names: the PyTorch parameter names in the optimizer's order (for an
+      optimizer built on ``model.parameters()``: ``[n for n, _ in
+      model.named_parameters()]``).
+    param_map: PyTorch name -> (JAX path, layout), as for the weights.
+    tx: the matching preset (``presets.pytorch`` or ``presets.timm`` with
+      the optimizer's hyperparameters; the learning rate may be a schedule,
+      which continues from the imported step count).
+    params: the JAX parameters, as given to ``tx.init``.
+
+  Returns:
+    A state with the structure, shapes and dtypes of ``tx.init(params)``.
+
+  Raises:
+    ValueError: for a state of another optimizer (no ``square_avg``),
+      another variant (a momentum buffer or centered mean present in one and
+      not the other), a parameter without state or missing from the map,
+      or a shape that does not fit, naming the parameter.
+  """
+  groups = state_dict['param_groups']
+  lr_inside = _torch_lr_inside(groups)
+  by_index = {i: name for i, name in enumerate(names)}
+  indices = [i for group in groups for i in group['params']]
+  if len(indices) != len(names):
+    raise ValueError(
+        f'import_torch_state: the optimizer has {len(indices)} parameters, '
+        f'names lists {len(names)}.')
+  values, steps = {}, set()
+  for i in indices:
+    name = by_index[i]
+    entry = state_dict['state'].get(i, state_dict['state'].get(str(i)))
+    if not entry:
+      raise ValueError(
+          f'import_torch_state: {name!r} has no optimizer state (it never '
+          'had a gradient); take one step in PyTorch first, or leave it out.')
+    if 'square_avg' not in entry:
+      raise ValueError(
+          f'import_torch_state: {name!r}: this is not RMSprop state (keys '
+          f'{sorted(entry)}).')
+    if name not in param_map:
+      raise ValueError(f'import_torch_state: {name!r} is not in param_map.')
+    path, perm = param_map[name]
+    moments = {'nu': entry['square_avg']}
+    if 'grad_avg' in entry:
+      moments['mu'] = entry['grad_avg']
+    if 'momentum_buffer' in entry:
+      buffer = _to_numpy(entry['momentum_buffer'])
+      moments['trace'] = -buffer if lr_inside else buffer
+    for field, value in moments.items():
+      values[field, tuple(path)] = (_to_numpy(value), perm, name)
+    steps.add(int(float(entry['step'])))
+  if len(steps) > 1:
+    raise ValueError(f'import_torch_state: the parameters were stepped '
+                     f'different numbers of times ({sorted(steps)}).')
+  return _build_state('import_torch_state', tx, params, values,
+                      steps.pop() if steps else 0)
+
+
+def export_torch_state(state: Any, template: Mapping[str, Any],
+                       names: Sequence[str], param_map: ParamMap,
+                       step: int | None = None) -> dict:
+  """A ``state_dict()`` for the PyTorch (or timm) optimizer, from ``state``.
+
+  Args:
+    state: the state of the matching preset.
+    template: ``optimizer.state_dict()`` of the optimizer to load it into
+      (its ``param_groups``, with their hyperparameters, are kept; its
+      ``state`` may be empty).
+    names: the PyTorch parameter names in the optimizer's order.
+    param_map: PyTorch name -> (JAX path, layout), as for the weights.
+    step: the step count to record; needed only where ``state`` keeps none
+      (a constant learning rate, no bias correction).
+
+  Returns:
+    A dict for ``optimizer.load_state_dict``: tensors in the state's dtypes,
+    on the CPU.
+
+  Raises:
+    ValueError: where ``state`` keeps no step count and ``step`` is None.
+  """
+  import torch
+  groups = template['param_groups']
+  lr_inside = _torch_lr_inside(groups)
+  moments, count = _read_state(state)
+  count = _step('export_torch_state', count, step)
+  by_index = dict(enumerate(names))
+  dtype = (torch.float64 if torch.get_default_dtype() == torch.float64
+           else torch.float32)
+  out = {}
+  for group in groups:
+    for i in group['params']:
+      path, perm = param_map[by_index[i]]
+      entry = {'step': torch.tensor(float(count), dtype=dtype)}
+      for field, key in (('nu', 'square_avg'), ('trace', 'momentum_buffer'),
+                         ('mu', 'grad_avg')):
+        if field in moments:
+          value = _from_jax(_get(moments[field], path), perm)
+          if field == 'trace' and lr_inside:
+            value = -value
+          entry[key] = torch.from_numpy(np.array(value, copy=True))
+      out[i] = entry
+  return {'state': out, 'param_groups': groups}
+
+
+def import_keras_state(optimizer: Any, param_map: ParamMap,
+                       tx: optax.GradientTransformation, params: Any) -> Any:
+  """The state of ``tx`` (``presets.keras``) from a built Keras 3
+  ``keras.optimizers.RMSprop``: its ``*_velocity``, ``*_momentum`` and
+  ``*_average_gradient`` variables and its ``iteration``.
+
+  ``param_map`` is keyed by the Keras variables' paths
+  (``model.trainable_variables[i].path``, e.g. ``'sequential/dense/kernel'``).
+  Raises ``ValueError`` as :func:`import_torch_state`.
+  """
+  found = {v.name: v for v in optimizer.variables}
+  values = {}
+  for name, (path, perm) in param_map.items():
+    key = name.replace('/', '_')
+    if f'{key}_velocity' not in found:
+      raise ValueError(f'import_keras_state: the optimizer has no state for '
+                       f'{name!r}.')
+    for field, suffix in (('nu', 'velocity'), ('mu', 'average_gradient')):
+      if f'{key}_{suffix}' in found:
+        values[field, tuple(path)] = (
+            np.asarray(found[f'{key}_{suffix}'].value), perm, name)
+    if f'{key}_momentum' in found:  # The step taken: the lr is inside.
+      values['trace', tuple(path)] = (
+          -np.asarray(found[f'{key}_momentum'].value), perm, name)
+  return _build_state('import_keras_state', tx, params, values,
+                      int(np.asarray(found['iteration'].value)))
+
+
+def export_keras_state(state: Any, optimizer: Any, param_map: ParamMap,
+                       step: int | None = None) -> None:
+  """Assigns ``state`` (of ``presets.keras``) to a built Keras 3
+  ``RMSprop``'s variables, in place; the inverse of
+  :func:`import_keras_state`. ``step`` (Keras' ``iteration``, which its
+  learning-rate schedules read) is needed only where ``state`` keeps no step
+  count."""
+  found = {v.name: v for v in optimizer.variables}
+  moments, count = _read_state(state)
+  count = _step('export_keras_state', count, step)
+  for name, (path, perm) in param_map.items():
+    key = name.replace('/', '_')
+    for field, suffix in (('nu', 'velocity'), ('mu', 'average_gradient'),
+                          ('trace', 'momentum')):
+      if (field in moments) != (f'{key}_{suffix}' in found):
+        raise ValueError(_variant_message('export_keras_state', field, name))
+      if field in moments:
+        value = _from_jax(_get(moments[field], path), perm)
+        found[f'{key}_{suffix}'].assign(-value if field == 'trace' else value)
+  found['iteration'].assign(count)
+
+
+def import_tf1_slots(slots: Mapping[str, Mapping[str, Any]], step: int,
+                     param_map: ParamMap,
+                     tx: optax.GradientTransformation, params: Any) -> Any:
+  """The state of ``tx`` (``presets.tf1``) from TF1 ``RMSPropOptimizer``
+  slot values: ``{variable name: {'rms': ..., 'momentum': ...,
+  'mg': ...}}`` (``optimizer.get_slot(var, name)`` evaluated), and the
+  global step the learning rate schedule continues from. TF1 keeps a
+  ``momentum`` slot even for ``momentum=0``, where it holds no state: it is
+  then ignored. Raises ``ValueError`` as :func:`import_torch_state`."""
+  has_trace = _has_field(tx, params, 'trace')
+  values = {}
+  for name, (path, perm) in param_map.items():
+    if name not in slots or 'rms' not in slots[name]:
+      raise ValueError(f'import_tf1_slots: no rms slot for {name!r}.')
+    entry = slots[name]
+    values['nu', tuple(path)] = (_to_numpy(entry['rms']), perm, name)
+    if 'mg' in entry:
+      values['mu', tuple(path)] = (_to_numpy(entry['mg']), perm, name)
+    if 'momentum' in entry and has_trace:
+      values['trace', tuple(path)] = (-_to_numpy(entry['momentum']), perm,
+                                      name)
+  return _build_state('import_tf1_slots', tx, params, values, step)
+
+
+def export_tf1_slots(state: Any, param_map: ParamMap) -> dict:
+  """TF1 slot values from ``state`` (of ``presets.tf1``): the inverse of
+  :func:`import_tf1_slots` (a zero ``momentum`` slot without momentum)."""
+  moments, _ = _read_state(state)
+  out = {}
+  for name, (path, perm) in param_map.items():
+    entry = {'rms': _from_jax(_get(moments['nu'], path), perm)}
+    entry['momentum'] = (-_from_jax(_get(moments['trace'], path), perm)
+                         if 'trace' in moments else np.zeros_like(entry['rms']))
+    if 'mu' in moments:
+      entry['mg'] = _from_jax(_get(moments['mu'], path), perm)
+    out[name] = entry
+  return out
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _torch_lr_inside(groups) -> bool:
+  """timm keeps the learning rate inside the buffer unless told otherwise;
+  PyTorch never does."""
+  flags = {bool(g.get('lr_in_momentum', False)) for g in groups}
+  if len(flags) > 1:
+    raise ValueError('the parameter groups place the learning rate '
+                     'differently; port them one group at a time.')
+  return flags.pop()
+
+
+def _torch_kernel_perm(ndim: int):
+  return {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0), 5: (2, 3, 4, 1, 0)}.get(
+      ndim)
+
+
+def _child(node, part, name):
+  for key in ((part, int(part)) if str(part).isdigit() else (part,)):
+    try:
+      return node[key], key
+    except (KeyError, IndexError, TypeError):
+      continue
+  raise ValueError(f'{name!r}: no {part!r} in the JAX tree.')
+
+
+def _has(node, key) -> bool:
+  try:
+    node[key]
+  except (KeyError, IndexError, TypeError):
+    return False
+  return True
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # A torch tensor.
+    value = value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def _from_jax(value, perm) -> np.ndarray:
+  value = np.asarray(value)
+  return value.transpose(np.argsort(perm)) if perm else value
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _path_keys(path) -> tuple:
+  return tuple(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))
+               for k in path)
+
+
+def _fill_tree(tree, values, owner):
+  """``tree`` with the leaf at each path of ``values`` replaced by its
+  (array, layout, name): laid out, shape-checked, cast to the leaf's dtype."""
+  seen = set()
+
+  def fill(path, leaf):
+    key = _path_keys(path)
+    if key not in values:
+      raise ValueError(f'{owner}: the JAX leaf {key} is not in param_map.')
+    seen.add(key)
+    value, perm, name = values[key]
+    if perm:
+      value = value.transpose(perm)
+    if value.shape != tuple(np.shape(leaf)):
+      raise ValueError(
+          f'{owner}: {name!r} has shape {value.shape} after its layout, the '
+          f'JAX leaf {key} {tuple(np.shape(leaf))}.')
+    return jnp.asarray(value, jnp.result_type(leaf))
+
+  out = jax.tree_util.tree_map_with_path(fill, tree)
+  missing = set(values) - seen
+  if missing:
+    raise ValueError(f'{owner}: {sorted(missing)[0]} is not in the '
+                     'parameters.')
+  return out
+
+
+def _plain_state(tx, params):
+  """``tx``'s state in optax's layout (unpacked, float moments)."""
+  return packing_lib.unpack_state(tx.init(params))
+
+
+def _split(path):
+  """(field, parameter path) of a state leaf: ('nu', ('dense', 'kernel')),
+  ('count', ()), or (None, ()) for anything else."""
+  keys = _path_keys(path)
+  names = [getattr(k, 'name', None) for k in path]
+  for i, name in enumerate(names):
+    if name in _MOMENTS:
+      return name, keys[i + 1:]
+    if name == 'count':
+      return 'count', ()
+  return None, ()
+
+
+def _has_field(tx, params, field) -> bool:
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      jax.eval_shape(lambda: _plain_state(tx, params)))
+  return any(_split(path)[0] == field for path, _ in flat)
+
+
+def _variant_message(owner, field, name) -> str:
+  what = {'mu': 'a centered mean (centered=True)',
+          'trace': 'a momentum buffer (momentum > 0)',
+          'nu': 'a second moment'}[field]
+  return (f'{owner}: {name!r}: one side has {what} and the other not: the '
+          'optimizers are different variants; build the preset with the '
+          "source optimizer's hyperparameters.")
+
+
+def _build_state(owner, tx, params, values, count):
+  """tx.init(params), its moments filled from ``values`` (keyed by (field,
+  parameter path)) and every step count set to ``count``."""
+  plain = _plain_state(tx, params)
+  fields = {field for field, _ in values}
+  flat, treedef = jax.tree_util.tree_flatten_with_path(plain)
+  present = {_split(path)[0] for path, _ in flat}
+  for field in _MOMENTS:
+    if (field in fields) != (field in present):
+      name = next((v[2] for k, v in values.items() if k[0] == field),
+                  'every parameter')
+      raise ValueError(_variant_message(owner, field, name))
+  leaves, seen = [], set()
+  for path, leaf in flat:
+    field, param_path = _split(path)
+    if field == 'count':
+      leaves.append(jnp.asarray(min(count, np.iinfo(np.int32).max),
+                                jnp.result_type(leaf)))
+    elif field in _MOMENTS:
+      if (field, param_path) not in values:
+        raise ValueError(f'{owner}: no source for the JAX parameter '
+                         f'{param_path} (not in param_map).')
+      seen.add((field, param_path))
+      value, perm, name = values[field, param_path]
+      if perm:
+        value = value.transpose(perm)
+      if value.shape != tuple(np.shape(leaf)):
+        raise ValueError(
+            f'{owner}: {name!r} has shape {value.shape} after its layout, '
+            f'the JAX parameter {param_path} {tuple(np.shape(leaf))}.')
+      leaves.append(jnp.asarray(value, jnp.result_type(leaf)))
+    else:
+      leaves.append(leaf)
+  extra = set(values) - seen
+  if extra:
+    field, path = sorted(extra)[0]
+    raise ValueError(f'{owner}: {values[field, path][2]!r} maps to {path}, '
+                     'which is not in the parameters.')
+  return packing_lib.pack_state(jax.tree.unflatten(treedef, leaves), tx,
+                                params)
+
+
+def _step(owner, count, step):
+  if step is not None:
+    return int(step)
+  if count is None:
+    raise ValueError(f'{owner}: this state keeps no step count (a constant '
+                     'learning rate): pass step=, the number of steps taken.')
+  return count
+
+
+def _read_state(state):
+  """({field: parameter-shaped tree}, count) of a state in any layout."""
+  plain = packing_lib.unpack_state(state)
+  moments, counts = {}, set()
+
+  def visit(node):
+    if isinstance(node, tuple) and hasattr(node, '_fields'):
+      for field in node._fields:
+        value = getattr(node, field)
+        if field in _MOMENTS:
+          moments[field] = value
+        elif field == 'count':
+          counts.add(int(value))
+        else:
+          visit(value)
+    elif isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+
+  visit(plain)
+  return moments, max(counts) if counts else None
