@@ -111,6 +111,23 @@ def test_online_drift(tmp_path, monkeypatch):
   assert (tmp_path / 'online_drift.png').exists()
 
 
+def test_port_from_pytorch(tmp_path, monkeypatch):
+  """The continued JAX run follows PyTorch's to float32 round-off; the run
+  with its optimizer state reset leaves it at once."""
+  require('torch')
+  module = _example('port_from_pytorch')
+  seen = _record_progress(monkeypatch, module)
+  r = module.main(['--quick', '--out', str(tmp_path)])
+  steps = 2 * (1347 // 32)
+  _assert_follows_steps(seen, steps // 2 + 3 * (steps - steps // 2), runs=1)
+  assert r['gap'] < 1e-5  # Measured: 4.5e-7.
+  np.testing.assert_allclose(r['imported'], r['rest'], rtol=1e-5)
+  assert r['jump'] > 1.1  # Measured: 1.3 (1.9 in the full run).
+  assert not np.allclose(r['reset'], r['rest'], rtol=1e-2)
+  assert r['rest'][-1] < r['first'][0] / 2  # It learned.
+  assert (tmp_path / 'port_from_pytorch.png').exists()
+
+
 def test_checkpoint_resume_is_bit_identical(tmp_path):
   require('orbax.checkpoint')
   identical, full, resumed = _example('checkpoint_resume').main(
