@@ -15,16 +15,20 @@ def main(argv=None) -> int:
   commands = parser.add_subparsers(dest='command', required=True)
   demo = commands.add_parser(
       'demo',
-      help="run the three classic RMSprop demos and plot them",
+      help="run the three classic RMSprop demos and one on the frameworks' "
+           "conventions, and plot them",
       description=(
-          "Runs three demos with rmsprop_jax and prints their tables: "
+          "Runs four demos with rmsprop_jax and prints their tables: "
           "(1) RMSprop minimising x² + y² from (10, 10); "
           "(2) RMSprop against SGD on the ill-conditioned 100x² + y²; "
           "(3) RMSprop against AdaGrad over 200 steps, with both effective "
-          "learning rates. Each ends with a conclusion computed from the "
-          "run. Then writes three PNG figures: the paths over the loss "
-          "contours, the loss curves on a log scale, and the effective "
-          "learning rates over time."))
+          "learning rates; (4) one set of hyperparameters (decay, momentum, "
+          "eps, a cosine learning rate) under the PyTorch, Keras, TF1 and "
+          "optax conventions on 100x² + y². Each ends with a conclusion "
+          "computed from the run. Then writes four PNG figures: the paths "
+          "over the loss contours, the loss curves on a log scale, the "
+          "effective learning rates over time, and the four conventions' "
+          "losses and distances. About 4 s on 2 CPU cores (measured)."))
   demo.add_argument(
       '--out', default='rmsprop_demo', metavar='DIR',
       help='folder for the PNG figures, created if missing '

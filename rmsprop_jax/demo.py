@@ -1,12 +1,14 @@
-"""The three classic RMSprop demos, run with rmsprop_jax, with figures.
+"""The three classic RMSprop demos and one on conventions, with figures.
 
 1. RMSprop minimising ``x**2 + y**2`` from (10, 10).
 2. RMSprop against SGD on the ill-conditioned ``100 x**2 + y**2``.
 3. RMSprop against AdaGrad over a long run, with both effective learning
    rates.
+4. One set of hyperparameters under the PyTorch, Keras, TF1 and optax
+   conventions (:mod:`rmsprop_jax.presets`) on the ravine of demo 2.
 
-``python -m rmsprop_jax demo [--out DIR]`` prints the classic demos' tables, a
-one-line conclusion per demo computed from the runs, and writes three PNG
+``python -m rmsprop_jax demo [--out DIR]`` prints each demo's table, a
+one-line conclusion per demo computed from the runs, and writes four PNG
 figures to ``DIR``.
 """
 
@@ -22,6 +24,7 @@ import optax
 
 from rmsprop_jax import diagnostics
 from rmsprop_jax import presets
+from rmsprop_jax.alias import rmsprop
 
 
 class Run(NamedTuple):
@@ -171,9 +174,66 @@ def demo3() -> tuple[Run, Run]:
   return rms, ada
 
 
+# Demo 4: the same numbers, four frameworks' arithmetic.
+CONVENTIONS_STEPS = 200
+CONVENTIONS_LR = optax.cosine_decay_schedule(0.05, CONVENTIONS_STEPS,
+                                             alpha=0.1)
+
+
+def conventions() -> dict[str, optax.GradientTransformation]:
+  """Decay 0.9, momentum 0.9, eps 1e-8, a cosine learning rate from 0.05 to
+  0.005: each framework's RMSprop with these numbers."""
+  lr = CONVENTIONS_LR
+  return {
+      'PyTorch': presets.pytorch(lr, alpha=0.9, eps=1e-8, momentum=0.9),
+      'Keras': presets.keras(lr, rho=0.9, momentum=0.9, epsilon=1e-8),
+      'TF1': presets.tf1(lr, decay=0.9, momentum=0.9, epsilon=1e-8),
+      'optax': optax.rmsprop(lr, decay=0.9, eps=1e-8, momentum=0.9),
+  }
+
+
+def demo4() -> dict[str, Run]:
+  _rule(70)
+  print('One Set of Hyperparameters, Four Frameworks\' RMSprop')
+  _rule(70)
+  print('Minimizing f(x, y) = 100x² + y² from (10, 10): decay 0.9, momentum '
+        '0.9, eps 1e-8,\nlearning rate cosine from 0.05 to 0.005 over '
+        f'{CONVENTIONS_STEPS} steps\n')
+  runs = {name: run(tx, ravine, [10.0, 10.0], CONVENTIONS_STEPS)
+          for name, tx in conventions().items()}
+  print(f"{'Iteration':<12}" + ''.join(f'{name + " f(x,y)":<16}'
+                                       for name in runs))
+  print('-' * 76)
+  for i in range(0, CONVENTIONS_STEPS, 40):
+    print(f'{i:<12}' + ''.join(f'{r.loss[i + 1]:<16.6g}'
+                               for r in runs.values()))
+  print()
+  ref = runs['optax'].params[-1]
+  apart = {name: float(np.linalg.norm(r.params[-1] - ref))
+           for name, r in runs.items()}
+  # optax's rule with only the learning rate moved after the momentum
+  # buffer, as PyTorch places it: how much of PyTorch's gap that is.
+  lr_after = run(rmsprop(CONVENTIONS_LR, decay=0.9, eps=1e-8, momentum=0.9,
+                         lr_in_momentum=False), ravine, [10.0, 10.0],
+                 CONVENTIONS_STEPS).params[-1]
+  losses = {name: r.loss[-1] for name, r in runs.items()}
+  print(f'Conclusion: after {CONVENTIONS_STEPS} steps the final losses span '
+        f'{min(losses.values()):.2g} to {max(losses.values()):.2g}. Keras '
+        f'and optax are one rule (eps inside the square root, v from 0, the '
+        f'learning rate inside the momentum buffer) and end '
+        f"{apart['Keras']:.2g} apart; TF1 starts v at 1 and ends "
+        f"{apart['TF1']:.2g} from optax; PyTorch puts eps outside and the "
+        f"learning rate after the buffer and ends {apart['PyTorch']:.2g} "
+        'from optax; optax with only the learning rate moved after the '
+        f'buffer ends {np.linalg.norm(lr_after - ref):.2g} from it: with a '
+        'schedule, where the learning rate sits changes the run.\n')
+  return runs
+
+
 def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
-         d3: tuple[Run, Run]) -> list[pathlib.Path]:
-  """Writes the three figures; returns their paths."""
+         d3: tuple[Run, Run], d4: dict[str, Run] | None = None,
+         ) -> list[pathlib.Path]:
+  """Writes the figures (four with ``d4``); returns their paths."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -268,14 +328,50 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   fig.suptitle("Demo 3, f(x) = x²: AdaGrad's effective rate only decays; "
                "RMSprop's follows recent gradients")
   save(fig, '3_effective_learning_rates.png')
+
+  if d4 is not None:
+    _plot_conventions(plt, d4, save)
   return paths
+
+
+def _plot_conventions(plt, runs: dict[str, Run], save) -> None:
+  """4. The four frameworks' losses, and how far apart their points are."""
+  styles = {'PyTorch': ('tab:red', '-', 2.5), 'Keras': ('tab:purple', '-', 4),
+            'TF1': ('tab:brown', '-', 1.5), 'optax': ('k', '--', 1)}
+  # (Their paths from (10, 10) are one diagonal line at any readable scale:
+  # the losses and the distances between the points tell them apart.)
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+  for name, r in runs.items():
+    color, ls, lw = styles[name]
+    axes[0].semilogy(np.where(r.loss > 0, r.loss, np.nan), label=name,
+                     color=color, ls=ls, lw=lw, alpha=0.5 if lw > 2 else 1)
+  axes[0].set(title='f(x, y) against steps', xlabel='step',
+              ylabel='f(x, y) (log scale)')
+  ref = runs['optax'].params
+  for name, r in runs.items():
+    if name == 'optax':
+      continue
+    color, ls, lw = styles[name]
+    gap = np.linalg.norm(r.params - ref, axis=1)
+    axes[1].semilogy(np.where(gap > 0, gap, np.nan), color=color,
+                     label=f'{name}' + (' (0: identical to optax)'
+                                        if not gap.any() else ''))
+  axes[1].set(title="Distance from optax's point at each step",
+              xlabel='step', ylabel='|(x, y) - optax (x, y)| (log scale)')
+  for ax in axes:
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle('Demo 4: decay 0.9, momentum 0.9, eps 1e-8, cosine learning '
+               'rate 0.05 to 0.005, in each framework\'s RMSprop')
+  save(fig, '4_conventions.png')
 
 
 def main(out: str | pathlib.Path = 'rmsprop_demo', plots: bool = True) -> int:
   d1 = demo1()
   d2 = demo2()
   d3 = demo3()
+  d4 = demo4()
   if plots:
-    for path in plot(pathlib.Path(out), d1, d2, d3):
+    for path in plot(pathlib.Path(out), d1, d2, d3, d4):
       print(f'wrote {path}')
   return 0

@@ -69,14 +69,15 @@ def test_summarize():
       1.0, 2.0, 3.0]
 
 
-def test_demo_runs_and_writes_three_figures(tmp_path, capsys):
+def test_demo_runs_and_writes_four_figures(tmp_path, capsys):
   pytest.importorskip('matplotlib')
   from rmsprop_jax.__main__ import main
   assert main(['demo', '--out', str(tmp_path / 'figs')]) == 0
   out = capsys.readouterr().out
-  assert out.count('Conclusion:') == 3
+  assert out.count('Conclusion:') == 4
   pngs = sorted(p.name for p in (tmp_path / 'figs').glob('*.png'))
-  assert len(pngs) == 3
+  assert pngs == ['1_trajectories.png', '2_loss_curves.png',
+                  '3_effective_learning_rates.png', '4_conventions.png']
   for p in (tmp_path / 'figs').glob('*.png'):
     assert p.read_bytes()[:4] == b'\x89PNG'
 
@@ -108,3 +109,25 @@ def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
   assert result.stdout == ''
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and str(out) in lines[0] and 'error' in lines[0]
+
+
+def test_demo4_runs_each_framework_and_says_how_far_apart(capsys):
+  """Keras' rule is optax's (eps inside, v from 0, lr inside the buffer):
+  the same points; TF1 (v from 1) and PyTorch (eps outside, lr after the
+  buffer) end elsewhere, and the conclusion prints the distances."""
+  from rmsprop_jax import demo
+  runs = demo.demo4()
+  out = capsys.readouterr().out
+  np.testing.assert_allclose(runs['Keras'].params, runs['optax'].params,
+                             rtol=1e-6, atol=1e-9)
+  ref = runs['optax'].params[-1]
+  for name in ('TF1', 'PyTorch'):
+    gap = np.linalg.norm(runs[name].params[-1] - ref)
+    assert gap > 1e-4
+    assert f'{gap:.2g}' in out
+  # Each run is its preset's: PyTorch's from optax's rmsprop spelled out.
+  by_hand = demo.run(rmsprop_jax.rmsprop(
+      demo.CONVENTIONS_LR, decay=0.9, eps=1e-8, eps_in_sqrt=False,
+      momentum=0.9, lr_in_momentum=False), demo.ravine, [10.0, 10.0],
+      demo.CONVENTIONS_STEPS)
+  np.testing.assert_array_equal(runs['PyTorch'].params, by_hand.params)
