@@ -353,3 +353,37 @@ def test_tf1_slots_round_trip_and_continue(x64):
   assert slots['dense/kernel']['rms'].shape == (2, 3)
   restored = porting.import_tf1_slots(slots, N, param_map, tx, p)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+@pytest.mark.parametrize('k', [1, 6])
+def test_tf1_slots_continue_tensorflows_own_run(k, x64):
+  """TF1 slot values after k steps (from the NumPy transcription of
+  TensorFlow's kernels, itself checked against them), imported into
+  presets.tf1: the remaining steps match TensorFlow's recorded parameters."""
+  from test_references import TF_CASES, _tf_case_args, tf1_kernels_numpy
+  for case in TF_CASES:
+    var, grads, lrs, rho, momentum, epsilon, centered = _tf_case_args(case)
+    slots = {}
+    params = tf1_kernels_numpy(var, grads[:k], lrs[:k], rho, momentum,
+                               epsilon, centered, slots)[-1]
+    tx = rmsprop_jax.presets.tf1(lambda c: jnp.asarray(lrs)[c], decay=rho,
+                                 momentum=momentum, epsilon=epsilon,
+                                 centered=centered)
+    param_map = {'var': (('v',), None)}
+    state = porting.import_tf1_slots({'var': slots}, k, param_map, tx,
+                                     {'v': jnp.asarray(params)})
+    p, out = {'v': jnp.asarray(params)}, []
+    for g in grads[k:]:
+      updates, state = tx.update({'v': jnp.asarray(g)}, state, p)
+      p = optax.apply_updates(p, updates)
+      out.append(np.asarray(p['v']))
+    np.testing.assert_allclose(out, case['params_after_each_step'][k:],
+                               rtol=1e-12, atol=1e-14)
+    if momentum:  # A reset momentum slot ends elsewhere.
+      reset = porting.import_tf1_slots(
+          {'var': dict(slots, momentum=np.zeros_like(var))}, k, param_map,
+          tx, {'v': jnp.asarray(params)})
+      u, _ = tx.update({'v': jnp.asarray(grads[k])}, reset,
+                       {'v': jnp.asarray(params)})
+      assert not np.allclose(np.asarray(params) + np.asarray(u['v']),
+                             case['params_after_each_step'][k], rtol=1e-6)

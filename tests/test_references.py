@@ -39,8 +39,11 @@ def run_ours(tx, params, grads):
 # --- TensorFlow 1 -----------------------------------------------------------
 
 
-def tf1_kernels_numpy(var, grads, lrs, rho, momentum, epsilon, centered):
-  """ApplyRMSProp / ApplyCenteredRMSProp, as training_ops.cc computes them."""
+def tf1_kernels_numpy(var, grads, lrs, rho, momentum, epsilon, centered,
+                      slots=None):
+  """ApplyRMSProp / ApplyCenteredRMSProp, as training_ops.cc computes them.
+  ``slots``, a dict, receives the final ``rms``, ``mg`` and ``momentum``
+  slot values."""
   ms = np.ones_like(var)  # RMSPropOptimizer's "rms" slot starts at ones.
   mg = np.zeros_like(var)
   mom = np.zeros_like(var)
@@ -56,6 +59,8 @@ def tf1_kernels_numpy(var, grads, lrs, rho, momentum, epsilon, centered):
       mom = mom * momentum + (g * lr) / np.sqrt(ms + epsilon)
     var -= mom
     out.append(var.copy())
+  if slots is not None:
+    slots.update(rms=ms, momentum=mom, **({'mg': mg} if centered else {}))
   return np.stack(out)
 
 
