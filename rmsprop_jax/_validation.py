@@ -56,13 +56,39 @@ def check_type(owner: str, name: str, value: Any, *, schedule: bool = False,
                      f'shape {np.shape(value)}.')
 
 
+def check_bool(owner: str, **flags: Any) -> None:
+  """Raises ``TypeError`` unless each value is ``True`` or ``False``: a
+  string such as ``'False'`` is truthy, and would silently turn the option
+  on."""
+  for name, value in flags.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f'{owner}: `{name}` must be True or False, not '
+                      f'{value!r} ({type(value).__name__}).')
+
+
+def check_mask(owner: str, name: str, mask: Any) -> None:
+  """Raises ``TypeError`` unless ``mask`` is None, a callable, or a tree of
+  booleans (Python, NumPy or boolean arrays), as ``optax.masked`` takes."""
+  if mask is None or callable(mask):
+    return
+  for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    dtype = getattr(leaf, 'dtype', None)
+    if not (isinstance(leaf, (bool, np.bool_))
+            or (dtype is not None and dtype == np.bool_)):
+      raise TypeError(
+          f'{owner}: `{name}` must be a tree of booleans like the '
+          f'parameters, or a function of the parameters returning one; the '
+          f'leaf at {_path(path)} is a {type(leaf).__name__} ({leaf!r}).')
+
+
 def check_non_negative(owner: str, name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless every element of ``value`` is >= 0."""
+  """Raises ``ValueError`` unless every element of ``value`` is finite and
+  >= 0."""
   x = _concrete(value)
-  if x is not None and not np.all(x >= 0):  # NaN fails too.
+  if x is not None and not np.all((x >= 0) & np.isfinite(x)):  # And NaN.
     raise ValueError(
-        f'{owner}: `{name}` must be >= 0 (valid range [0, inf)), got {value!r}.'
-    )
+        f'{owner}: `{name}` must be finite and >= 0 (valid range [0, inf)), '
+        f'got {value!r}.')
 
 
 def check_decay(owner: str, name: str, value: Any) -> None:
@@ -137,15 +163,22 @@ def check_same_tree(owner: str, what: str, tree: Any, ref_what: str,
           f'{ref_what} leaf {np.shape(want[key])}.')
 
 
-def as_dtype(value: Any) -> np.dtype | None:
+def as_dtype(value: Any, owner: str = '', name: str = 'dtype',
+             ) -> np.dtype | None:
   """``value`` as a dtype (``None`` stays ``None``). Accepts an array too:
   ``optax.inject_hyperparams`` takes a dtype such as ``jnp.bfloat16`` for a
-  schedule (it is callable) and passes its value, an array of that dtype."""
+  schedule (it is callable) and passes its value, an array of that dtype.
+  Raises ``ValueError``, naming ``owner`` and ``name``, for anything that is
+  not a dtype."""
   if value is None:
     return None
   if isinstance(value, (jax.Array, np.ndarray, np.generic)):
     return jnp.dtype(value.dtype)
-  return jnp.dtype(value)
+  try:
+    return jnp.dtype(value)
+  except TypeError:
+    raise ValueError(f'{owner}: `{name}` must be a dtype such as '
+                     f'jnp.bfloat16, not {value!r}.') from None
 
 
 def check_not_schedule(owner: str, **values: Any) -> None:

@@ -122,8 +122,8 @@ def rmsprop(
     eps_in_sqrt: :math:`\epsilon` inside the square root (optax, Keras,
       TF1) or outside (PyTorch, ``False``).
     centered: normalise by the variance instead of the second moment.
-    momentum: heavy-ball coefficient :math:`\gamma` >= 0, or ``None`` for no
-      momentum buffer.
+    momentum: heavy-ball coefficient :math:`\gamma` in [0, 1), or ``None``
+      for no momentum buffer.
     nesterov: Nesterov momentum, as optax's ``trace(nesterov=True)``.
     bias_correction: divide the moments by :math:`1-\rho^t`; with
       ``eps_in_sqrt=False`` this is Adam with ``b1=0``.
@@ -209,19 +209,28 @@ def rmsprop(
     ``optax.ApplyIfFiniteState``; ``packing=True`` packs it (see above).
 
   Raises:
-    ValueError: if a concrete ``learning_rate``, ``eps``, ``momentum``,
-      ``initial_scale`` or ``weight_decay`` is negative or ``decay`` is not in
-      [0, 1); if ``decay``, ``eps``, ``initial_scale`` or ``momentum`` is a
-      schedule; if ``nu_dtype`` or ``accumulator_dtype`` is not a float
-      dtype (or uint8 for ``nu_dtype``); if one of our options could not
-      change a number (``weight_decay_mask`` or
+    TypeError: if a hyperparameter is not a real number, a scalar array or
+      (``learning_rate``, ``weight_decay``) a schedule: a string, ``None``
+      where a number is needed, a boolean or a complex number; if an option
+      flag is not ``True`` or ``False`` (a string such as ``'False'`` would
+      turn it on); if ``weight_decay_mask`` is not a tree of booleans or a
+      function returning one.
+    ValueError: if a concrete ``learning_rate``, ``eps``,
+      ``initial_scale`` or ``weight_decay`` is negative or not finite,
+      ``decay`` is not in [0, 1), or ``momentum`` is not in [0, 1) (heavy-ball
+      momentum of 1 or more never forgets, and diverges under a constant
+      gradient); if a hyperparameter is an array of another shape than
+      ``()``; if ``decay``, ``eps``, ``initial_scale`` or ``momentum`` is a
+      schedule; if ``nu_dtype`` or ``accumulator_dtype`` is not a dtype, or
+      not a float dtype (or uint8 for ``nu_dtype``); if one of our options
+      could not change a number (``weight_decay_mask`` or
       ``decoupled_weight_decay=True`` without a ``weight_decay``,
-      ``accumulator_dtype`` or ``lr_in_momentum=False`` without momentum,
-      ``clamp_variance=False`` without ``centered``). Schedules and traced
-      values are not range-checked. When traced,
-      ``update`` raises ``ValueError`` for gradient, state or parameter trees
-      that do not match (naming the leaf) and when weight decay has no
-      ``params``, and ``TypeError`` for integer or non-array leaves.
+      ``accumulator_dtype``, ``lr_in_momentum=False`` or ``caution`` without
+      momentum, ``clamp_variance=False`` without ``centered``). Schedules
+      and traced values are not range-checked. When traced, ``update``
+      raises ``ValueError`` for gradient, state or parameter trees that do
+      not match (naming the leaf) and when weight decay has no ``params``,
+      and ``TypeError`` for integer or non-array leaves.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
@@ -239,6 +248,15 @@ def rmsprop(
     Neural Networks, arXiv:1308.0850, 2013 (centered, momentum).
   """
   owner = 'rmsprop'
+  _validation.check_bool(
+      owner, eps_in_sqrt=eps_in_sqrt, centered=centered, nesterov=nesterov,
+      bias_correction=bias_correction, lr_in_momentum=lr_in_momentum,
+      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+      clamp_variance=clamp_variance, caution=caution,
+      stochastic_rounding=stochastic_rounding, skip_nonfinite=skip_nonfinite,
+      packing=packing)
+  _validation.check_mask(owner, 'weight_decay_mask', weight_decay_mask)
+  nu_dtype = transform._check_nu_options(owner, nu_dtype, stochastic_rounding)
   # Our own options that could not change a number are refused, not ignored.
   # (optax's own arguments are accepted as optax accepts them: nesterov
   # without momentum is a no-op there too.)
@@ -259,7 +277,8 @@ def rmsprop(
   for condition, message in useless:
     if condition:
       raise ValueError(f'rmsprop: {message}; pass it, or drop the option.')
-  accumulator_dtype = _validation.as_dtype(accumulator_dtype)
+  accumulator_dtype = _validation.as_dtype(accumulator_dtype, owner,
+                                          'accumulator_dtype')
   _validation.check_float_dtype(owner, 'accumulator_dtype', accumulator_dtype)
   _validation.check_type(owner, 'learning_rate', learning_rate, schedule=True)
   _validation.check_type(owner, 'momentum', momentum, optional=True)

@@ -45,8 +45,10 @@ __all__ = ['pytorch', 'keras', 'tf1', 'timm', 'hinton2012', 'graves2013',
 
 
 def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
-           momentum=0.0, weight_decay=None):
-  """Validates types and ranges with the framework's own argument names."""
+           momentum=0.0, weight_decay=None, **flags):
+  """Validates types and ranges with the framework's own argument names;
+  ``flags`` must each be True or False."""
+  _validation.check_bool(owner, **flags)
   _validation.check_type(owner, lr_name, lr, schedule=True)
   _validation.check_type(owner, decay_name, decay)
   _validation.check_type(owner, eps_name, eps)
@@ -99,7 +101,7 @@ def pytorch(
   Args: as ``torch.optim.RMSprop``; ``lr`` may also be an optax schedule.
   """
   _check('presets.pytorch', 'lr', lr, 'alpha', alpha, 'eps', eps,
-         momentum, weight_decay)
+         momentum, weight_decay, centered=centered, maximize=maximize)
   momentum = _momentum_or_none(momentum)
   return rmsprop(
       lr, decay=alpha, eps=eps, eps_in_sqrt=False, centered=centered,
@@ -145,7 +147,7 @@ def keras(
     schedule.
   """
   _check('presets.keras', 'learning_rate', learning_rate, 'rho', rho,
-         'epsilon', epsilon, momentum, weight_decay)
+         'epsilon', epsilon, momentum, weight_decay, centered=centered)
   return rmsprop(
       learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True,
       centered=centered, momentum=_momentum_or_none(momentum),
@@ -181,7 +183,7 @@ def tf1(
     meaning here); ``learning_rate`` may be an optax schedule.
   """
   _check('presets.tf1', 'learning_rate', learning_rate, 'decay', decay,
-         'epsilon', epsilon, momentum)
+         'epsilon', epsilon, momentum, centered=centered)
   return rmsprop(
       learning_rate, decay=decay, eps=epsilon, initial_scale=1.0,
       eps_in_sqrt=True, centered=centered,
@@ -260,7 +262,10 @@ def timm(
     timm 1.0.31); Liang et al., Cautious Optimizers, arXiv:2411.16085, 2024.
   """
   owner = 'presets.timm'
-  _check(owner, 'lr', lr, 'alpha', alpha, 'eps', eps, momentum, weight_decay)
+  _check(owner, 'lr', lr, 'alpha', alpha, 'eps', eps, momentum, weight_decay,
+         centered=centered, decoupled_decay=decoupled_decay,
+         corrected_weight_decay=corrected_weight_decay,
+         lr_in_momentum=lr_in_momentum, caution=caution)
   _validation.check_type(owner, 'max_lr', max_lr, optional=True)
   if foreach is not None and not isinstance(foreach, bool):
     raise TypeError(f'{owner}: foreach must be None, True or False, got '

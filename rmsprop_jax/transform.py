@@ -63,14 +63,30 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   return 1 / (jnp.sqrt(ms) + eps)
 
 
-def _validate(owner, decay, eps, initial_scale):
-  """Type and range checks, named after the function the user called."""
+def _validate(owner, decay, eps, initial_scale, **flags):
+  """Type and range checks, named after the function the user called;
+  ``flags`` must each be True or False."""
   for name, value in (('decay', decay), ('eps', eps),
                       ('initial_scale', initial_scale)):
     _validation.check_type(owner, name, value)
   _validation.check_decay(owner, 'decay', decay)
   _validation.check_non_negative(owner, 'eps', eps)
   _validation.check_non_negative(owner, 'initial_scale', initial_scale)
+  _validation.check_bool(owner, **flags)
+
+
+def _check_nu_options(owner, nu_dtype, stochastic_rounding):
+  """``nu_dtype`` as a dtype, checked with ``stochastic_rounding``."""
+  nu_dtype = _validation.as_dtype(nu_dtype, owner, 'nu_dtype')
+  if nu_dtype is not None and nu_dtype != jnp.uint8 and not jnp.issubdtype(
+      nu_dtype, jnp.floating):
+    raise ValueError(f'{owner}: nu_dtype must be a floating-point dtype or '
+                     f'jnp.uint8 (8-bit blockwise), not {nu_dtype}.')
+  if stochastic_rounding and nu_dtype != jnp.bfloat16:
+    raise ValueError(
+        f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
+        '(the 8-bit code always rounds stochastically).')
+  return nu_dtype
 
 
 def scale_by_rms(
@@ -141,7 +157,9 @@ def scale_by_rms(
     >>> u['w']  # -> sign(g) / sqrt(1 - 0.9) at the first step
     Array([ 3.1622763, -3.1622763], dtype=float32)
   """
-  _validate('scale_by_rms', decay, eps, initial_scale)
+  _validate('scale_by_rms', decay, eps, initial_scale,
+            eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
+            stochastic_rounding=stochastic_rounding)
   return _scale_by_moments(
       decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
       centered=False, clamp_variance=False,
@@ -204,7 +222,10 @@ def scale_by_stddev(
     An ``optax.GradientTransformation``; its state is
     :class:`ScaleByRStdDevState` or :class:`ScaleByRStdDevWithCountState`.
   """
-  _validate('scale_by_stddev', decay, eps, initial_scale)
+  _validate('scale_by_stddev', decay, eps, initial_scale,
+            eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
+            stochastic_rounding=stochastic_rounding,
+            clamp_variance=clamp_variance)
   return _scale_by_moments(
       decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
       centered=True, clamp_variance=clamp_variance,
@@ -217,16 +238,8 @@ def _scale_by_moments(
 ) -> optax.GradientTransformation:
   """Shared implementation of :func:`scale_by_rms` and :func:`scale_by_stddev`."""
   owner = 'scale_by_stddev' if centered else 'scale_by_rms'
-  nu_dtype = _validation.as_dtype(nu_dtype)
+  nu_dtype = _check_nu_options(owner, nu_dtype, stochastic_rounding)
   eight_bit = nu_dtype == jnp.uint8
-  if nu_dtype is not None and not eight_bit and not jnp.issubdtype(
-      nu_dtype, jnp.floating):
-    raise ValueError(f'{owner}: nu_dtype must be a floating-point dtype or '
-                     f'jnp.uint8 (8-bit blockwise), not {nu_dtype}.')
-  if stochastic_rounding and nu_dtype != jnp.bfloat16:
-    raise ValueError(
-        f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
-        '(the 8-bit code always rounds stochastically).')
   # The step count seeds the rounding noise, when there is any.
   with_count = bias_correction or stochastic_rounding or eight_bit
 

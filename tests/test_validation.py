@@ -47,6 +47,18 @@ BAD = [
     (presets.hinton2012, dict(decay=2.0), 'decay', '[0, 1)'),
     (presets.graves2013, dict(momentum=-0.9), 'momentum', '[0, 1)'),
     (presets.dqn2015, dict(eps=-0.01), 'eps', '>= 0'),
+    # Infinity is outside [0, inf) too.
+    (rmsprop_jax.rmsprop, dict(learning_rate=float('inf')), 'learning_rate',
+     'finite'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, eps=float('inf')), 'eps',
+     'finite'),
+    (presets.timm, dict(weight_decay=float('inf')), 'weight_decay', 'finite'),
+    # Dtypes: named, in rmsprop's terms (not its building block's).
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, nu_dtype='foo'),
+     'nu_dtype', 'dtype'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, momentum=0.9,
+                               accumulator_dtype='foo'),
+     'accumulator_dtype', 'dtype'),
 ]
 
 
@@ -105,6 +117,29 @@ WRONG_TYPES = [
     (presets.hinton2012, dict(eps=True), 'eps'),
     (presets.graves2013, dict(momentum=None), 'momentum'),
     (presets.dqn2015, dict(learning_rate='2.5e-4'), 'learning_rate'),
+    # A string is truthy: 'False' would silently turn an option on.
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, maximize='False'),
+     'maximize'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, centered='False'),
+     'centered'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, packing='no'), 'packing'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, skip_nonfinite=0.5),
+     'skip_nonfinite'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, bias_correction='yes'),
+     'bias_correction'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, eps_in_sqrt='no'),
+     'eps_in_sqrt'),
+    (rmsprop_jax.rmsprop, dict(learning_rate=0.1, weight_decay=0.1,
+                               weight_decay_mask='x'), 'weight_decay_mask'),
+    (rmsprop_jax.scale_by_stddev, dict(clamp_variance='no'),
+     'clamp_variance'),
+    (rmsprop_jax.scale_by_rms, dict(bias_correction=1), 'bias_correction'),
+    (presets.pytorch, dict(centered='False'), 'centered'),
+    (presets.pytorch, dict(maximize=1), 'maximize'),
+    (presets.keras, dict(centered='yes'), 'centered'),
+    (presets.tf1, dict(learning_rate=0.1, centered=None), 'centered'),
+    (presets.timm, dict(lr_in_momentum='False'), 'lr_in_momentum'),
+    (presets.timm, dict(decoupled_decay=0), 'decoupled_decay'),
 ]
 
 
@@ -124,6 +159,10 @@ def test_messages_name_the_function_the_user_called():
   # rmsprop's own name, not its building block's.
   with pytest.raises(ValueError, match=r'^rmsprop: `decay`'):
     rmsprop_jax.rmsprop(1e-3, decay=1.0)
+  with pytest.raises(ValueError, match=r'^rmsprop: nu_dtype'):
+    rmsprop_jax.rmsprop(1e-3, nu_dtype=jnp.int8)
+  with pytest.raises(ValueError, match=r'^rmsprop: stochastic_rounding'):
+    rmsprop_jax.rmsprop(1e-3, stochastic_rounding=True)
 
 
 @pytest.mark.parametrize('kwargs', [dict(learning_rate=jnp.ones(3)),
