@@ -49,19 +49,30 @@ def calibrate(call: Callable[[], None], target_s: float) -> int:
   return max(1, int(target_s / once))
 
 
+# A side whose repeats spread more than this (slowest / fastest) was
+# disturbed: another process took the CPU, or PyTorch's threads fought
+# XLA's for the cores.
+UNSTABLE_SPREAD = 2.0
+
+
 def alternate(timers: dict[str, Callable[[int], float]], counts: dict[str, int],
-              repeats: int) -> dict[str, float]:
+              repeats: int, spreads: dict[str, float] | None = None,
+              ) -> dict[str, float]:
   """Median seconds per call of each timer, taking turns, order flipped.
 
   Each ``timers[name](n)`` runs ``n`` calls and returns their total seconds.
   Taking turns within one process, and reversing the order every round, puts
   every side under the same machine noise; the median resists outliers.
+  ``spreads``, if given, receives each side's slowest over fastest repeat.
   """
   names = list(timers)
   samples = {name: [] for name in names}
   for r in range(repeats):
     for name in (names if r % 2 == 0 else names[::-1]):
       samples[name].append(timers[name](counts[name]) / counts[name])
+  if spreads is not None:
+    spreads.update({name: float(max(s) / min(s))
+                    for name, s in samples.items()})
   return {name: float(np.median(s)) for name, s in samples.items()}
 
 

@@ -183,3 +183,24 @@ def test_command_line_error_through_a_subprocess(tmp_path):
   assert result.stderr.strip() == (
       "python -m benchmarks: error: --suites: unknown 'compiles'; choose "
       'from step, compile, convergence')
+
+
+def test_disturbed_timings_are_flagged(quick_results):
+  """A side whose repeats spread more than 2x (another process took the
+  CPU) is reported, and its ratios are marked in the table."""
+  from benchmarks import common, step
+  slow = iter([1.0, 5.0, 1.0])
+  spreads = {}
+  common.alternate({'steady': lambda n: n * 1.0,
+                    'disturbed': lambda n: n * next(slow)},
+                   {'steady': 1, 'disturbed': 1}, 3, spreads)
+  assert spreads == {'steady': 1.0, 'disturbed': 5.0}
+  _, get = quick_results
+  payload = json.loads(json.dumps(get('step'), default=float))
+  row = payload['rows'][0]
+  row['unstable'] = ['torch']
+  line = next(l for l in step.markdown(payload).splitlines()
+              if l.startswith(f"| {row['tree']} | {row['dtype']} | "
+                              f"{row['variant']} |"))
+  cells = [c.strip() for c in line.split('|')]
+  assert cells[9].endswith('†') and not cells[5].endswith('†')
