@@ -26,7 +26,7 @@ def main(argv=None):
   parser.add_argument('--suites', default=','.join(SUITES),
                       help=f'comma-separated, from {", ".join(SUITES)} '
                            '(default: all)')
-  parser.add_argument('--out', type=pathlib.Path, default=None, metavar='DIR',
+  parser.add_argument('--out', default=None, metavar='DIR',
                       help='output folder (default: benchmarks/results, or '
                            'benchmarks/results/quick with --quick)')
   parser.add_argument('--trees', default=None,
@@ -46,6 +46,12 @@ def main(argv=None):
   suites = split(args.suites)
   # Every name is checked before any work: one line, exit status 2.
   fail = lambda message: parser.exit(2, f'{parser.prog}: error: {message}\n')
+  for option, value in (('--suites', args.suites), ('--trees', args.trees),
+                        ('--variants', args.variants),
+                        ('--dtypes', args.dtypes),
+                        ('--problems', args.problems)):
+    if value is not None and not value.strip(' ,'):
+      fail(f'{option} is empty: name at least one, or leave the option out')
   for option, names, known in (
       ('--suites', suites, SUITES),
       ('--trees', split(args.trees),
@@ -58,9 +64,10 @@ def main(argv=None):
       fail(f'{option}: unknown {", ".join(map(repr, unknown))}; choose from '
            f'{", ".join(known)}' + (' (with --quick)' if option == '--trees'
                                     and args.quick else ''))
-  out = args.out or pathlib.Path(__file__).parent / 'results' / (
-      'quick' if args.quick else '')
+  out = (pathlib.Path(__file__).parent / 'results' / (
+      'quick' if args.quick else '') if args.out is None else args.out)
   problem = _unwritable(str(out))
+  out = pathlib.Path(out)
   if problem:
     fail(f'--out {str(out)!r}: {problem}')
   print(common.environment_markdown(common.environment()))

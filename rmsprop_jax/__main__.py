@@ -53,6 +53,8 @@ def main(argv=None) -> int:
 def _unwritable(out: str) -> str | None:
   """Why figures cannot be written to the folder ``out`` (created if
   missing), or None: checked before any work is done."""
+  if not str(out).strip():
+    return 'is empty (give a folder, or leave the option out)'
   path = pathlib.Path(out)
   if path.exists() and not path.is_dir():
     return 'exists and is not a folder'

@@ -76,6 +76,10 @@ def parabola(x):
   return x[0] ** 2
 
 
+ROW_NOTE = ("(Each row: the values after that iteration's update, iterations "
+            'counted from 0, as the classic demos print them.)')
+
+
 def _rule(width=60):
   print('=' * width)
 
@@ -87,6 +91,7 @@ def demo1() -> Run:
   print('Minimizing f(x, y) = x² + y²\n')
   r = run(presets.hinton2012(learning_rate=0.1, decay=0.9), bowl,
           [10.0, 10.0], 50)
+  print(ROW_NOTE)
   print(f"{'Iteration':<12} {'x':<12} {'y':<12} {'f(x,y)':<12}")
   print('-' * 60)
   for i in range(0, 50, 10):
@@ -96,11 +101,15 @@ def demo1() -> Run:
   print(f'\nFinal: x = {x:.8f}, y = {y:.8f}')
   # Steps of the normalised update are about lr, whatever the gradient's size.
   steps = np.abs(np.diff(r.params[:, 0]))
+  settled = steps[10:]  # Once v has filled up from 0.
+  grad = 2 * np.abs(r.params[:, 0])  # df/dx
   print(f'Conclusion: f fell from {r.loss[0]:.0f} to {r.loss[-1]:.4g} in 50 '
-        f'steps; each step moved x by {steps[1:].min():.3f} to '
-        f'{steps[1:].max():.3f}, close to lr = 0.1 although the gradient '
-        f'shrank {abs(r.params[1, 0] / r.params[-1, 0]):.0f}-fold: RMSprop '
-        f'normalises the gradient\'s size away.\n')
+        f'steps. The first steps are larger while v fills up from 0 (the '
+        f'first moves x by {steps[0]:.3f} = lr / sqrt(1 - decay)); from '
+        f'step 10 on each moves x by {settled.min():.3f} to '
+        f'{settled.max():.3f}, about lr = 0.1, while the gradient falls from '
+        f'{grad[10]:.3g} to {grad[-1]:.3g}: RMSprop sets the step size by '
+        'lr, not by the gradient\'s size.\n')
   return r
 
 
@@ -115,6 +124,7 @@ def demo2() -> tuple[Run, Run]:
   rms_long = run(presets.hinton2012(learning_rate=0.1), ravine, x0, horizon)
   sgd_long = run(optax.sgd(lr_sgd), ravine, x0, horizon)
   rms, sgd = (_first_steps(r, steps) for r in (rms_long, sgd_long))
+  print(ROW_NOTE)
   print(f"{'Iteration':<12} {'RMSprop f(x,y)':<20} {'SGD f(x,y)':<20}")
   print('-' * 60)
   for i in range(0, steps, 20):
@@ -153,6 +163,7 @@ def demo3() -> tuple[Run, Run]:
   # Row i shows x after step i + 1 and the effective rates that step's
   # gradient left behind (before any gradient, RMSprop's v is 0 and its
   # "effective rate" lr / eps means nothing, so it is never shown).
+  print(ROW_NOTE)
   print(f"{'Iter':<8} {'RMSprop x':<15} {'AdaGrad x':<15} {'RMS eff_lr':<15} "
         f"{'Ada eff_lr':<15}")
   print('-' * 70)
@@ -201,6 +212,7 @@ def demo4() -> dict[str, Run]:
         f'{CONVENTIONS_STEPS} steps\n')
   runs = {name: run(tx, ravine, [10.0, 10.0], CONVENTIONS_STEPS)
           for name, tx in conventions().items()}
+  print(ROW_NOTE)
   print(f"{'Iteration':<12}" + ''.join(f'{name + " f(x,y)":<16}'
                                        for name in runs))
   print('-' * 76)

@@ -156,6 +156,9 @@ def test_convergence_grid_cell_equals_a_plain_optax_run():
     (['--dtypes', 'float16'], "--dtypes: unknown 'float16'"),
     (['--problems', 'mnist'], "--problems: unknown 'mnist'"),
     (['--out', 'FILE'], 'exists and is not a folder'),
+    (['--suites', ''], '--suites is empty'),
+    (['--trees', ','], '--trees is empty'),
+    (['--out', ''], 'is empty'),
 ])
 def test_command_line_refuses_bad_input_before_any_work(tmp_path, capsys,
                                                         args, message):

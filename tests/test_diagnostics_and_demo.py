@@ -90,12 +90,14 @@ def test_demo1_table_matches_the_reference_numpy_class(capsys):
   np.testing.assert_allclose(r.params[1:], seed_demo1_trajectory(), rtol=2e-5)
 
 
-@pytest.mark.parametrize('kind', ['cannot be created', 'is a file'])
+@pytest.mark.parametrize('kind', ['cannot be created', 'is a file', 'empty'])
 def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
   """One line on stderr, exit status 2, nothing printed or run first."""
   import subprocess
   import sys
-  if kind == 'is a file':
+  if kind == 'empty':
+    out = ''  # Would write into the current folder.
+  elif kind == 'is a file':
     out = tmp_path / 'figures.png'
     out.write_text('not a folder')
   else:
