@@ -18,7 +18,12 @@ SUITES = ('step', 'compile', 'convergence')
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m benchmarks', description=__doc__.splitlines()[0])
+      prog='python -m benchmarks',
+      description='Runs the step-speed-and-memory, compile-time and '
+                  'convergence suites side by side with optax (and PyTorch), '
+                  'and writes JSON, a Markdown table and (step, convergence) '
+                  'a PNG figure for each to --out. Runs unchanged on CPU, GPU '
+                  'and TPU.')
   parser.add_argument('--quick', action='store_true',
                       help='small trees and problems, few repetitions: a '
                            'smoke run of about two minutes on a quiet 2-core '

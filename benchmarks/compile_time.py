@@ -91,7 +91,9 @@ def markdown(payload) -> str:
            f"{r['speedup_vs_optax']:.2f}x"] for r in payload['rows']]
   return ('# Compile time\n\n' + common.environment_markdown(
       payload['environment']) +
-          f"\nMedian of {payload['settings']['repeats']} compiles of the "
+          '\n' + (f"Median of {payload['settings']['repeats']} compiles"
+                  if payload['settings']['repeats'] > 1 else 'One compile') +
+          ' of the '
           'jitted, donated step (update + apply_updates), each side in '
           'turn, of `rmsprop(..., packing=True)` ("packed") and '
           '`optax.rmsprop`; above 1x means packed compiles faster. (Without '

@@ -10,9 +10,11 @@ from tqdm import tqdm
 from rmsprop_jax.__main__ import _unwritable
 
 
-def parse_args(description: str, argv=None) -> argparse.Namespace:
-  """Parses the examples' options. An ``--out`` that cannot hold the figure
+def parse_args(doc: str, argv=None) -> argparse.Namespace:
+  """Parses the examples' options; ``--help`` shows the first paragraph of
+  the example's docstring ``doc``. An ``--out`` that cannot hold the figure
   is refused at once (one line on stderr, exit status 2), before training."""
+  description = ' '.join(doc.strip().split('\n\n')[0].split())
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--quick', action='store_true',
                       help='a short run for smoke tests (CI): 3 to 15 s on a '
@@ -21,7 +23,9 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
   parser.add_argument('--out', default='example_figures', metavar='DIR',
                       help='folder for the figure, created if missing '
                            '(default: ./example_figures)')
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seed', type=int, default=0,
+                      help='random seed of the initial weights and the data '
+                           'order (default: 0)')
   args = parser.parse_args(argv)
   problem = _unwritable(args.out)
   if problem:

@@ -18,10 +18,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from sklearn.datasets import load_digits
-from tqdm import tqdm
 
 import rmsprop_jax
-from _common import parse_args, pyplot, save_figure
+from _common import StepBar, parse_args, pyplot, save_figure
 
 
 def setup(steps):
@@ -46,27 +45,28 @@ def setup(steps):
   return params, tx, step
 
 
-def train(params, state, step, n, desc):
+def train(params, state, step, n, bar):
   losses = []
-  for _ in tqdm(range(n), desc=desc, leave=False):
+  for _ in range(n):
     params, state, loss = step(params, state)
     losses.append(float(loss))
+    bar.update()
   return params, state, losses
 
 
 def main(argv=None):
-  args = parse_args(__doc__.splitlines()[0], argv)
+  args = parse_args(__doc__, argv)
   steps = 40 if args.quick else 400
   half = steps // 2
   params0, tx, step = setup(steps)
 
   # Uninterrupted.
+  bar = StepBar(2 * steps, 'uninterrupted, then saved and resumed')
   full_params, _, full_losses = train(params0, tx.init(params0), step, steps,
-                                      'uninterrupted')
+                                      bar)
 
   # Interrupted: save half-way, restore into fresh arrays, continue.
-  params, state, first = train(params0, tx.init(params0), step, half,
-                               'first half')
+  params, state, first = train(params0, tx.init(params0), step, half, bar)
   with tempfile.TemporaryDirectory() as tmp:
     path = pathlib.Path(tmp) / 'checkpoint'
     with ocp.StandardCheckpointer() as ckpt:
@@ -77,8 +77,9 @@ def main(argv=None):
                                        'opt_state': tx.init(params0)})
       restored = ckpt.restore(path, target)
   params, state, second = train(restored['params'], restored['opt_state'],
-                                step, steps - half, 'resumed')
+                                step, steps - half, bar)
   resumed_losses = first + second
+  bar.close()
 
   identical = all(
       np.array_equal(a, b) for a, b in

@@ -81,7 +81,7 @@ SCENARIOS = {'weights jump': False, 'weights and input scale jump': True}
 
 
 def main(argv=None):
-  args = parse_args(__doc__.splitlines()[0], argv)
+  args = parse_args(__doc__, argv)
   steps = 5000 if args.quick else 100000
   tune = steps // 10
   bar = StepBar(len(SCENARIOS) * len(OPTIMIZERS) * steps,
@@ -137,9 +137,9 @@ def main(argv=None):
               title=f'Distance to the true weights ({scenario}\n'
                     f'every {REGIME:,} steps)')
   axes[1].set(xlabel='step', ylabel='median effective learning rate (log)',
-              title='Effective learning rate lr / sqrt(v), v the moving '
-                    'average (RMSprop)\nor the sum (AdaGrad) of g²: RMSprop '
-                    'follows the input scale, AdaGrad only falls')
+              title='Effective learning rate lr / sqrt(v): v the moving '
+                    'average\n(RMSprop) or the sum (AdaGrad) of g². RMSprop '
+                    'follows\nthe input scale, AdaGrad only falls')
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()

@@ -33,10 +33,9 @@ import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import rmsprop_jax  # noqa: E402
-from _common import parse_args, pyplot, save_figure  # noqa: E402
+from _common import StepBar, parse_args, pyplot, save_figure  # noqa: E402
 
 HIDDEN = 512
 # Megatron-style: the first kernel split by columns, the second by rows.
@@ -84,23 +83,23 @@ def trainer(mesh, tx, state_shardings, x, y, batch):
   jstep = jax.jit(step, donate_argnums=(0, 1),
                   out_shardings=(p_sh, state_shardings, None))
 
-  def run(params, state, steps, first_step=0, desc='train'):
+  def run(params, state, steps, bar, first_step=0):
     losses = []
-    for i in tqdm(range(first_step, first_step + steps), desc=desc,
-                  leave=False):
+    for i in range(first_step, first_step + steps):
       idx = np.random.default_rng(i).integers(0, len(x), batch)
       xb = jax.device_put(x[idx], data_sh)
       yb = jax.device_put(y[idx], data_sh)
       with jax.set_mesh(mesh):
         params, state, loss = jstep(params, state, xb, yb)
       losses.append(float(loss))
+      bar.update()
     return params, state, np.array(losses)
 
   return jstep, run
 
 
 def main(argv=None):
-  args = parse_args(__doc__.splitlines()[0], argv)
+  args = parse_args(__doc__, argv)
   steps = 30 if args.quick else 300
   batch = 256
   assert jax.device_count() >= 8, (
@@ -117,6 +116,9 @@ def main(argv=None):
         ' parameters')
 
   results = {}
+  more = max(steps // 3, 5)  # Steps after the checkpoint, on each mesh.
+  bar = StepBar(2 * steps + 2 * more,
+                'co-sharded, ZeRO-1, then resumed on two meshes')
   for mode, zero1 in (('state follows params', None), ('ZeRO-1', 'data')):
     shardings = rmsprop_jax.state_shardings(tx, params0, zero1_axis=zero1)
     state = jax.jit(tx.init, out_shardings=shardings)(params0)
@@ -130,7 +132,7 @@ def main(argv=None):
                                       'reduce-scatter') if f' {c}(' in hlo
                           or f' {c}-start(' in hlo})
     state_bytes = bytes_per_device(state, mesh)
-    params, state, losses = run(params, state, steps, desc=mode)
+    params, state, losses = run(params, state, steps, bar)
     results[mode] = dict(losses=losses, params=params, state=state,
                          shardings=shardings, state_bytes=state_bytes,
                          params_bytes=bytes_per_device(params, mesh),
@@ -170,13 +172,13 @@ def main(argv=None):
       jax.tree.leaves({'params': abstract_params,
                        'opt_state': abstract_state})))
   _, run_new = trainer(new_mesh, tx, new_state_sh, x, y, batch)
-  more = max(steps // 3, 5)
   _, _, resumed = run_new(restored['params'], restored['opt_state'], more,
-                          first_step=steps, desc='resumed on 2 x 4')
+                          bar, first_step=steps)
   # The same continuation on the original mesh, for comparison.
   _, run_old = trainer(mesh, tx, z['shardings'], x, y, batch)
-  _, _, continued = run_old(z['params'], z['state'], more, first_step=steps,
-                            desc='continued on 4 x 2')
+  _, _, continued = run_old(z['params'], z['state'], more, bar,
+                            first_step=steps)
+  bar.close()
   gap = float(np.max(np.abs(resumed - continued)))
   print(f'restored onto mesh {dict(new_mesh.shape)}: values exact {exact}, '
         f'placed on the new mesh {placed}; {more} more steps reach loss '

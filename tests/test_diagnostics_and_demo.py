@@ -83,11 +83,11 @@ def test_demo_runs_and_writes_four_figures(tmp_path, capsys):
 
 
 def test_demo1_table_matches_the_reference_numpy_class(capsys):
-  # The printed final point is the reference NumPy implementation's (float32 here).
-  from test_references import seed_demo1_trajectory
+  # The printed final point is the classic demos' NumPy class's (float32 here).
+  from test_references import classic_demo1_trajectory
   from rmsprop_jax import demo
   r = demo.demo1()
-  np.testing.assert_allclose(r.params[1:], seed_demo1_trajectory(), rtol=2e-5)
+  np.testing.assert_allclose(r.params[1:], classic_demo1_trajectory(), rtol=2e-5)
 
 
 @pytest.mark.parametrize('kind', ['cannot be created', 'is a file', 'empty'])

@@ -128,10 +128,12 @@ def test_port_from_pytorch(tmp_path, monkeypatch):
   assert (tmp_path / 'port_from_pytorch.png').exists()
 
 
-def test_checkpoint_resume_is_bit_identical(tmp_path):
+def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch):
   require('orbax.checkpoint')
-  identical, full, resumed = _example('checkpoint_resume').main(
-      ['--quick', '--out', str(tmp_path)])
+  module = _example('checkpoint_resume')
+  seen = _record_progress(monkeypatch, module)
+  identical, full, resumed = module.main(['--quick', '--out', str(tmp_path)])
+  _assert_follows_steps(seen, 2 * 40, runs=1)
   assert identical
   for a, b in zip(*(sorted(t.items()) for t in (full, resumed))):
     np.testing.assert_array_equal(a[1], b[1])

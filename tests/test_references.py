@@ -104,11 +104,11 @@ def test_tf1_preset_matches_kernel_transcription(centered, momentum, x64):
   np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-14)
 
 
-# --- The classic demos' reference NumPy class and Demo 1 -----------------------------
+# --- The classic demos' NumPy RMSprop class and Demo 1 ----------------------------
 
 
-class SeedRMSprop:
-  """The classic demos' reference NumPy ``RMSprop`` class, verbatim in
+class ClassicRMSprop:
+  """The classic demos' NumPy ``RMSprop`` class, verbatim in
   substance."""
 
   def __init__(self, learning_rate=0.001, rho=0.9, epsilon=1e-8):
@@ -130,10 +130,10 @@ class SeedRMSprop:
     return updated_params
 
 
-def seed_demo1_trajectory():
+def classic_demo1_trajectory():
   """Demo 1: minimise x**2 + y**2 from (10, 10), lr 0.1, rho 0.9, 50 steps."""
   params = {'x': np.array([10.0]), 'y': np.array([10.0])}
-  opt = SeedRMSprop(learning_rate=0.1, rho=0.9)
+  opt = ClassicRMSprop(learning_rate=0.1, rho=0.9)
   out = []
   for _ in range(50):
     grads = {'x': 2 * params['x'], 'y': 2 * params['y']}
@@ -142,8 +142,8 @@ def seed_demo1_trajectory():
   return np.asarray(out)
 
 
-def test_hinton2012_reproduces_seed_demo1(x64):
-  ref = seed_demo1_trajectory()
+def test_hinton2012_reproduces_classic_demo1(x64):
+  ref = classic_demo1_trajectory()
   tx = presets.hinton2012(learning_rate=0.1, decay=0.9)
   params = {'x': jnp.array([10.0]), 'y': jnp.array([10.0])}
   state = tx.init(params)
