@@ -387,3 +387,22 @@ def test_tf1_slots_continue_tensorflows_own_run(k, x64):
                        {'v': jnp.asarray(params)})
       assert not np.allclose(np.asarray(params) + np.asarray(u['v']),
                              case['params_after_each_step'][k], rtol=1e-6)
+
+
+def test_keras_errors_name_the_variant_and_the_variable(keras64):
+  keras = keras64
+  v = keras.Variable(np.ones((2, 3)), name='dense_kernel')
+  opt = keras.optimizers.RMSprop(0.01, momentum=0.9)
+  opt.build([v])
+  params = {'dense': {'kernel': jnp.ones((2, 3))}}
+  param_map = {v.path: (('dense', 'kernel'), None)}
+  with pytest.raises(ValueError, match='momentum buffer'):
+    porting.import_keras_state(opt, param_map, rmsprop_jax.presets.keras(),
+                               params)
+  with pytest.raises(ValueError, match="'other/kernel'"):
+    porting.import_keras_state(
+        opt, {'other/kernel': (('dense', 'kernel'), None)},
+        rmsprop_jax.presets.keras(momentum=0.9), params)
+  with pytest.raises(ValueError, match='shape'):
+    porting.import_keras_state(opt, {v.path: (('dense', 'kernel'), (1, 0))},
+                               rmsprop_jax.presets.keras(momentum=0.9), params)
