@@ -206,7 +206,9 @@ def rmsprop(
     decay one after it; stochastic rounding and the 8-bit ``nu`` a step
     ``count`` (the ``WithCount`` class), ``nu_dtype`` a narrower (or coded)
     ``nu``; ``skip_nonfinite`` wraps the whole state in
-    ``optax.ApplyIfFiniteState``; ``packing=True`` packs it (see above).
+    ``optax.ApplyIfFiniteState``; ``packing=True`` packs it (see above);
+    ``caution`` nests the moment, learning-rate and momentum states in one
+    tuple of the chain.
 
   Raises:
     TypeError: if a hyperparameter is not a real number, a scalar array or
