@@ -1,9 +1,10 @@
 """Move a running PyTorch training into Flax NNX, optimizer state included.
 
 A small CNN trains on scikit-learn's handwritten digits in PyTorch with
-``torch.optim.RMSprop`` (momentum 0.9, a cosine learning-rate schedule). Half
-way, its weights and its optimizer state (the second moment, the momentum
-buffer, the step count) move into an equal Flax NNX network trained with
+``torch.optim.RMSprop`` (alpha 0.99, a cosine learning-rate schedule). Half
+way, its weights and its optimizer state (the second moment and the step
+count; the tests move momentum buffers too) move into an equal Flax NNX
+network trained with
 ``rmsprop_jax.presets.pytorch``, through ``rmsprop_jax.porting``, and
 training continues in JAX. Three continuations are drawn: PyTorch
 uninterrupted, JAX with the imported state (the curves overlap), and JAX
@@ -136,7 +137,7 @@ def main(argv=None):
   model = FlaxCNN(nnx.Rngs(args.seed))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   param_map = porting.torch_to_flax_map(net.named_parameters(), params)
-  names = [name for name, _ in net.named_parameters()]
+  names = porting.torch_param_names(opt, net)
   params = porting.port_params(net.state_dict(), param_map, params)
   tx = rmsprop_jax.presets.pytorch(schedule, alpha=ALPHA)
   state = porting.import_torch_state(opt.state_dict(), names, param_map, tx,

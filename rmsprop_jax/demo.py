@@ -229,15 +229,17 @@ def demo4() -> dict[str, Run]:
                          lr_in_momentum=False), ravine, [10.0, 10.0],
                  CONVENTIONS_STEPS).params[-1]
   losses = {name: r.loss[-1] for name, r in runs.items()}
-  print(f'Conclusion: after {CONVENTIONS_STEPS} steps the final losses span '
-        f'{min(losses.values()):.2g} to {max(losses.values()):.2g}. Keras '
+  print(f'Conclusion: after {CONVENTIONS_STEPS} steps (the losses still '
+        f'oscillate) they span {min(losses.values()):.2g} to '
+        f'{max(losses.values()):.2g}. Keras '
         f'and optax are one rule (eps inside the square root, v from 0, the '
         f'learning rate inside the momentum buffer) and end '
-        f"{apart['Keras']:.2g} apart; TF1 starts v at 1 and ends "
-        f"{apart['TF1']:.2g} from optax; PyTorch puts eps outside and the "
-        f"learning rate after the buffer and ends {apart['PyTorch']:.2g} "
-        'from optax; optax with only the learning rate moved after the '
-        f'buffer ends {np.linalg.norm(lr_after - ref):.2g} from it: with a '
+        f"{apart['Keras']:.2g} apart; TF1 starts v at 1 and its final "
+        f"point lies {apart['TF1']:.2g} from optax's; PyTorch puts eps "
+        'outside and the learning rate after the buffer, and its final point '
+        f"lies {apart['PyTorch']:.2g} from optax's; optax with only the "
+        'learning rate moved after the buffer ends '
+        f'{np.linalg.norm(lr_after - ref):.2g} from it: with a '
         'schedule, where the learning rate sits changes the run.\n')
   return runs
 

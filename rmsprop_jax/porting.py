@@ -54,8 +54,8 @@ import optax
 
 from rmsprop_jax import packing as packing_lib
 
-__all__ = ['torch_to_flax_map', 'port_params', 'export_params',
-           'import_torch_state',
+__all__ = ['torch_to_flax_map', 'torch_param_names', 'port_params',
+           'export_params', 'import_torch_state',
            'export_torch_state', 'import_keras_state', 'export_keras_state',
            'import_tf1_slots', 'export_tf1_slots']
 
@@ -160,30 +160,42 @@ def import_torch_state(state_dict: Mapping[str, Any],
                        names: Sequence[str],
                        param_map: ParamMap,
                        tx: optax.GradientTransformation,
-                       params: Any) -> Any:
+                       params: Any,
+                       check: bool = True) -> Any:
   """The state of ``tx`` from a ``torch.optim.RMSprop`` or timm
   ``RMSpropTF`` ``state_dict()``.
 
   Args:
     state_dict: ``optimizer.state_dict()`` of the PyTorch optimizer.
-    names: the PyTorch parameter names in the optimizer's order (for an
-      optimizer built on ``model.parameters()``: ``[n for n, _ in
-      model.named_parameters()]``).
+    names: the PyTorch parameter names in the optimizer's order:
+      :func:`torch_param_names` ``(optimizer, model)``. (For one group built
+      on ``model.parameters()`` that is ``[n for n, _ in
+      model.named_parameters()]``; with several groups it is not.)
     param_map: PyTorch name -> (JAX path, layout), as for the weights.
     tx: the matching preset (``presets.pytorch`` or ``presets.timm`` with
       the optimizer's hyperparameters; the learning rate may be a schedule,
       which continues from the imported step count).
     params: the JAX parameters, as given to ``tx.init``.
+    check: verify that ``tx``'s next step from the imported state is the
+      source optimizer's: each parameter group's hyperparameters (read from
+      ``state_dict``: PyTorch's or timm's, told apart by timm's
+      ``lr_in_momentum`` key) build the reference preset with the group's
+      current learning rate, and both take one step on a probe gradient.
+      Pass ``False`` to continue with other hyperparameters on purpose.
 
   Returns:
     A state with the structure, shapes and dtypes of ``tx.init(params)``.
 
   Raises:
-    ValueError: for a state of another optimizer (no ``square_avg``),
+    ValueError: with ``check``, if ``tx``'s next step differs from the
+      source's (another preset, another ``alpha``, weight decay, momentum
+      placement, or a schedule whose value at the imported step is not the
+      group's ``lr``); for a state of another optimizer (no ``square_avg``),
       another variant (a momentum buffer or centered mean present in one and
       not the other), a parameter without state or missing from the map,
       or a shape that does not fit, naming the parameter.
   """
+  owner = 'import_torch_state'
   groups = state_dict['param_groups']
   lr_inside = _torch_lr_inside(groups)
   by_index = {i: name for i, name in enumerate(names)}
@@ -219,8 +231,27 @@ def import_torch_state(state_dict: Mapping[str, Any],
   if len(steps) > 1:
     raise ValueError(f'import_torch_state: the parameters were stepped '
                      f'different numbers of times ({sorted(steps)}).')
-  return _build_state('import_torch_state', tx, params, values,
-                      steps.pop() if steps else 0)
+  count = steps.pop() if steps else 0
+  state = _build_state(owner, tx, params, values, count)
+  if check:
+    for group in groups:
+      kind, hyper = _torch_hyperparameters(group)
+      from rmsprop_jax import presets
+      make_ref = lambda lr, kind=kind, hyper=hyper: getattr(presets, kind)(
+          **dict(hyper, lr=lr))
+
+      def build(ref):
+        try:
+          return _build_state(owner, ref, params, values, count)
+        except ValueError as error:
+          raise ValueError(
+              f'{owner}: the parameter groups differ in structure ({error}); '
+              'pass check=False and compare the runs yourself.') from None
+
+      members = {tuple(param_map[by_index[i]][0]) for i in group['params']}
+      _check_next_step(owner, tx, state, make_ref, build, params,
+                       f'presets.{kind}', hyper, count, members)
+  return state
 
 
 def export_torch_state(state: Any, template: Mapping[str, Any],
@@ -246,46 +277,69 @@ def export_torch_state(state: Any, template: Mapping[str, Any],
     ValueError: where ``state`` keeps no step count and ``step`` is None.
   """
   import torch
+  owner = 'export_torch_state'
   groups = template['param_groups']
   lr_inside = _torch_lr_inside(groups)
   moments, count = _read_state(state)
-  count = _step('export_torch_state', count, step)
+  count = _step(owner, count, step)
   by_index = dict(enumerate(names))
   dtype = (torch.float64 if torch.get_default_dtype() == torch.float64
            else torch.float32)
   out = {}
   for group in groups:
+    expected = {'nu'} | ({'mu'} if group.get('centered') else set()) | (
+        {'trace'} if group.get('momentum', 0) > 0 else set())
+    for field in set(_MOMENTS) - {'nu'}:
+      if (field in expected) != (field in moments):
+        raise ValueError(_variant_message(owner, field, 'the optimizer'))
     for i in group['params']:
-      path, perm = param_map[by_index[i]]
+      name = by_index.get(i)
+      if name is None or name not in param_map:
+        raise ValueError(f'{owner}: the optimizer\'s parameter {i} '
+                         f'({name!r}) is not in names and param_map.')
+      path, perm = param_map[name]
       entry = {'step': torch.tensor(float(count), dtype=dtype)}
       for field, key in (('nu', 'square_avg'), ('trace', 'momentum_buffer'),
                          ('mu', 'grad_avg')):
-        if field in moments:
-          value = _from_jax(_get(moments[field], path), perm)
+        if field in expected:
+          value = _from_jax(_moment(moments[field], path, owner, name), perm)
           if field == 'trace' and lr_inside:
             value = -value
-          entry[key] = torch.from_numpy(np.array(value, copy=True))
+          entry[key] = _to_torch(torch, value)
       out[i] = entry
   return {'state': out, 'param_groups': groups}
 
 
+def _to_torch(torch, value: np.ndarray):
+  if value.dtype.name == 'bfloat16':
+    return torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
+  return torch.from_numpy(value)
+
+
 def import_keras_state(optimizer: Any, param_map: ParamMap,
-                       tx: optax.GradientTransformation, params: Any) -> Any:
+                       tx: optax.GradientTransformation, params: Any,
+                       check: bool = True) -> Any:
   """The state of ``tx`` (``presets.keras``) from a built Keras 3
   ``keras.optimizers.RMSprop``: its ``*_velocity``, ``*_momentum`` and
   ``*_average_gradient`` variables and its ``iteration``.
 
   ``param_map`` is keyed by the Keras variables' paths
   (``model.trainable_variables[i].path``, e.g. ``'sequential/dense/kernel'``).
-  Raises ``ValueError`` as :func:`import_torch_state`.
+  With ``check`` (default), ``tx``'s next step from the imported state must
+  be the Keras optimizer's (its ``rho``, ``momentum``, ``epsilon``,
+  ``centered``, ``weight_decay`` and current learning rate), as in
+  :func:`import_torch_state`. Raises ``ValueError`` as
+  :func:`import_torch_state`, and ``TypeError`` for a Keras optimizer other
+  than RMSprop.
   """
+  owner = 'import_keras_state'
+  _check_keras_rmsprop(owner, optimizer)
   found = {v.name: v for v in optimizer.variables}
   values = {}
   for name, (path, perm) in param_map.items():
     key = name.replace('/', '_')
     if f'{key}_velocity' not in found:
-      raise ValueError(f'import_keras_state: the optimizer has no state for '
-                       f'{name!r}.')
+      raise ValueError(_keras_missing(owner, name, found))
     for field, suffix in (('nu', 'velocity'), ('mu', 'average_gradient')):
       if f'{key}_{suffix}' in found:
         values[field, tuple(path)] = (
@@ -293,8 +347,22 @@ def import_keras_state(optimizer: Any, param_map: ParamMap,
     if f'{key}_momentum' in found:  # The step taken: the lr is inside.
       values['trace', tuple(path)] = (
           -np.asarray(found[f'{key}_momentum'].value), perm, name)
-  return _build_state('import_keras_state', tx, params, values,
-                      int(np.asarray(found['iteration'].value)))
+  count = int(np.asarray(found['iteration'].value))
+  state = _build_state(owner, tx, params, values, count)
+  if check:
+    from rmsprop_jax import presets
+    hyper = dict(learning_rate=float(np.asarray(optimizer.learning_rate)),
+                 rho=float(optimizer.rho), momentum=float(optimizer.momentum),
+                 epsilon=float(optimizer.epsilon),
+                 centered=bool(optimizer.centered),
+                 weight_decay=(None if optimizer.weight_decay is None
+                               else float(optimizer.weight_decay)))
+    _check_next_step(
+        owner, tx, state,
+        lambda lr: presets.keras(**dict(hyper, learning_rate=lr)),
+        lambda ref: _build_state(owner, ref, params, values, count), params,
+        'presets.keras', hyper, count)
+  return state
 
 
 def export_keras_state(state: Any, optimizer: Any, param_map: ParamMap,
@@ -304,17 +372,22 @@ def export_keras_state(state: Any, optimizer: Any, param_map: ParamMap,
   :func:`import_keras_state`. ``step`` (Keras' ``iteration``, which its
   learning-rate schedules read) is needed only where ``state`` keeps no step
   count."""
+  owner = 'export_keras_state'
+  _check_keras_rmsprop(owner, optimizer)
   found = {v.name: v for v in optimizer.variables}
   moments, count = _read_state(state)
-  count = _step('export_keras_state', count, step)
+  count = _step(owner, count, step)
+  for name in param_map:
+    if f"{name.replace('/', '_')}_velocity" not in found:
+      raise ValueError(_keras_missing(owner, name, found))
   for name, (path, perm) in param_map.items():
     key = name.replace('/', '_')
     for field, suffix in (('nu', 'velocity'), ('mu', 'average_gradient'),
                           ('trace', 'momentum')):
       if (field in moments) != (f'{key}_{suffix}' in found):
-        raise ValueError(_variant_message('export_keras_state', field, name))
+        raise ValueError(_variant_message(owner, field, name))
       if field in moments:
-        value = _from_jax(_get(moments[field], path), perm)
+        value = _from_jax(_moment(moments[field], path, owner, name), perm)
         found[f'{key}_{suffix}'].assign(-value if field == 'trace' else value)
   found['iteration'].assign(count)
 
@@ -349,16 +422,119 @@ def export_tf1_slots(state: Any, param_map: ParamMap) -> dict:
   moments, _ = _read_state(state)
   out = {}
   for name, (path, perm) in param_map.items():
-    entry = {'rms': _from_jax(_get(moments['nu'], path), perm)}
-    entry['momentum'] = (-_from_jax(_get(moments['trace'], path), perm)
-                         if 'trace' in moments else np.zeros_like(entry['rms']))
+    get = lambda field: _from_jax(
+        _moment(moments[field], path, 'export_tf1_slots', name), perm)
+    entry = {'rms': get('nu')}
+    entry['momentum'] = (-get('trace') if 'trace' in moments
+                         else np.zeros_like(entry['rms']))
     if 'mu' in moments:
-      entry['mg'] = _from_jax(_get(moments['mu'], path), perm)
+      entry['mg'] = get('mu')
     out[name] = entry
   return out
 
 
+def torch_param_names(optimizer: Any, model: Any) -> list[str]:
+  """The names (``model.named_parameters()``) of ``optimizer``'s
+  parameters, in the optimizer's order: its ``state_dict()`` numbers them
+  so, group after group.
+
+  Raises:
+    ValueError: for a parameter of the optimizer that is not the model's.
+  """
+  by_id = {id(p): name for name, p in model.named_parameters()}
+  names = []
+  for g, group in enumerate(optimizer.param_groups):
+    for p in group['params']:
+      if id(p) not in by_id:
+        raise ValueError(f'torch_param_names: a parameter of group {g} '
+                         f'(shape {tuple(p.shape)}) is not the model\'s.')
+      names.append(by_id[id(p)])
+  return names
+
+
 # -- helpers -----------------------------------------------------------------
+
+
+def _torch_hyperparameters(group) -> tuple[str, dict]:
+  """(preset name, its arguments) reproducing a PyTorch or timm parameter
+  group at its current learning rate."""
+  common = dict(lr=float(group['lr']), alpha=float(group['alpha']),
+                eps=float(group['eps']),
+                weight_decay=float(group['weight_decay']),
+                momentum=float(group['momentum']),
+                centered=bool(group['centered']))
+  if 'lr_in_momentum' not in group:
+    return 'pytorch', dict(common, maximize=bool(group.get('maximize', False)))
+  hyper = dict(common, decoupled_decay=bool(group['decoupled_decay']),
+               lr_in_momentum=bool(group['lr_in_momentum']),
+               caution=bool(group.get('caution', False)))
+  if group.get('corrected_weight_decay') and hyper['decoupled_decay']:
+    # timm decays by lr**2 / max_lr: at a constant lr, lr * (wd * lr/max_lr).
+    hyper['weight_decay'] *= hyper['lr'] / float(group['max_lr_snapshot'])
+  return 'timm', hyper
+
+
+def _check_keras_rmsprop(owner, optimizer):
+  name = type(optimizer).__name__
+  if name != 'RMSprop' or not hasattr(optimizer, 'rho'):
+    raise TypeError(f'{owner}: this is a Keras {name} optimizer, not '
+                    'RMSprop: its state is not RMSprop state.')
+
+
+def _keras_missing(owner, name, found) -> str:
+  known = sorted(k[:-len('_velocity')] for k in found
+                 if k.endswith('_velocity'))
+  return (f'{owner}: the Keras optimizer has no state for {name!r} (its '
+          f'variables are named after the paths {known[:6]}, "/" as "_"; '
+          'is the optimizer built, and is this the model it trains?).')
+
+
+def _probe(params):
+  """A gradient like ``params``: fixed, varied values of both signs."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      jax.random.normal(k, jnp.shape(x)).astype(jnp.result_type(x))
+      for k, x in zip(keys, leaves)])
+
+
+def _check_next_step(owner, tx, state, make_ref, build, params, preset,
+                     hyper, count, members=None):
+  """Raises unless ``tx``'s next step from the imported ``state`` is the
+  source's rule at some learning rate (on the leaves in ``members``).
+
+  The source's step is affine in its learning rate (``make_ref(lr)``, its
+  state ``build(ref)``): measured at 0 and 1, the rate that fits ``tx``'s
+  step best is solved for, and the rest must be round-off. So a schedule
+  that differs from the source's own learning rates passes; another rule
+  (preset, decay, eps, weight decay, momentum or its placement) does not.
+  """
+  grads = _probe(params)
+  ours = tx.update(grads, state, params)[0]
+  at = {}
+  for lr in (0.0, 1.0):
+    ref = make_ref(lr)
+    at[lr] = ref.update(grads, build(ref), params)[0]
+  pick = lambda tree: np.concatenate([
+      np.ravel(np.asarray(x, np.float64))
+      for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+      if members is None or _path_keys(path) in members])
+  u, a, b = pick(ours), pick(at[0.0]), pick(at[1.0]) - pick(at[0.0])
+  rate = float(np.dot(u - a, b) / max(np.dot(b, b), 1e-300))
+  worst = float(np.max(np.abs(u - a - rate * b), initial=0.0)
+                / max(np.max(np.abs(u), initial=0.0), 1e-300))
+  dtypes = {jnp.result_type(x) for x in jax.tree.leaves(params)}
+  tolerance = 1e3 * max(float(jnp.finfo(d).eps) for d in dtypes)
+  if worst > tolerance:
+    args = ', '.join(f'{k}={v!r}' for k, v in hyper.items())
+    raise ValueError(
+        f"{owner}: tx does not continue this run: its next step from the "
+        f"imported state is not the source optimizer's rule at any learning "
+        f'rate (off by {worst:.2g}, relative; round-off would be below '
+        f'{tolerance:.1g}). The source is {preset}({args}) at step {count}: '
+        'build tx with those arguments (the learning rate may be a '
+        'schedule), or pass check=False to change the rule on purpose.')
+
 
 
 def _torch_lr_inside(groups) -> bool:
@@ -394,14 +570,21 @@ def _has(node, key) -> bool:
 
 
 def _to_numpy(value) -> np.ndarray:
+  """A copy: a torch tensor's ``numpy()`` shares its memory, and a later
+  PyTorch step would change the JAX arrays made from it."""
   if hasattr(value, 'detach'):  # A torch tensor.
-    value = value.detach().cpu().numpy()
-  return np.asarray(value)
+    value = value.detach().cpu()
+    if str(value.dtype) == 'torch.bfloat16':
+      import ml_dtypes
+      return value.float().numpy().astype(ml_dtypes.bfloat16)
+    value = value.numpy()
+  return np.array(value, copy=True)
 
 
 def _from_jax(value, perm) -> np.ndarray:
   value = np.asarray(value)
-  return value.transpose(np.argsort(perm)) if perm else value
+  return np.array(value.transpose(np.argsort(perm)) if perm else value,
+                  copy=True)
 
 
 def _get(tree, path):
@@ -432,7 +615,7 @@ def _fill_tree(tree, values, owner):
       raise ValueError(
           f'{owner}: {name!r} has shape {value.shape} after its layout, the '
           f'JAX leaf {key} {tuple(np.shape(leaf))}.')
-    return jnp.asarray(value, jnp.result_type(leaf))
+    return jnp.array(value, jnp.result_type(leaf))  # A copy.
 
   out = jax.tree_util.tree_map_with_path(fill, tree)
   missing = set(values) - seen
@@ -505,7 +688,7 @@ def _build_state(owner, tx, params, values, count):
         raise ValueError(
             f'{owner}: {name!r} has shape {value.shape} after its layout, '
             f'the JAX parameter {param_path} {tuple(np.shape(leaf))}.')
-      leaves.append(jnp.asarray(value, jnp.result_type(leaf)))
+      leaves.append(jnp.array(value, jnp.result_type(leaf)))  # A copy.
     else:
       leaves.append(leaf)
   extra = set(values) - seen
@@ -527,7 +710,9 @@ def _step(owner, count, step):
 
 
 def _read_state(state):
-  """({field: parameter-shaped tree}, count) of a state in any layout."""
+  """({field: [parameter-shaped trees]}, count) of a state in any layout.
+  A field may come in several trees (``optax.multi_transform`` keeps one
+  state per label, each masked to its own leaves)."""
   plain = packing_lib.unpack_state(state)
   moments, counts = {}, set()
 
@@ -536,7 +721,7 @@ def _read_state(state):
       for field in node._fields:
         value = getattr(node, field)
         if field in _MOMENTS:
-          moments[field] = value
+          moments.setdefault(field, []).append(value)
         elif field == 'count':
           counts.add(int(value))
         else:
@@ -544,6 +729,22 @@ def _read_state(state):
     elif isinstance(node, (tuple, list)):
       for child in node:
         visit(child)
+    elif isinstance(node, Mapping):
+      for child in node.values():
+        visit(child)
 
   visit(plain)
   return moments, max(counts) if counts else None
+
+
+def _moment(trees, path, owner, name):
+  """The moment of the parameter at ``path``, from whichever tree holds it
+  (not masked out)."""
+  for tree in trees:
+    try:
+      value = _get(tree, path)
+    except (KeyError, IndexError, TypeError):
+      continue
+    if hasattr(value, 'shape'):
+      return value
+  raise ValueError(f'{owner}: no state for {name!r} at {tuple(path)}.')

@@ -151,10 +151,11 @@ def test_torch_to_jax_continues_the_run(kind, x64):
   state = porting.import_torch_state(opt.state_dict(), names, param_map, tx,
                                      params)
   assert int(optax.tree.get(state, 'count')) == N  # The schedule continues.
+  # PyTorch goes on first: the imported arrays must not share its memory.
+  theirs = _torch_steps(model, opt, x, y, range(N, N + M))
   ours, _ = _jax_steps(net, tx, params, state, x, y, range(N, N + M))
   reset, _ = _jax_steps(net, tx, params, tx.init(params), x, y,
                         range(N, N + M))
-  theirs = _torch_steps(model, opt, x, y, range(N, N + M))
   assert _gap(theirs, ours, param_map) < ROUND_OFF
   assert _gap(theirs, reset, param_map) > 1e-3
 
@@ -406,3 +407,115 @@ def test_keras_errors_name_the_variant_and_the_variable(keras64):
   with pytest.raises(ValueError, match='shape'):
     porting.import_keras_state(opt, {v.path: (('dense', 'kernel'), (1, 0))},
                                rmsprop_jax.presets.keras(momentum=0.9), params)
+
+
+@pytest.mark.parametrize('source, target', [
+    ('pytorch momentum', 'timm momentum'),   # Another momentum placement.
+    ('timm', 'timm lr outside'),
+    ('timm', 'pytorch momentum'),
+    ('pytorch momentum', 'pytorch momentum alpha 0.9'),
+    ('pytorch momentum', 'pytorch momentum wd'),
+])
+def test_a_preset_that_would_not_continue_the_run_is_refused(source, target,
+                                                             x64):
+  """The state fits (same buffers), but tx's rule is not the source's."""
+  torch = require('torch')
+  model = _torch_net()
+  if source == 'timm':
+    opt = timm_rmsprop_tf()(model.parameters(), lr=0.01, momentum=0.9)
+  else:
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9)
+  x, y = _data()
+  _torch_steps(model, opt, x, y, range(2))
+  _, params = _flax_net()
+  param_map = porting.torch_to_flax_map(model.named_parameters(), params)
+  names = porting.torch_param_names(opt, model)
+  presets = rmsprop_jax.presets
+  tx = {'timm momentum': presets.timm(0.01, momentum=0.9),
+        'timm lr outside': presets.timm(0.01, momentum=0.9,
+                                        lr_in_momentum=False),
+        'pytorch momentum': presets.pytorch(0.01, momentum=0.9),
+        'pytorch momentum alpha 0.9': presets.pytorch(0.01, alpha=0.9,
+                                                      momentum=0.9),
+        'pytorch momentum wd': presets.pytorch(0.01, momentum=0.9,
+                                               weight_decay=0.1)}[target]
+  with pytest.raises(ValueError, match='does not continue this run'):
+    porting.import_torch_state(opt.state_dict(), names, param_map, tx, params)
+  # check=False takes it as asked.
+  porting.import_torch_state(opt.state_dict(), names, param_map, tx, params,
+                             check=False)
+  # Another learning rate (a schedule's own values) is not another rule.
+  right = (presets.timm(0.5, momentum=0.9) if source == 'timm'
+           else presets.pytorch(0.5, momentum=0.9))
+  porting.import_torch_state(opt.state_dict(), names, param_map, right,
+                             params)
+
+
+def test_parameter_groups_and_multi_transform_both_ways(x64):
+  """Two groups (no weight decay on biases), in the optimizer's own order,
+  into optax.multi_transform of two presets, and back."""
+  torch = require('torch')
+  model = _torch_net()
+  biases = [p for n, p in model.named_parameters() if n.endswith('bias')]
+  weights = [p for n, p in model.named_parameters() if n.endswith('weight')]
+  opt = torch.optim.RMSprop([{'params': biases},
+                             {'params': weights, 'weight_decay': 0.1}],
+                            lr=0.01, momentum=0.9)
+  x, y = _data()
+  _torch_steps(model, opt, x, y, range(3))
+  names = porting.torch_param_names(opt, model)
+  assert names == ['conv.bias', 'fc.bias', 'conv.weight', 'fc.weight']
+  _, params = _flax_net()
+  param_map = porting.torch_to_flax_map(model.named_parameters(), params)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: 'bias' if path[-1].key == 'bias' else 'weight', params)
+  tx = optax.multi_transform(
+      {'bias': rmsprop_jax.presets.pytorch(0.01, momentum=0.9),
+       'weight': rmsprop_jax.presets.pytorch(0.01, momentum=0.9,
+                                             weight_decay=0.1)}, labels)
+  state = porting.import_torch_state(opt.state_dict(), names, param_map, tx,
+                                     params)
+  back = porting.export_torch_state(state, opt.state_dict(), names,
+                                    param_map, step=3)
+  for i, entry in opt.state_dict()['state'].items():
+    for key in ('square_avg', 'momentum_buffer'):
+      np.testing.assert_array_equal(back['state'][i][key].numpy(),
+                                    entry[key].numpy())
+  # Both groups with one weight decay: the weights' group is refused.
+  wrong = rmsprop_jax.presets.pytorch(0.01, momentum=0.9)
+  with pytest.raises(ValueError, match='does not continue this run'):
+    porting.import_torch_state(opt.state_dict(), names, param_map, wrong,
+                               params)
+
+
+def test_export_refuses_another_variant_and_unknown_names(x64):
+  model, opt, params, param_map = _torch_state('pytorch')  # No momentum.
+  names = porting.torch_param_names(opt, model)
+  tx = rmsprop_jax.presets.pytorch(0.01, momentum=0.9)
+  state = tx.init(params)
+  with pytest.raises(ValueError, match='momentum buffer'):
+    porting.export_torch_state(state, opt.state_dict(), names, param_map,
+                               step=2)
+  with pytest.raises(ValueError, match="'conv.bias'"):
+    porting.export_torch_state(
+        rmsprop_jax.presets.pytorch(0.01).init(params), opt.state_dict(),
+        names, {k: v for k, v in param_map.items() if k != 'conv.bias'},
+        step=2)
+
+
+def test_keras_adam_is_not_rmsprop(keras64):
+  keras = keras64
+  v = keras.Variable(np.ones((2, 3)), name='dense_kernel')
+  adam = keras.optimizers.Adam(0.01)
+  adam.build([v])
+  with pytest.raises(TypeError, match='Adam'):
+    porting.import_keras_state(adam, {v.path: (('w',), None)},
+                               rmsprop_jax.presets.keras(), {'w': jnp.ones(
+                                   (2, 3))})
+  rms = keras.optimizers.RMSprop(0.01, momentum=0.9)
+  rms.build([v])
+  with pytest.raises(ValueError, match='does not continue this run'):
+    porting.import_keras_state(
+        rms, {v.path: (('w',), None)},
+        rmsprop_jax.presets.pytorch(0.01, momentum=0.9),
+        {'w': jnp.ones((2, 3))})
