@@ -72,9 +72,9 @@ def main(argv=None):
   out = (pathlib.Path(__file__).parent / 'results' / (
       'quick' if args.quick else '') if args.out is None else args.out)
   problem = _unwritable(str(out))
-  out = pathlib.Path(out)
   if problem:
     fail(f'--out {str(out)!r}: {problem}')
+  out = pathlib.Path(out)
   print(common.environment_markdown(common.environment()))
   results = {}
   if 'step' in suites:

@@ -10,26 +10,34 @@ from tqdm import tqdm
 from rmsprop_jax.__main__ import _unwritable
 
 
-def parse_args(doc: str, argv=None) -> argparse.Namespace:
+def parse_args(doc: str, argv=None, *, quick: str,
+               seed: bool = True) -> argparse.Namespace:
   """Parses the examples' options; ``--help`` shows the first paragraph of
-  the example's docstring ``doc``. An ``--out`` that cannot hold the figure
-  is refused at once (one line on stderr, exit status 2), before training."""
+  the example's docstring ``doc`` and ``quick``, the measured time of its
+  ``--quick`` run. ``seed``: whether the example has randomness for
+  ``--seed`` to set. Bad values (an ``--out`` that cannot hold the figure, a
+  seed outside [0, 2**32)) are refused at once: one line on stderr, exit
+  status 2, before any training."""
   description = ' '.join(doc.strip().split('\n\n')[0].split())
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--quick', action='store_true',
-                      help='a short run for smoke tests (CI): 3 to 15 s on a '
+                      help=f'a short run for smoke tests (CI): {quick} on a '
                            'quiet 2-core machine, start-up included '
                            '(measured)')
   parser.add_argument('--out', default='example_figures', metavar='DIR',
                       help='folder for the figure, created if missing '
                            '(default: ./example_figures)')
-  parser.add_argument('--seed', type=int, default=0,
-                      help='random seed of the initial weights and the data '
-                           'order (default: 0)')
+  if seed:
+    parser.add_argument('--seed', type=int, default=0,
+                        help='random seed of the initial weights and the '
+                             'data, in [0, 2**32) (default: 0)')
   args = parser.parse_args(argv)
+  fail = lambda message: parser.exit(2, f'{parser.prog}: error: {message}\n')
+  if seed and not 0 <= args.seed < 2**32:
+    fail(f'--seed {args.seed}: must be in [0, 2**32)')
   problem = _unwritable(args.out)
   if problem:
-    parser.exit(2, f'{parser.prog}: error: --out {args.out!r}: {problem}\n')
+    fail(f'--out {args.out!r}: {problem}')
   args.out = pathlib.Path(args.out)
   return args
 

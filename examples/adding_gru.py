@@ -86,7 +86,7 @@ OPTIMIZERS = {
 
 
 def main(argv=None):
-  args = parse_args(__doc__, argv)
+  args = parse_args(__doc__, argv, quick='about 10 s')
   if args.quick:
     length, hidden, steps, grid, n_seeds = 10, 16, 200, [1e-3, 1e-2], 2
   else:

@@ -68,7 +68,7 @@ def train(tx, data, epochs, batch, seed, bar):
 
 
 def main(argv=None):
-  args = parse_args(__doc__, argv)
+  args = parse_args(__doc__, argv, quick='about 7 s')
   epochs = 3 if args.quick else 60
   data = load(args.seed)
   optimizers = {

@@ -115,7 +115,7 @@ def set_optimizer_state(opt: nnx.Optimizer, state, count: int) -> None:
 
 
 def main(argv=None):
-  args = parse_args(__doc__, argv)
+  args = parse_args(__doc__, argv, quick='about 16 s')
   epochs = 2 if args.quick else 12
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)

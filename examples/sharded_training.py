@@ -99,7 +99,7 @@ def trainer(mesh, tx, state_shardings, x, y, batch):
 
 
 def main(argv=None):
-  args = parse_args(__doc__, argv)
+  args = parse_args(__doc__, argv, quick='about 7 s')
   steps = 30 if args.quick else 300
   batch = 256
   assert jax.device_count() >= 8, (

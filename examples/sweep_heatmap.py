@@ -47,7 +47,7 @@ def sweep(lrs, decays, steps, x, y, bar=None):
 
 
 def main(argv=None):
-  args = parse_args(__doc__, argv)
+  args = parse_args(__doc__, argv, quick='about 3 s', seed=False)
   steps = 20 if args.quick else 300
   x, y = load_digits(return_X_y=True)
   x, y = jnp.asarray(x / 16.0, jnp.float32), jnp.asarray(y)

@@ -56,11 +56,11 @@ def _unwritable(out: str) -> str | None:
   if not str(out).strip():
     return 'is empty (give a folder, or leave the option out)'
   path = pathlib.Path(out)
-  if path.exists() and not path.is_dir():
-    return 'exists and is not a folder'
   try:
+    if path.exists() and not path.is_dir():
+      return 'exists and is not a folder'
     path.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
+  except OSError as error:  # Also a name too long to look up.
     return f'cannot create the folder ({error.strerror or error})'
   if not os.access(path, os.W_OK | os.X_OK):
     return 'the folder is not writable'

@@ -15,12 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _concrete(value: Any) -> np.ndarray | None:
+def concrete(value: Any) -> np.ndarray | None:
   """Returns ``value`` as a float64 array, or None if it cannot be checked."""
   if value is None or callable(value) or isinstance(value, jax.core.Tracer):
     return None
   try:
     return np.asarray(value, dtype=np.float64)
+  except OverflowError:  # An int beyond float64: as good as infinite.
+    return np.asarray(np.inf)
   except (TypeError, ValueError):
     return None
 
@@ -36,6 +38,9 @@ def check_type(owner: str, name: str, value: Any, *, schedule: bool = False,
     if optional:
       return
     raise TypeError(f'{owner}: `{name}` must be a number, not None.')
+  if isinstance(value, type):  # float, jnp.float32: callable, not schedules.
+    raise TypeError(f'{owner}: `{name}` must be a number, not the type '
+                    f'{value.__name__}.')
   if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
     if schedule:
       return
@@ -51,6 +56,11 @@ def check_type(owner: str, name: str, value: Any, *, schedule: bool = False,
         ' or a schedule (step -> value)' if schedule else '')
     raise TypeError(f'{owner}: `{name}` must be {expected}, not {what} '
                     f'({value!r}).')
+  if jnp.issubdtype(getattr(value, 'dtype', type(value)),
+                    jnp.unsignedinteger):
+    raise TypeError(f'{owner}: `{name}` must be a float or a signed integer, '
+                    f'not {what} ({value!r}): negating it, as the update '
+                    'does, wraps around.')
   if np.shape(value) != ():
     raise ValueError(f'{owner}: `{name}` must be a scalar, not an array of '
                      f'shape {np.shape(value)}.')
@@ -84,7 +94,7 @@ def check_mask(owner: str, name: str, mask: Any) -> None:
 def check_non_negative(owner: str, name: str, value: Any) -> None:
   """Raises ``ValueError`` unless every element of ``value`` is finite and
   >= 0."""
-  x = _concrete(value)
+  x = concrete(value)
   if x is not None and not np.all((x >= 0) & np.isfinite(x)):  # And NaN.
     raise ValueError(
         f'{owner}: `{name}` must be finite and >= 0 (valid range [0, inf)), '
@@ -93,7 +103,7 @@ def check_non_negative(owner: str, name: str, value: Any) -> None:
 
 def check_decay(owner: str, name: str, value: Any) -> None:
   """Raises ``ValueError`` unless every element of ``value`` is in [0, 1)."""
-  x = _concrete(value)
+  x = concrete(value)
   if x is not None and not np.all((x >= 0) & (x < 1)):
     raise ValueError(
         f'{owner}: `{name}` must be in [0, 1), got {value!r}.'

@@ -239,7 +239,8 @@ def demo4() -> dict[str, Run]:
         'outside and the learning rate after the buffer, and its final point '
         f"lies {apart['PyTorch']:.2g} from optax's; optax with only the "
         'learning rate moved after the buffer ends '
-        f'{np.linalg.norm(lr_after - ref):.2g} from it: with a '
+        f"{np.linalg.norm(lr_after - ref):.2g} from optax's final point "
+        '(distances between final (x, y) points): with a '
         'schedule, where the learning rate sits changes the run.\n')
   return runs
 

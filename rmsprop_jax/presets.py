@@ -35,6 +35,7 @@ preset             decay     eps      eps in   nu_0      lr vs          weight
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 
 from rmsprop_jax import _validation
@@ -45,16 +46,17 @@ __all__ = ['pytorch', 'keras', 'tf1', 'timm', 'hinton2012', 'graves2013',
 
 
 def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
-           momentum=0.0, weight_decay=None, **flags):
+           momentum=0.0, weight_decay=None, decay_optional=True, **flags):
   """Validates types and ranges with the framework's own argument names;
-  ``flags`` must each be True or False."""
+  ``flags`` must each be True or False. ``weight_decay`` may be None only
+  where ``decay_optional`` (Keras' default; PyTorch's and timm's is 0)."""
   _validation.check_bool(owner, **flags)
   _validation.check_type(owner, lr_name, lr, schedule=True)
   _validation.check_type(owner, decay_name, decay)
   _validation.check_type(owner, eps_name, eps)
   _validation.check_type(owner, 'momentum', momentum)
   _validation.check_type(owner, 'weight_decay', weight_decay, schedule=True,
-                         optional=True)
+                         optional=decay_optional)
   _validation.check_non_negative(owner, lr_name, lr)
   _validation.check_decay(owner, decay_name, decay)
   _validation.check_non_negative(owner, eps_name, eps)
@@ -101,7 +103,8 @@ def pytorch(
   Args: as ``torch.optim.RMSprop``; ``lr`` may also be an optax schedule.
   """
   _check('presets.pytorch', 'lr', lr, 'alpha', alpha, 'eps', eps,
-         momentum, weight_decay, centered=centered, maximize=maximize)
+         momentum, weight_decay, decay_optional=False, centered=centered,
+         maximize=maximize)
   momentum = _momentum_or_none(momentum)
   return rmsprop(
       lr, decay=alpha, eps=eps, eps_in_sqrt=False, centered=centered,
@@ -263,7 +266,8 @@ def timm(
   """
   owner = 'presets.timm'
   _check(owner, 'lr', lr, 'alpha', alpha, 'eps', eps, momentum, weight_decay,
-         centered=centered, decoupled_decay=decoupled_decay,
+         decay_optional=False, centered=centered,
+         decoupled_decay=decoupled_decay,
          corrected_weight_decay=corrected_weight_decay,
          lr_in_momentum=lr_in_momentum, caution=caution)
   _validation.check_type(owner, 'max_lr', max_lr, optional=True)
@@ -287,8 +291,9 @@ def timm(
           f'{owner}: corrected_weight_decay=True with a schedule lr needs '
           'max_lr: the lr timm\'s optimizer was built with.')
     _validation.check_non_negative(owner, 'max_lr', max_lr)
-    if max_lr == 0:
-      raise ValueError(f'{owner}: max_lr must be positive, got 0.')
+    concrete = _validation.concrete(max_lr)  # None when traced.
+    if concrete is not None and not np.all(concrete > 0):
+      raise ValueError(f'{owner}: `max_lr` must be positive, got {max_lr!r}.')
     wd = (weight_decay if callable(weight_decay)
           else lambda _, value=weight_decay: value)
     # lr_t * (lr_t * wd_t / max_lr): decoupled decay at a scheduled rate.
