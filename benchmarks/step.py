@@ -367,9 +367,9 @@ def markdown(payload) -> str:
 NOISE = ("The default compiles optax.rmsprop's own program (centered adds "
          "one select, its clamp at zero, to the same fused kernel), so its "
          "ratio to optax is not the optimizer's: it is this machine's timing "
-         "noise and where each side's buffers land in memory (two identical "
-         "optax.rmsprop steps, built one after the other, time 0.86-0.88x "
-         "apart on 1000 x 1K, the first built faster). So is an \"of "
+         "noise and the harness's (two identical optax.rmsprop steps, built "
+         "one after the other, time about 10 % apart on 1000 x 1K, the first "
+         "built faster; optax's side is built first). So is an \"of "
          "ceiling\" above 100 %. The bf16 and 8-bit nu rows compare our "
          "narrow state with optax's float32 one.")
 
