@@ -598,6 +598,19 @@ def _path_keys(path) -> tuple:
                for k in path)
 
 
+def _laid_out(owner, source, leaf, key):
+  """A source (array, layout, name) laid out for ``leaf`` at ``key``,
+  shape-checked, as a copy in the leaf's dtype."""
+  value, perm, name = source
+  if perm:
+    value = value.transpose(perm)
+  if value.shape != tuple(np.shape(leaf)):
+    raise ValueError(
+        f'{owner}: {name!r} has shape {value.shape} after its layout, the '
+        f'JAX leaf {key} {tuple(np.shape(leaf))}.')
+  return jnp.array(value, jnp.result_type(leaf))  # A copy.
+
+
 def _fill_tree(tree, values, owner):
   """``tree`` with the leaf at each path of ``values`` replaced by its
   (array, layout, name): laid out, shape-checked, cast to the leaf's dtype."""
@@ -608,14 +621,7 @@ def _fill_tree(tree, values, owner):
     if key not in values:
       raise ValueError(f'{owner}: the JAX leaf {key} is not in param_map.')
     seen.add(key)
-    value, perm, name = values[key]
-    if perm:
-      value = value.transpose(perm)
-    if value.shape != tuple(np.shape(leaf)):
-      raise ValueError(
-          f'{owner}: {name!r} has shape {value.shape} after its layout, the '
-          f'JAX leaf {key} {tuple(np.shape(leaf))}.')
-    return jnp.array(value, jnp.result_type(leaf))  # A copy.
+    return _laid_out(owner, values[key], leaf, key)
 
   out = jax.tree_util.tree_map_with_path(fill, tree)
   missing = set(values) - seen
@@ -681,14 +687,8 @@ def _build_state(owner, tx, params, values, count):
         raise ValueError(f'{owner}: no source for the JAX parameter '
                          f'{param_path} (not in param_map).')
       seen.add((field, param_path))
-      value, perm, name = values[field, param_path]
-      if perm:
-        value = value.transpose(perm)
-      if value.shape != tuple(np.shape(leaf)):
-        raise ValueError(
-            f'{owner}: {name!r} has shape {value.shape} after its layout, '
-            f'the JAX parameter {param_path} {tuple(np.shape(leaf))}.')
-      leaves.append(jnp.array(value, jnp.result_type(leaf)))  # A copy.
+      leaves.append(_laid_out(owner, values[field, param_path], leaf,
+                              param_path))
     else:
       leaves.append(leaf)
   extra = set(values) - seen

@@ -6,40 +6,18 @@ depend on each side's own parameters, so any difference in the update rule
 compounds over the steps.
 """
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import rmsprop_jax
-from conftest import require, timm_rmsprop_tf
-from helpers import (assert_trajectories_close, bowl_grads, bowl_problem,
+from conftest import timm_rmsprop_tf
+from helpers import (assert_trajectories_close, bowl_problem,
                      bowl_trajectory, learning_rates)
-
-STEPS = 30
-SHAPES = [(5, 3), (7,), ()]
+from test_torch_parity import SHAPES, STEPS, torch_trajectory
 
 
 def timm_trajectory(kwargs, lrs, seed=0):
-  torch = require('torch')
-  rmsprop_tf = timm_rmsprop_tf()
-  params, targets, noise = bowl_problem(SHAPES, STEPS, seed)
-  ps = [torch.tensor(p, dtype=torch.float64, requires_grad=True)
-        for p in params]
-  # Built with the first step's lr, as a timm scheduler leaves it: that is
-  # the lr corrected weight decay divides by.
-  opt = rmsprop_tf(ps, lr=float(lrs[0]), **kwargs)
-  out = []
-  for t in range(STEPS):
-    with torch.no_grad():
-      gs = bowl_grads(ps, targets, noise[t],
-                      lambda a: torch.tensor(a, dtype=torch.float64))
-    for p, g in zip(ps, gs):
-      p.grad = g
-    for group in opt.param_groups:
-      group['lr'] = float(lrs[t])
-    opt.step()
-    out.append([p.detach().numpy().copy() for p in ps])
-  return out
+  return torch_trajectory(kwargs, lrs, seed, optimizer=timm_rmsprop_tf())
 
 
 CASES = {

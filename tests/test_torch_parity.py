@@ -17,12 +17,17 @@ STEPS = 30
 SHAPES = [(5, 3), (7,), ()]
 
 
-def torch_trajectory(kwargs, lrs, seed=0):
+def torch_trajectory(kwargs, lrs, seed=0, optimizer=None):
+  """Parameters after each step of ``optimizer`` (``torch.optim.RMSprop``
+  by default; timm's ``RMSpropTF`` in test_timm_parity) on the bowl, with
+  the learning rate set to ``lrs[t]`` before step ``t``. Built with
+  ``lrs[0]``, as a scheduler leaves it: timm's corrected weight decay
+  divides by that rate."""
   torch = require('torch')
   params, targets, noise = bowl_problem(SHAPES, STEPS, seed)
   ps = [torch.tensor(p, dtype=torch.float64, requires_grad=True)
         for p in params]
-  opt = torch.optim.RMSprop(ps, lr=float(lrs[0]), **kwargs)
+  opt = (optimizer or torch.optim.RMSprop)(ps, lr=float(lrs[0]), **kwargs)
   out = []
   for t in range(STEPS):
     with torch.no_grad():
