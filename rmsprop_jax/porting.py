@@ -63,6 +63,9 @@ ParamMap = Mapping[str, tuple[tuple, Sequence[int] | None]]
 
 # The optax state fields a port fills: the per-parameter moments, and counts.
 _MOMENTS = ('nu', 'mu', 'trace')
+# The optax classes that hold them (ScaleByRms..., ScaleByRStdDev...,
+# TraceState); Adam's mu and nu, say, are not RMSprop's.
+_RMSPROP_STATES = ('ScaleByRms', 'ScaleByRStdDev', 'TraceState')
 
 
 def torch_to_flax_map(names_and_shapes: Iterable[tuple[str, Any]],
@@ -240,13 +243,11 @@ def import_torch_state(state_dict: Mapping[str, Any],
       make_ref = lambda lr, kind=kind, hyper=hyper: getattr(presets, kind)(
           **dict(hyper, lr=lr))
 
-      def build(ref):
-        try:
-          return _build_state(owner, ref, params, values, count)
-        except ValueError as error:
-          raise ValueError(
-              f'{owner}: the parameter groups differ in structure ({error}); '
-              'pass check=False and compare the runs yourself.') from None
+      # The reference holds this group's rule for every parameter; only
+      # this group's parameters are compared, so the others' state may not
+      # fit it (another group without momentum, say).
+      build = lambda ref: _build_state(owner, ref, params, values, count,
+                                       lenient=True)
 
       members = {tuple(param_map[by_index[i]][0]) for i in group['params']}
       _check_next_step(owner, tx, state, make_ref, build, params,
@@ -279,8 +280,15 @@ def export_torch_state(state: Any, template: Mapping[str, Any],
   import torch
   owner = 'export_torch_state'
   groups = template['param_groups']
+  if any('alpha' not in group for group in groups):
+    raise ValueError(f'{owner}: the template is not an RMSprop optimizer\'s '
+                     f'state_dict (its groups hold {sorted(groups[0])}).')
   lr_inside = _torch_lr_inside(groups)
   moments, count = _read_state(state)
+  if 'nu' not in moments:
+    raise ValueError(f'{owner}: the state holds no RMSprop second moment '
+                     '(no ScaleByRms or ScaleByRStdDev state): it is not an '
+                     'RMSprop preset\'s.')
   count = _step(owner, count, step)
   by_index = dict(enumerate(names))
   dtype = (torch.float64 if torch.get_default_dtype() == torch.float64
@@ -289,9 +297,6 @@ def export_torch_state(state: Any, template: Mapping[str, Any],
   for group in groups:
     expected = {'nu'} | ({'mu'} if group.get('centered') else set()) | (
         {'trace'} if group.get('momentum', 0) > 0 else set())
-    for field in set(_MOMENTS) - {'nu'}:
-      if (field in expected) != (field in moments):
-        raise ValueError(_variant_message(owner, field, 'the optimizer'))
     for i in group['params']:
       name = by_index.get(i)
       if name is None or name not in param_map:
@@ -301,11 +306,24 @@ def export_torch_state(state: Any, template: Mapping[str, Any],
       entry = {'step': torch.tensor(float(count), dtype=dtype)}
       for field, key in (('nu', 'square_avg'), ('trace', 'momentum_buffer'),
                          ('mu', 'grad_avg')):
-        if field in expected:
-          value = _from_jax(_moment(moments[field], path, owner, name), perm)
-          if field == 'trace' and lr_inside:
-            value = -value
-          entry[key] = _to_torch(torch, value)
+        try:
+          value = _moment(moments.get(field, []), path, owner, name)
+        except ValueError:
+          value = None
+        if (value is None) == (field in expected):
+          raise ValueError(_variant_message(owner, field, name))
+        if value is None:
+          continue
+        value = _from_jax(value, perm)
+        if field == 'trace' and lr_inside:
+          value = -value
+        old = template.get('state', {}).get(i, {}).get(key)
+        if old is not None and tuple(old.shape) != value.shape:
+          raise ValueError(
+              f'{owner}: {name!r}: {key} would have shape {value.shape}, the '
+              f'optimizer\'s has {tuple(old.shape)} (check its layout in '
+              'param_map).')
+        entry[key] = _to_torch(torch, value)
       out[i] = entry
   return {'state': out, 'param_groups': groups}
 
@@ -511,20 +529,26 @@ def _check_next_step(owner, tx, state, make_ref, build, params, preset,
   """
   grads = _probe(params)
   ours = tx.update(grads, state, params)[0]
-  at = {}
-  for lr in (0.0, 1.0):
-    ref = make_ref(lr)
-    at[lr] = ref.update(grads, build(ref), params)[0]
+  step_at = lambda lr: (lambda ref: ref.update(grads, build(ref), params)[0])(
+      make_ref(lr))
   pick = lambda tree: np.concatenate([
       np.ravel(np.asarray(x, np.float64))
       for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
       if members is None or _path_keys(path) in members])
-  u, a, b = pick(ours), pick(at[0.0]), pick(at[1.0]) - pick(at[0.0])
+  u = pick(ours)
+  scale = max(np.max(np.abs(u), initial=0.0), 1e-300)
+  a = pick(step_at(0.0))
+  b = pick(step_at(1.0)) - a
   rate = float(np.dot(u - a, b) / max(np.dot(b, b), 1e-300))
-  worst = float(np.max(np.abs(u - a - rate * b), initial=0.0)
-                / max(np.max(np.abs(u), initial=0.0), 1e-300))
+  worst = float(np.max(np.abs(u - a - rate * b), initial=0.0)) / scale
   dtypes = {jnp.result_type(x) for x in jax.tree.leaves(params)}
   tolerance = 1e3 * max(float(jnp.finfo(d).eps) for d in dtypes)
+  lr = hyper.get('lr', hyper.get('learning_rate'))
+  if worst > tolerance:
+    # Caution's mask and corrected weight decay are not affine in the
+    # learning rate: then the step must be the source's at its own rate.
+    worst = min(worst, float(np.max(np.abs(u - pick(step_at(lr))),
+                                    initial=0.0)) / scale)
   if worst > tolerance:
     args = ', '.join(f'{k}={v!r}' for k, v in hyper.items())
     raise ValueError(
@@ -533,7 +557,9 @@ def _check_next_step(owner, tx, state, make_ref, build, params, preset,
         f'rate (off by {worst:.2g}, relative; round-off would be below '
         f'{tolerance:.1g}). The source is {preset}({args}) at step {count}: '
         'build tx with those arguments (the learning rate may be a '
-        'schedule), or pass check=False to change the rule on purpose.')
+        'schedule; with caution or corrected weight decay it must give '
+        f'{lr!r} at step {count}), or pass check=False to change the rule on '
+        'purpose.')
 
 
 
@@ -664,15 +690,18 @@ def _variant_message(owner, field, name) -> str:
           "source optimizer's hyperparameters.")
 
 
-def _build_state(owner, tx, params, values, count):
+def _build_state(owner, tx, params, values, count, lenient=False):
   """tx.init(params), its moments filled from ``values`` (keyed by (field,
-  parameter path)) and every step count set to ``count``."""
+  parameter path)) and every step count set to ``count``. ``lenient``
+  (for a reference that only some parameters' sources fit): moments without
+  a source keep their initial values, and sources without a moment are
+  dropped."""
   plain = _plain_state(tx, params)
   fields = {field for field, _ in values}
   flat, treedef = jax.tree_util.tree_flatten_with_path(plain)
   present = {_split(path)[0] for path, _ in flat}
   for field in _MOMENTS:
-    if (field in fields) != (field in present):
+    if not lenient and (field in fields) != (field in present):
       name = next((v[2] for k, v in values.items() if k[0] == field),
                   'every parameter')
       raise ValueError(_variant_message(owner, field, name))
@@ -682,18 +711,23 @@ def _build_state(owner, tx, params, values, count):
     if field == 'count':
       leaves.append(jnp.asarray(min(count, np.iinfo(np.int32).max),
                                 jnp.result_type(leaf)))
-    elif field in _MOMENTS:
-      if (field, param_path) not in values:
-        raise ValueError(f'{owner}: no source for the JAX parameter '
-                         f'{param_path} (not in param_map).')
+    elif field in _MOMENTS and (field, param_path) in values:
       seen.add((field, param_path))
       leaves.append(_laid_out(owner, values[field, param_path], leaf,
                               param_path))
+    elif field in _MOMENTS and not lenient:
+      if ('nu', param_path) in values:  # The parameter has state, not this.
+        raise ValueError(_variant_message(owner, field,
+                                          values['nu', param_path][2]))
+      raise ValueError(f'{owner}: no source for the JAX parameter '
+                       f'{param_path} (not in param_map).')
     else:
       leaves.append(leaf)
   extra = set(values) - seen
-  if extra:
+  if extra and not lenient:
     field, path = sorted(extra)[0]
+    if any(k[1] == path for k in seen):  # The parameter is there, not this.
+      raise ValueError(_variant_message(owner, field, values[field, path][2]))
     raise ValueError(f'{owner}: {values[field, path][2]!r} maps to {path}, '
                      'which is not in the parameters.')
   return packing_lib.pack_state(jax.tree.unflatten(treedef, leaves), tx,
@@ -718,9 +752,10 @@ def _read_state(state):
 
   def visit(node):
     if isinstance(node, tuple) and hasattr(node, '_fields'):
+      kind = type(node).__name__
       for field in node._fields:
         value = getattr(node, field)
-        if field in _MOMENTS:
+        if field in _MOMENTS and kind.startswith(_RMSPROP_STATES):
           moments.setdefault(field, []).append(value)
         elif field == 'count':
           counts.add(int(value))

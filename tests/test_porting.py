@@ -519,3 +519,63 @@ def test_keras_adam_is_not_rmsprop(keras64):
         rms, {v.path: (('w',), None)},
         rmsprop_jax.presets.pytorch(0.01, momentum=0.9),
         {'w': jnp.ones((2, 3))})
+
+
+def test_timm_caution_and_groups_that_differ_in_momentum(x64):
+  """Caution's mask is not affine in the learning rate: the check compares
+  at the source's own rate. Groups with and without momentum move both
+  ways through optax.multi_transform."""
+  torch = require('torch')
+  model = _torch_net()
+  opt = timm_rmsprop_tf()(model.parameters(), lr=0.01, momentum=0.9,
+                          caution=True)
+  x, y = _data()
+  _torch_steps(model, opt, x, y, range(2))
+  _, params = _flax_net()
+  param_map = porting.torch_to_flax_map(model.named_parameters(), params)
+  names = porting.torch_param_names(opt, model)
+  porting.import_torch_state(opt.state_dict(), names, param_map,
+                             rmsprop_jax.presets.timm(LRS[1], momentum=0.9,
+                                                      caution=True), params)
+
+  model = _torch_net()
+  biases = [p for n, p in model.named_parameters() if n.endswith('bias')]
+  weights = [p for n, p in model.named_parameters() if n.endswith('weight')]
+  opt = torch.optim.RMSprop([{'params': biases},
+                             {'params': weights, 'momentum': 0.9}], lr=0.01)
+  _torch_steps(model, opt, x, y, range(2))
+  names = porting.torch_param_names(opt, model)
+  labels = jax.tree_util.tree_map_with_path(
+      lambda path, _: 'bias' if path[-1].key == 'bias' else 'weight', params)
+  tx = optax.multi_transform(
+      {'bias': rmsprop_jax.presets.pytorch(0.01),
+       'weight': rmsprop_jax.presets.pytorch(0.01, momentum=0.9)}, labels)
+  state = porting.import_torch_state(opt.state_dict(), names, param_map, tx,
+                                     params)
+  back = porting.export_torch_state(state, opt.state_dict(), names,
+                                    param_map, step=2)
+  for i, entry in opt.state_dict()['state'].items():
+    assert set(back['state'][i]) == set(entry)
+    for key in entry:
+      np.testing.assert_array_equal(back['state'][i][key].numpy(),
+                                    entry[key].numpy())
+
+
+def test_export_refuses_what_is_not_rmsprop(x64):
+  torch = require('torch')
+  model, opt, params, param_map = _torch_state()  # Centered, momentum, wd.
+  names = porting.torch_param_names(opt, model)
+  with pytest.raises(ValueError, match='no RMSprop second moment'):
+    porting.export_torch_state(optax.adam(0.01).init(params),
+                               opt.state_dict(), names, param_map)
+  with pytest.raises(ValueError, match='no RMSprop second moment'):
+    porting.export_torch_state(optax.sgd(0.01, momentum=0.9).init(params),
+                               opt.state_dict(), names, param_map, step=1)
+  adam = torch.optim.Adam(model.parameters())
+  state = _preset('pytorch centered momentum wd').init(params)
+  with pytest.raises(ValueError, match='not an RMSprop optimizer'):
+    porting.export_torch_state(state, adam.state_dict(), names, param_map)
+  # A wrong layout against the optimizer's own state shapes.
+  wrong = dict(param_map, **{'fc.weight': (('fc', 'kernel'), None)})
+  with pytest.raises(ValueError, match="'fc.weight'.*shape"):
+    porting.export_torch_state(state, opt.state_dict(), names, wrong)
