@@ -321,7 +321,7 @@ def hinton2012(
   The slides give ``MeanSquare = 0.9 MeanSquare + 0.1 g^2`` and divide the
   gradient by its square root; they state no epsilon, no initial value and
   no learning rate. This preset follows the NumPy ``RMSprop`` class that
-  comes with the classic demos (the three demos of ``python -m rmsprop_jax
+  comes with the classic demos (demos 1 to 3 of ``python -m rmsprop_jax
   demo``; the class is transcribed in the project's
   ``tests/test_references.py``): :math:`v_0 = 0`, :math:`\epsilon` = 1e-8
   outside the square root, :math:`\eta` = 0.001, no momentum.
