@@ -18,6 +18,7 @@ import numpy as np
 def environment() -> dict:
   """Device, versions and date: recorded with every result."""
   import optax
+
   import rmsprop_jax
   env = {
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(

@@ -60,9 +60,9 @@ def run(out, *, quick, log=print) -> dict:
     for variant, kwargs in VARIANTS.items():
       # 'ours' is the opt-in packed layout: without packing, rmsprop
       # compiles optax's own program.
-      sides = {'ours': lambda: rmsprop_jax.rmsprop(1e-3, packing=True,
-                                                   **kwargs),
-               'optax': lambda: optax.rmsprop(1e-3, **kwargs)}
+      sides = {'ours': lambda kwargs=kwargs: rmsprop_jax.rmsprop(
+                   1e-3, packing=True, **kwargs),
+               'optax': lambda kwargs=kwargs: optax.rmsprop(1e-3, **kwargs)}
       times = {name: [] for name in sides}
       for _ in range(repeats):
         for name, make in sides.items():

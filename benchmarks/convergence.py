@@ -277,7 +277,7 @@ def plot(results, path):
   fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows),
                            squeeze=False)
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  for ax, (name, r) in zip(axes.flat, results.items()):
+  for ax, r in zip(axes.flat, results.values()):
     top, zeros = 0.0, []
     for i, (method, m) in enumerate(r['methods'].items()):
       curves = np.where(np.isfinite(m['curves']), m['curves'], np.nan)
@@ -304,7 +304,7 @@ def plot(results, path):
     ax.axis('off')
   handles, labels = axes.flat[0].get_legend_handles_labels()
   # Each label ends in its tuned learning rate, ' (1e-02)': drop that only.
-  labels = [l.rsplit(' (', 1)[0] for l in labels]
+  labels = [label.rsplit(' (', 1)[0] for label in labels]
   handles.append(plt.Line2D([], [], ls='none', marker='v', color='grey',
                             ms=9))
   labels.append('median loss reaches exactly 0')

@@ -328,11 +328,13 @@ def markdown(payload) -> str:
             'state B/param']
   rows = []
   for r in payload['rows']:
-    mark = lambda *sides: ' †' if set(sides) & set(r.get('unstable', ())) else ''
+    mark = lambda *sides, r=r: (
+        ' †' if set(sides) & set(r.get('unstable', ())) else '')
     torch = (f"{r['speedup_vs_torch']:.2f}x{mark('ours', 'torch')}"
              if r['speedup_vs_torch'] else 'n/a')
-    temp = lambda side: ('n/a' if r['temp_bytes'][side] is None else
-                         f"{r['temp_bytes'][side] / r['params_bytes']:.1%}")
+    temp = lambda side, r=r: (
+        'n/a' if r['temp_bytes'][side] is None else
+        f"{r['temp_bytes'][side] / r['params_bytes']:.1%}")
     compile_s = r['compile_s']
     rows.append([
         r['tree'], r['dtype'], r['variant'], f"{r['step_s']['ours'] * 1e3:.3g}",

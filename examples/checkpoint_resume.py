@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from sklearn.datasets import load_digits
 
 import rmsprop_jax
+
 from _common import StepBar, parse_args, pyplot, save_figure
 
 

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import rmsprop_jax
+
 from _common import StepBar, parse_args, pyplot, save_figure
 
 

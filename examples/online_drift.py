@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 import rmsprop_jax
+
 from _common import StepBar, parse_args, pyplot, save_figure
 
 DIM = 10

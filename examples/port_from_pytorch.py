@@ -26,6 +26,7 @@ from sklearn.model_selection import train_test_split
 
 import rmsprop_jax
 from rmsprop_jax import porting
+
 from _common import StepBar, parse_args, pyplot, save_figure
 
 BATCH = 32

@@ -31,10 +31,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 from sklearn.datasets import load_digits  # noqa: E402
 
 import rmsprop_jax  # noqa: E402
+
 from _common import StepBar, parse_args, pyplot, save_figure  # noqa: E402
 
 HIDDEN = 512

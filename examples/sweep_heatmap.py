@@ -17,6 +17,7 @@ import optax
 from sklearn.datasets import load_digits
 
 import rmsprop_jax
+
 from _common import StepBar, parse_args, pyplot, save_figure
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
   im = ax.imshow(np.log10(tail_means), origin='lower', aspect='auto',
                  cmap='viridis')
   ax.set_xticks(range(decays.size), [f'{d:g}' for d in decays])
-  ax.set_yticks(range(lrs.size), [f'{l:.0e}' for l in lrs])
+  ax.set_yticks(range(lrs.size), [f'{lr:.0e}' for lr in lrs])
   middle = np.nanmean(np.log10(tail_means))
   for (a, b), v in np.ndenumerate(tail_means):
     ax.text(b, a, f'{v:.2f}', ha='center', va='center', fontsize=7,

@@ -10,23 +10,26 @@ arguments, ``rmsprop``'s state is
 ``optax.rmsprop``'s own (the state classes exported here are optax's).
 """
 
-from rmsprop_jax import diagnostics
-from rmsprop_jax import packing
-from rmsprop_jax import porting
-from rmsprop_jax import presets
-from rmsprop_jax import quantization
-from rmsprop_jax import sharding
+from rmsprop_jax import (
+    diagnostics,
+    packing,
+    porting,
+    presets,
+    quantization,
+    sharding,
+)
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
-from rmsprop_jax.packing import pack_state
-from rmsprop_jax.packing import unpack_state
+from rmsprop_jax.packing import pack_state, unpack_state
 from rmsprop_jax.sharding import state_shardings
-from rmsprop_jax.transform import ScaleByRmsState
-from rmsprop_jax.transform import ScaleByRmsWithCountState
-from rmsprop_jax.transform import ScaleByRStdDevState
-from rmsprop_jax.transform import ScaleByRStdDevWithCountState
-from rmsprop_jax.transform import scale_by_rms
-from rmsprop_jax.transform import scale_by_stddev
+from rmsprop_jax.transform import (
+    ScaleByRmsState,
+    ScaleByRmsWithCountState,
+    ScaleByRStdDevState,
+    ScaleByRStdDevWithCountState,
+    scale_by_rms,
+    scale_by_stddev,
+)
 
 __version__ = '0.1.0'
 

@@ -24,8 +24,10 @@ def register_with_flax() -> None:
   _registered = True
   from flax import serialization  # pylint: disable=g-import-not-at-top
 
-  from rmsprop_jax import packing  # pylint: disable=g-import-not-at-top
-  from rmsprop_jax import quantization  # pylint: disable=g-import-not-at-top
+  from rmsprop_jax import (
+    packing,  # pylint: disable=g-import-not-at-top
+    quantization,  # pylint: disable=g-import-not-at-top
+  )
 
   def restore_packed_state(target, state):
     if not isinstance(state, dict) or set(state) != {_PACKED_KEY}:

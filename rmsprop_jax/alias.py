@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _validation
+from rmsprop_jax import _validation, transform
 from rmsprop_jax import packing as packing_lib
-from rmsprop_jax import transform
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
 

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import diagnostics
-from rmsprop_jax import presets
+from rmsprop_jax import diagnostics, presets
 from rmsprop_jax.alias import rmsprop
 
 

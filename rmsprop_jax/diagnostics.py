@@ -20,8 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import packing
-from rmsprop_jax import transform
+from rmsprop_jax import packing, transform
 
 _MOMENT_STATES = (transform.ScaleByRmsState, transform.ScaleByRmsWithCountState,
                   transform.ScaleByRStdDevState,

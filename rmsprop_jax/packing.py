@@ -36,9 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rmsprop_jax import _serialization
-from rmsprop_jax import _validation
-from rmsprop_jax import quantization
+from rmsprop_jax import _serialization, _validation, quantization
 
 # Largest leaf (in elements) that is packed, and most leaves in one stack.
 # Measured on a 2-core CPU against optax's per-leaf step (jitted, donated):

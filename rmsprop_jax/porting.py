@@ -111,14 +111,13 @@ def torch_to_flax_map(names_and_shapes: Iterable[tuple[str, Any]],
       node, key = _child(node, part, name)
       path.append(key)
     if leaf == 'weight':
-      for jax_leaf, perm in (('kernel', _torch_kernel_perm(len(shape))),
-                             ('scale', None), ('embedding', None),
-                             ('weight', None)):
-        if _has(node, jax_leaf):
-          break
-      else:
+      candidates = (('kernel', _torch_kernel_perm(len(shape))),
+                    ('scale', None), ('embedding', None), ('weight', None))
+      found = [c for c in candidates if _has(node, c[0])]
+      if not found:
         raise ValueError(f'torch_to_flax_map: {name!r}: the Flax module at '
                          f'{tuple(path)} has no kernel, scale or embedding.')
+      jax_leaf, perm = found[0]
     else:
       jax_leaf, perm = leaf, None
     target, key = _child(node, jax_leaf, name)
@@ -440,7 +439,7 @@ def export_tf1_slots(state: Any, param_map: ParamMap) -> dict:
   moments, _ = _read_state(state)
   out = {}
   for name, (path, perm) in param_map.items():
-    get = lambda field: _from_jax(
+    get = lambda field, path=path, name=name, perm=perm: _from_jax(
         _moment(moments[field], path, 'export_tf1_slots', name), perm)
     entry = {'rms': get('nu')}
     entry['momentum'] = (-get('trace') if 'trace' in moments

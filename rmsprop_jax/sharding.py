@@ -27,8 +27,7 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rmsprop_jax import packing
-from rmsprop_jax import quantization
+from rmsprop_jax import packing, quantization
 
 
 def _sharding_of(x: Any) -> jax.sharding.Sharding:

@@ -22,10 +22,7 @@ import optax
 from optax import tree_utils as otu
 from optax._src import transform as optax_transform
 
-from rmsprop_jax import _serialization
-from rmsprop_jax import _validation
-from rmsprop_jax import quantization
-
+from rmsprop_jax import _serialization, _validation, quantization
 
 # The states are optax's own classes (not look-alikes), so that a state is
 # interchangeable with ``optax.rmsprop``'s: checkpoints, ``isinstance`` checks,

@@ -15,7 +15,6 @@ import pytest
 
 from conftest import require
 
-
 SUITES = ('step', 'compile', 'convergence')
 
 
@@ -202,8 +201,8 @@ def test_disturbed_timings_are_flagged(quick_results):
   payload = json.loads(json.dumps(get('step'), default=float))
   row = payload['rows'][0]
   row['unstable'] = ['torch']
-  line = next(l for l in step.markdown(payload).splitlines()
-              if l.startswith(f"| {row['tree']} | {row['dtype']} | "
+  line = next(line for line in step.markdown(payload).splitlines()
+              if line.startswith(f"| {row['tree']} | {row['dtype']} | "
                               f"{row['variant']} |"))
   cells = [c.strip() for c in line.split('|')]
   assert cells[9].endswith('†') and not cells[5].endswith('†')

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 import rmsprop_jax
+
 from conftest import require
 from helpers import assert_trees_equal, gradient_sequence, random_tree, run
 

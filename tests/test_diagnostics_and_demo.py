@@ -84,8 +84,9 @@ def test_demo_runs_and_writes_four_figures(tmp_path, capsys):
 
 def test_demo1_table_matches_the_reference_numpy_class(capsys):
   # The printed final point is the classic demos' NumPy class's (float32 here).
-  from test_references import classic_demo1_trajectory
   from rmsprop_jax import demo
+
+  from test_references import classic_demo1_trajectory
   r = demo.demo1()
   np.testing.assert_allclose(r.params[1:], classic_demo1_trajectory(), rtol=2e-5)
 

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rmsprop_jax
+
 from helpers import assert_trees_equal
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
@@ -134,7 +136,7 @@ def test_accumulator_dtype_keeps_momentum_steps_full_length():
     params = {'w': jnp.zeros(4, jnp.bfloat16)}
     grads = {'w': jnp.ones(4, jnp.bfloat16)}  # decay 0: normalised to 1.
 
-    def step(state, _):
+    def step(state, _, tx=tx, grads=grads, params=params):
       u, state = tx.update(grads, state, params)
       return state, u['w'][0]
 
@@ -211,7 +213,7 @@ def test_stochastic_rounding_works_for_bfloat16_parameters():
     tx = rmsprop_jax.rmsprop(1e-3, decay=0.999, initial_scale=0.5,
                              nu_dtype=jnp.bfloat16, stochastic_rounding=sr)
 
-    def step(state, _):
+    def step(state, _, tx=tx):
       return tx.update(grads, state, params)[1], None
 
     state, _ = jax.lax.scan(step, tx.init(params), length=200)

@@ -84,7 +84,8 @@ def test_adding_gru(tmp_path, monkeypatch):
     assert np.median(r['final'][r['best']]) < module.BASELINE / 4  # Learned.
   # The grid's Graves runs are Graves's rule: optax.rmsprop with the same
   # hyperparameters (no negative variance arises, so the clamp is inactive).
-  import jax.numpy as jnp, optax
+  import jax.numpy as jnp
+  import optax
   ref = module.make_trainer(
       lambda lr: optax.rmsprop(lr, decay=0.95, eps=1e-4, centered=True,
                                momentum=0.9), 10, 16, 32, 200)(
@@ -148,7 +149,9 @@ def test_sweep_heatmap_cells_match_single_optax_runs(tmp_path, monkeypatch):
   assert losses.shape == tail_means.shape == (lrs.size, decays.size)
   assert (tmp_path / 'sweep_heatmap.png').exists()
   # One cell of the vmapped grid against a plain optax.rmsprop run.
-  import jax, jax.numpy as jnp, optax
+  import jax
+  import jax.numpy as jnp
+  import optax
   from sklearn.datasets import load_digits
   x, y = load_digits(return_X_y=True)
   x, y = jnp.asarray(x / 16.0, jnp.float32), jnp.asarray(y)

@@ -9,9 +9,15 @@ import optax
 import pytest
 
 import rmsprop_jax
+
 from conftest import require
-from helpers import (assert_trajectories_close, bowl_grads, bowl_problem,
-                     bowl_trajectory, learning_rates)
+from helpers import (
+  assert_trajectories_close,
+  bowl_grads,
+  bowl_problem,
+  bowl_trajectory,
+  learning_rates,
+)
 
 STEPS = 25
 SHAPES = [(4, 3), (6,), ()]

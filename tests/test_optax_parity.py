@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import rmsprop_jax
+
 from helpers import assert_trees_equal, gradient_sequence, random_tree, run
 
 STEPS = 12

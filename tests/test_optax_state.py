@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import rmsprop_jax
+
 from helpers import assert_trees_equal, gradient_sequence, random_tree
 
 # optax.rmsprop's own arguments; each must give optax's state exactly.
@@ -223,7 +224,7 @@ def test_optax_contrib_wrappers_match_optax(wrapper):
     state = optax.tree_map_params(tx, lambda v: v, state)  # As optax tests.
 
     @jax.jit
-    def step(params, state, g):
+    def step(params, state, g, tx=tx):
       loss = sum(jnp.sum(x**2) for x in jax.tree.leaves(params))
       updates, state = tx.update(g, state, params, value=loss)
       return optax.apply_updates(params, updates), state

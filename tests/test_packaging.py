@@ -23,3 +23,16 @@ def test_type_information_and_licence_ship():
 def test_the_changelog_has_this_version():
   assert f'## [{rmsprop_jax.__version__}]' in (
       ROOT / 'CHANGELOG.md').read_text()
+
+
+def test_the_tree_passes_its_lint():
+  """ruff, configured in pyproject.toml (pyflakes, bugbear, pycodestyle
+  errors, import order), over the package, tests, examples and benchmarks."""
+  import subprocess
+  import sys
+  from conftest import require
+  require('ruff')
+  result = subprocess.run([sys.executable, '-m', 'ruff', 'check', '.'],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stdout[-3000:]

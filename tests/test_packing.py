@@ -14,6 +14,7 @@ import pytest
 
 import rmsprop_jax
 from rmsprop_jax import packing
+
 from helpers import assert_trees_equal, run
 
 

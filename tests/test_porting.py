@@ -15,6 +15,7 @@ import pytest
 
 import rmsprop_jax
 from rmsprop_jax import porting
+
 from conftest import require, timm_rmsprop_tf
 
 N, M = 8, 8  # Steps before and after the move.
@@ -367,7 +368,8 @@ def test_tf1_slots_continue_tensorflows_own_run(k, x64):
     slots = {}
     params = tf1_kernels_numpy(var, grads[:k], lrs[:k], rho, momentum,
                                epsilon, centered, slots)[-1]
-    tx = rmsprop_jax.presets.tf1(lambda c: jnp.asarray(lrs)[c], decay=rho,
+    tx = rmsprop_jax.presets.tf1(lambda c, lrs=lrs: jnp.asarray(lrs)[c],
+                                 decay=rho,
                                  momentum=momentum, epsilon=epsilon,
                                  centered=centered)
     param_map = {'var': (('v',), None)}

@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rmsprop_jax
+
 from helpers import assert_trees_equal
 
 settings.register_profile(
@@ -234,7 +236,7 @@ def test_float16_moments_are_stored_as_optax_and_computed_in_float32():
   params = _tree([(5,), (2, 3)], 0, jnp.float16)
   # Gradients across float16's range, including zero and values whose
   # square under- or overflows float16.
-  grads = [jax.tree.map(lambda x: x * jnp.float16(s), _tree(
+  grads = [jax.tree.map(lambda x, s=s: x * jnp.float16(s), _tree(
       [(5,), (2, 3)], i, jnp.float16)) for i, s in
            enumerate([1e-4, 300.0, 0.0, 1.0])]
   for centered in (False, True):
@@ -248,8 +250,9 @@ def test_float16_moments_are_stored_as_optax_and_computed_in_float32():
       # The reference: the same transformation on float32 gradients and a
       # float32 state that is rounded to float16 after every step (what
       # storing it in float16 does), its updates rounded to float16.
-      f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32)
-                                   if x.dtype == jnp.float16 else x, t)
+      f32 = lambda t: jax.tree.map(
+          lambda leaf: leaf.astype(jnp.float32)
+          if leaf.dtype == jnp.float16 else leaf, t)
       ref_state = tx.init(f32(params))
       update = jax.jit(tx.update)
       for g, u in zip(grads, updates):

@@ -10,9 +10,14 @@ import numpy as np
 import pytest
 
 import rmsprop_jax
+
 from conftest import timm_rmsprop_tf
-from helpers import (assert_trajectories_close, bowl_problem,
-                     bowl_trajectory, learning_rates)
+from helpers import (
+  assert_trajectories_close,
+  bowl_problem,
+  bowl_trajectory,
+  learning_rates,
+)
 from test_torch_parity import SHAPES, STEPS, torch_trajectory
 
 

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 import rmsprop_jax
+
 from conftest import require
-from helpers import (assert_trajectories_close, bowl_grads, bowl_problem,
-                     bowl_trajectory, learning_rates)
+from helpers import (
+  assert_trajectories_close,
+  bowl_grads,
+  bowl_problem,
+  bowl_trajectory,
+  learning_rates,
+)
 
 STEPS = 30
 SHAPES = [(5, 3), (7,), ()]

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import rmsprop_jax
+
 from helpers import assert_trees_equal, gradient_sequence, random_tree, run
 
 ALL_FEATURES = dict(centered=True, momentum=0.9, bias_correction=True,
@@ -64,7 +65,7 @@ def test_vmap_over_a_batch_of_parameter_trees_equals_a_loop():
   for g in b_grads:
     updates, state = update(g, state, b_params)
   for i in range(batch):
-    assert_trees_equal(jax.tree.map(lambda x: x[i], updates), loop[i])
+    assert_trees_equal(jax.tree.map(lambda x, i=i: x[i], updates), loop[i])
 
 
 def test_vmap_over_hyperparameters_equals_a_loop():
@@ -84,7 +85,7 @@ def test_vmap_over_hyperparameters_equals_a_loop():
   batched = jax.jit(jax.vmap(final_params))(lrs, decays)
   for i in range(3):
     chex.assert_trees_all_close(
-        jax.tree.map(lambda x: x[i], batched),
+        jax.tree.map(lambda x, i=i: x[i], batched),
         final_params(float(lrs[i]), float(decays[i])), rtol=1e-6)
 
 
@@ -133,7 +134,7 @@ def test_schedule_equals_stepwise_constants():
   for t, g in enumerate(grads):
     u, state = tx.update(g, state, params)
     _assert_close_to_rounding(
-        ours[t], jax.tree.map(lambda x: schedule(t) * x, u))
+        ours[t], jax.tree.map(lambda x, t=t: schedule(t) * x, u))
 
 
 def test_unknown_extra_arguments_are_accepted():
@@ -235,7 +236,7 @@ def test_nu_dtype_bfloat16_state_for_float32_params():
 
 def test_complex_parameters_match_optax():
   params = {'z': jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64)}
-  grads = [jax.tree.map(lambda z: z * (0.3 + 0.1j * t) + 0.2, params)
+  grads = [jax.tree.map(lambda z, t=t: z * (0.3 + 0.1j * t) + 0.2, params)
            for t in range(4)]
   ours, _ = run(rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9,
                                     clamp_variance=False), params, grads)
