@@ -30,6 +30,7 @@ def test_the_tree_passes_its_lint():
   errors, import order), over the package, tests, examples and benchmarks."""
   import subprocess
   import sys
+
   from conftest import require
   require('ruff')
   result = subprocess.run([sys.executable, '-m', 'ruff', 'check', '.'],
