@@ -11,7 +11,7 @@ import argparse
 import pathlib
 
 from benchmarks import common, compile_time, convergence, step
-from rmsprop_jax.__main__ import _unwritable
+from rmsprop_jax.__main__ import _check_out, _refuse
 
 SUITES = ('step', 'compile', 'convergence')
 
@@ -50,7 +50,7 @@ def main(argv=None):
   split = lambda s: s.split(',') if s else None
   suites = split(args.suites)
   # Every name is checked before any work: one line, exit status 2.
-  fail = lambda message: parser.exit(2, f'{parser.prog}: error: {message}\n')
+  fail = lambda message: _refuse(parser, message)
   for option, value in (('--suites', args.suites), ('--trees', args.trees),
                         ('--variants', args.variants),
                         ('--dtypes', args.dtypes),
@@ -71,9 +71,7 @@ def main(argv=None):
                                     and args.quick else ''))
   out = (pathlib.Path(__file__).parent / 'results' / (
       'quick' if args.quick else '') if args.out is None else args.out)
-  problem = _unwritable(str(out))
-  if problem:
-    fail(f'--out {str(out)!r}: {problem}')
+  _check_out(parser, str(out))
   out = pathlib.Path(out)
   print(common.environment_markdown(common.environment()))
   results = {}

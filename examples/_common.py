@@ -7,7 +7,7 @@ import pathlib
 import jax
 from tqdm import tqdm
 
-from rmsprop_jax.__main__ import _unwritable
+from rmsprop_jax.__main__ import _check_out, _refuse
 
 
 def parse_args(doc: str, argv=None, *, quick: str,
@@ -32,12 +32,9 @@ def parse_args(doc: str, argv=None, *, quick: str,
                         help='random seed of the initial weights and the '
                              'data, in [0, 2**32) (default: 0)')
   args = parser.parse_args(argv)
-  fail = lambda message: parser.exit(2, f'{parser.prog}: error: {message}\n')
   if seed and not 0 <= args.seed < 2**32:
-    fail(f'--seed {args.seed}: must be in [0, 2**32)')
-  problem = _unwritable(args.out)
-  if problem:
-    fail(f'--out {args.out!r}: {problem}')
+    _refuse(parser, f'--seed {args.seed}: must be in [0, 2**32)')
+  _check_out(parser, args.out)
   args.out = pathlib.Path(args.out)
   return args
 

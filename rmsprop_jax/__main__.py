@@ -40,14 +40,25 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.command == 'demo':
     if not args.no_plots:
-      problem = _unwritable(args.out)
-      if problem:
-        print(f'python -m rmsprop_jax demo: error: --out {args.out!r}: '
-              f'{problem}', file=sys.stderr)
-        return 2
+      _check_out(demo, args.out)
     from rmsprop_jax import demo as demo_module
     return demo_module.main(out=args.out, plots=not args.no_plots)
   return 2
+
+
+def _refuse(parser: argparse.ArgumentParser, message: str) -> None:
+  """Exits with status 2 after one line on stderr, ``prog: error: message``
+  (argparse's own ``error`` prints the usage first). Shared by the demo,
+  the examples and the benchmarks' command lines."""
+  parser.exit(2, f'{parser.prog}: error: {message}\n')
+
+
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+  """Refuses, before any work, an ``--out`` folder that cannot hold the
+  figures."""
+  problem = _unwritable(out)
+  if problem:
+    _refuse(parser, f'--out {out!r}: {problem}')
 
 
 def _unwritable(out: str) -> str | None:
