@@ -221,14 +221,13 @@ def import_torch_state(state_dict: Mapping[str, Any],
     if name not in param_map:
       raise ValueError(f'import_torch_state: {name!r} is not in param_map.')
     path, perm = param_map[name]
-    moments = {'nu': entry['square_avg']}
-    if 'grad_avg' in entry:
-      moments['mu'] = entry['grad_avg']
-    if 'momentum_buffer' in entry:
-      buffer = _to_numpy(entry['momentum_buffer'])
-      moments['trace'] = -buffer if lr_inside else buffer
-    for field, value in moments.items():
-      values[field, tuple(path)] = (_to_numpy(value), perm, name)
+    for field, key in (('nu', 'square_avg'), ('mu', 'grad_avg'),
+                       ('trace', 'momentum_buffer')):
+      if key in entry:
+        value = _to_numpy(entry[key])
+        if field == 'trace' and lr_inside:  # optax's trace: the negative.
+          value = -value
+        values[field, tuple(path)] = (value, perm, name)
     steps.add(int(float(entry['step'])))
   if len(steps) > 1:
     raise ValueError(f'import_torch_state: the parameters were stepped '
@@ -236,18 +235,16 @@ def import_torch_state(state_dict: Mapping[str, Any],
   count = steps.pop() if steps else 0
   state = _build_state(owner, tx, params, values, count)
   if check:
+    from rmsprop_jax import presets
+    # Each group's reference holds that group's rule for every parameter;
+    # only the group's own parameters are compared, so the others' state
+    # may not fit it (another group without momentum, say).
+    build = lambda ref: _build_state(owner, ref, params, values, count,
+                                     lenient=True)
     for group in groups:
       kind, hyper = _torch_hyperparameters(group)
-      from rmsprop_jax import presets
       make_ref = lambda lr, kind=kind, hyper=hyper: getattr(presets, kind)(
           **dict(hyper, lr=lr))
-
-      # The reference holds this group's rule for every parameter; only
-      # this group's parameters are compared, so the others' state may not
-      # fit it (another group without momentum, say).
-      build = lambda ref: _build_state(owner, ref, params, values, count,
-                                       lenient=True)
-
       members = {tuple(param_map[by_index[i]][0]) for i in group['params']}
       _check_next_step(owner, tx, state, make_ref, build, params,
                        f'presets.{kind}', hyper, count, members)
@@ -360,10 +357,10 @@ def import_keras_state(optimizer: Any, param_map: ParamMap,
     for field, suffix in (('nu', 'velocity'), ('mu', 'average_gradient')):
       if f'{key}_{suffix}' in found:
         values[field, tuple(path)] = (
-            np.asarray(found[f'{key}_{suffix}'].value), perm, name)
+            _to_numpy(found[f'{key}_{suffix}'].value), perm, name)
     if f'{key}_momentum' in found:  # The step taken: the lr is inside.
       values['trace', tuple(path)] = (
-          -np.asarray(found[f'{key}_momentum'].value), perm, name)
+          -_to_numpy(found[f'{key}_momentum'].value), perm, name)
   count = int(np.asarray(found['iteration'].value))
   state = _build_state(owner, tx, params, values, count)
   if check:
