@@ -18,73 +18,110 @@ SUITES = ('step', 'compile', 'convergence')
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog='python -m benchmarks',
-      description='Runs the step-speed-and-memory, compile-time and '
-                  'convergence suites side by side with optax (and PyTorch), '
-                  'and writes JSON, a Markdown table and (step, convergence) '
-                  'a PNG figure for each to --out. Runs unchanged on CPU, GPU '
-                  'and TPU.')
-  parser.add_argument('--quick', action='store_true',
-                      help='small trees and problems, few repetitions: a '
-                           'smoke run of about two minutes on a quiet 2-core '
-                           'machine (measured)')
-  parser.add_argument('--suites', default=','.join(SUITES),
-                      help=f'comma-separated, from {", ".join(SUITES)} '
-                           '(default: all)')
-  parser.add_argument('--out', default=None, metavar='DIR',
-                      help='output folder (default: benchmarks/results, or '
-                           'benchmarks/results/quick with --quick)')
-  parser.add_argument('--trees', default=None,
-                      help='step suite: comma-separated tree names to run '
-                           '(default: all)')
-  parser.add_argument('--variants', default=None,
-                      help=f'step suite: from {", ".join(step.VARIANTS)}')
-  parser.add_argument('--dtypes', default=None,
-                      help=f'step suite: from {", ".join(step.DTYPES)}')
-  parser.add_argument('--no-torch', action='store_true',
-                      help='step suite: leave PyTorch out')
-  parser.add_argument('--problems', default=None,
-                      help='convergence suite: comma-separated, from '
-                           f'{", ".join(convergence.PROBLEMS)}')
+    prog='python -m benchmarks',
+    description='Runs the step-speed-and-memory, compile-time and '
+    'convergence suites side by side with optax (and PyTorch), '
+    'and writes JSON, a Markdown table and (step, convergence) '
+    'a PNG figure for each to --out. Runs unchanged on CPU, GPU '
+    'and TPU.',
+  )
+  parser.add_argument(
+    '--quick',
+    action='store_true',
+    help='small trees and problems, few repetitions: a '
+    'smoke run of about two minutes on a quiet 2-core '
+    'machine (measured)',
+  )
+  parser.add_argument(
+    '--suites',
+    default=','.join(SUITES),
+    help=f'comma-separated, from {", ".join(SUITES)} (default: all)',
+  )
+  parser.add_argument(
+    '--out',
+    default=None,
+    metavar='DIR',
+    help='output folder (default: benchmarks/results, or '
+    'benchmarks/results/quick with --quick)',
+  )
+  parser.add_argument(
+    '--trees',
+    default=None,
+    help='step suite: comma-separated tree names to run (default: all)',
+  )
+  parser.add_argument(
+    '--variants',
+    default=None,
+    help=f'step suite: from {", ".join(step.VARIANTS)}',
+  )
+  parser.add_argument(
+    '--dtypes', default=None, help=f'step suite: from {", ".join(step.DTYPES)}'
+  )
+  parser.add_argument(
+    '--no-torch', action='store_true', help='step suite: leave PyTorch out'
+  )
+  parser.add_argument(
+    '--problems',
+    default=None,
+    help='convergence suite: comma-separated, from '
+    f'{", ".join(convergence.PROBLEMS)}',
+  )
   args = parser.parse_args(argv)
   split = lambda s: s.split(',') if s else None
   suites = split(args.suites)
   # Every name is checked before any work: one line, exit status 2.
   fail = lambda message: _refuse(parser, message)
-  for option, value in (('--suites', args.suites), ('--trees', args.trees),
-                        ('--variants', args.variants),
-                        ('--dtypes', args.dtypes),
-                        ('--problems', args.problems)):
+  for option, value in (
+    ('--suites', args.suites),
+    ('--trees', args.trees),
+    ('--variants', args.variants),
+    ('--dtypes', args.dtypes),
+    ('--problems', args.problems),
+  ):
     if value is not None and not value.strip(' ,'):
       fail(f'{option} is empty: name at least one, or leave the option out')
   for option, names, known in (
-      ('--suites', suites, SUITES),
-      ('--trees', split(args.trees),
-       step.trees(args.quick) if args.trees else ()),
-      ('--variants', split(args.variants), step.VARIANTS),
-      ('--dtypes', split(args.dtypes), step.DTYPES),
-      ('--problems', split(args.problems), convergence.PROBLEMS)):
+    ('--suites', suites, SUITES),
+    (
+      '--trees',
+      split(args.trees),
+      step.trees(args.quick) if args.trees else (),
+    ),
+    ('--variants', split(args.variants), step.VARIANTS),
+    ('--dtypes', split(args.dtypes), step.DTYPES),
+    ('--problems', split(args.problems), convergence.PROBLEMS),
+  ):
     unknown = [n for n in names or () if n not in known]
     if unknown:
-      fail(f'{option}: unknown {", ".join(map(repr, unknown))}; choose from '
-           f'{", ".join(known)}' + (' (with --quick)' if option == '--trees'
-                                    and args.quick else ''))
-  out = (pathlib.Path(__file__).parent / 'results' / (
-      'quick' if args.quick else '') if args.out is None else args.out)
+      fail(
+        f'{option}: unknown {", ".join(map(repr, unknown))}; choose from '
+        f'{", ".join(known)}'
+        + (' (with --quick)' if option == '--trees' and args.quick else '')
+      )
+  out = (
+    pathlib.Path(__file__).parent / 'results' / ('quick' if args.quick else '')
+    if args.out is None
+    else args.out
+  )
   _check_out(parser, str(out))
   out = pathlib.Path(out)
   print(common.environment_markdown(common.environment()))
   results = {}
   if 'step' in suites:
     results['step'] = step.run(
-        out, quick=args.quick, tree_names=split(args.trees),
-        variants=split(args.variants), dtypes=split(args.dtypes),
-        use_torch=not args.no_torch)
+      out,
+      quick=args.quick,
+      tree_names=split(args.trees),
+      variants=split(args.variants),
+      dtypes=split(args.dtypes),
+      use_torch=not args.no_torch,
+    )
   if 'compile' in suites:
     results['compile'] = compile_time.run(out, quick=args.quick)
   if 'convergence' in suites:
     results['convergence'] = convergence.run(
-        out, quick=args.quick, problems=split(args.problems))
+      out, quick=args.quick, problems=split(args.problems)
+    )
   print(f'wrote results to {out}/')
   return results
 

@@ -20,21 +20,24 @@ def environment() -> dict:
   import optax
 
   import rmsprop_jax
+
   env = {
-      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
-          timespec='seconds'),
-      'backend': jax.default_backend(),
-      'devices': [d.device_kind for d in jax.devices()],
-      'cpu': platform.processor() or platform.machine(),
-      'cpu_count': os.cpu_count(),
-      'python': platform.python_version(),
-      'jax': jax.__version__,
-      'jaxlib': jaxlib.__version__,
-      'optax': optax.__version__,
-      'rmsprop_jax': getattr(rmsprop_jax, '__version__', 'source'),
+    'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec='seconds'
+    ),
+    'backend': jax.default_backend(),
+    'devices': [d.device_kind for d in jax.devices()],
+    'cpu': platform.processor() or platform.machine(),
+    'cpu_count': os.cpu_count(),
+    'python': platform.python_version(),
+    'jax': jax.__version__,
+    'jaxlib': jaxlib.__version__,
+    'optax': optax.__version__,
+    'rmsprop_jax': getattr(rmsprop_jax, '__version__', 'source'),
   }
   try:
     import torch
+
     env['torch'] = torch.__version__
   except ImportError:
     env['torch'] = None
@@ -56,9 +59,12 @@ def calibrate(call: Callable[[], None], target_s: float) -> int:
 UNSTABLE_SPREAD = 2.0
 
 
-def alternate(timers: dict[str, Callable[[int], float]], counts: dict[str, int],
-              repeats: int, spreads: dict[str, float] | None = None,
-              ) -> dict[str, float]:
+def alternate(
+  timers: dict[str, Callable[[int], float]],
+  counts: dict[str, int],
+  repeats: int,
+  spreads: dict[str, float] | None = None,
+) -> dict[str, float]:
   """Median seconds per call of each timer, taking turns, order flipped.
 
   Each ``timers[name](n)`` runs ``n`` calls and returns their total seconds.
@@ -69,11 +75,12 @@ def alternate(timers: dict[str, Callable[[int], float]], counts: dict[str, int],
   names = list(timers)
   samples = {name: [] for name in names}
   for r in range(repeats):
-    for name in (names if r % 2 == 0 else names[::-1]):
+    for name in names if r % 2 == 0 else names[::-1]:
       samples[name].append(timers[name](counts[name]) / counts[name])
   if spreads is not None:
-    spreads.update({name: float(max(s) / min(s))
-                    for name, s in samples.items()})
+    spreads.update(
+      {name: float(max(s) / min(s)) for name, s in samples.items()}
+    )
   return {name: float(np.median(s)) for name, s in samples.items()}
 
 
@@ -82,22 +89,28 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-  lines = ['| ' + ' | '.join(header) + ' |',
-           '|' + '|'.join('---' for _ in header) + '|']
+  lines = [
+    '| ' + ' | '.join(header) + ' |',
+    '|' + '|'.join('---' for _ in header) + '|',
+  ]
   lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
   return '\n'.join(lines) + '\n'
 
 
 def environment_markdown(env: dict) -> str:
   devices = ', '.join(sorted(set(env['devices'])))
-  return (f"Machine: {env['backend']} ({devices}"
-          f", {env['cpu_count']} host cores); jax {env['jax']}, optax "
-          f"{env['optax']}, torch {env['torch']}, Python {env['python']}; "
-          f"{env['date']}.\n")
+  return (
+    f'Machine: {env["backend"]} ({devices}'
+    f', {env["cpu_count"]} host cores); jax {env["jax"]}, optax '
+    f'{env["optax"]}, torch {env["torch"]}, Python {env["python"]}; '
+    f'{env["date"]}.\n'
+  )
 
 
 def pyplot():
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   return plt

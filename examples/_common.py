@@ -10,8 +10,9 @@ from tqdm import tqdm
 from rmsprop_jax.__main__ import _check_out, _refuse
 
 
-def parse_args(doc: str, argv=None, *, quick: str,
-               seed: bool = True) -> argparse.Namespace:
+def parse_args(
+  doc: str, argv=None, *, quick: str, seed: bool = True
+) -> argparse.Namespace:
   """Parses the examples' options; ``--help`` shows the first paragraph of
   the example's docstring ``doc`` and ``quick``, the measured time of its
   ``--quick`` run. ``seed``: whether the example has randomness for
@@ -20,17 +21,28 @@ def parse_args(doc: str, argv=None, *, quick: str,
   status 2, before any training."""
   description = ' '.join(doc.strip().split('\n\n')[0].split())
   parser = argparse.ArgumentParser(description=description)
-  parser.add_argument('--quick', action='store_true',
-                      help=f'a short run for smoke tests (CI): {quick} on a '
-                           'quiet 2-core machine, start-up included '
-                           '(measured)')
-  parser.add_argument('--out', default='example_figures', metavar='DIR',
-                      help='folder for the figure, created if missing '
-                           '(default: ./example_figures)')
+  parser.add_argument(
+    '--quick',
+    action='store_true',
+    help=f'a short run for smoke tests (CI): {quick} on a '
+    'quiet 2-core machine, start-up included '
+    '(measured)',
+  )
+  parser.add_argument(
+    '--out',
+    default='example_figures',
+    metavar='DIR',
+    help='folder for the figure, created if missing '
+    '(default: ./example_figures)',
+  )
   if seed:
-    parser.add_argument('--seed', type=int, default=0,
-                        help='random seed of the initial weights and the '
-                             'data, in [0, 2**32) (default: 0)')
+    parser.add_argument(
+      '--seed',
+      type=int,
+      default=0,
+      help='random seed of the initial weights and the '
+      'data, in [0, 2**32) (default: 0)',
+    )
   args = parser.parse_args(argv)
   if seed and not 0 <= args.seed < 2**32:
     _refuse(parser, f'--seed {args.seed}: must be in [0, 2**32)')
@@ -59,9 +71,12 @@ class StepBar(tqdm):
     def report(step):
       self.update(max(0, self.offset + int(step) + 1 - self.n))
 
-    jax.lax.cond((step + 1) % self.every == 0,
-                 lambda s: jax.debug.callback(report, s), lambda s: None,
-                 step)
+    jax.lax.cond(
+      (step + 1) % self.every == 0,
+      lambda s: jax.debug.callback(report, s),
+      lambda s: None,
+      step,
+    )
 
   def end_run(self, steps: int) -> None:
     """Marks a run of ``steps`` steps as done; later ticks count after it."""
@@ -71,8 +86,10 @@ class StepBar(tqdm):
 
 def pyplot():
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+
   return plt
 
 

@@ -71,9 +71,11 @@ def make_trainer(make_tx, length, hidden, batch, steps, bar=None):
       updates, state = tx.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
 
-    _, losses = jax.lax.scan(step, (params, tx.init(params)),
-                             (jnp.arange(steps),
-                              jax.random.split(data_key, steps)))
+    _, losses = jax.lax.scan(
+      step,
+      (params, tx.init(params)),
+      (jnp.arange(steps), jax.random.split(data_key, steps)),
+    )
     return losses
 
   # All (learning rate, seed) pairs at once: losses[lr, seed, step].
@@ -81,8 +83,8 @@ def make_trainer(make_tx, length, hidden, batch, steps, bar=None):
 
 
 OPTIMIZERS = {
-    'Graves 2013 (centered, momentum 0.9)': rmsprop_jax.presets.graves2013,
-    'plain RMSprop (decay 0.9)': rmsprop_jax.rmsprop,
+  'Graves 2013 (centered, momentum 0.9)': rmsprop_jax.presets.graves2013,
+  'plain RMSprop (decay 0.9)': rmsprop_jax.rmsprop,
 }
 
 
@@ -97,22 +99,33 @@ def main(argv=None):
   seeds = args.seed + jnp.arange(n_seeds)
   tail = steps // 10
   results = {}
-  bar = StepBar(len(OPTIMIZERS) * steps,
-                f'{len(OPTIMIZERS)} optimizers x {lrs.size * n_seeds} runs')
+  bar = StepBar(
+    len(OPTIMIZERS) * steps,
+    f'{len(OPTIMIZERS)} optimizers x {lrs.size * n_seeds} runs',
+  )
   for name, make_tx in OPTIMIZERS.items():
-    losses = np.asarray(make_trainer(make_tx, length, hidden, 32, steps, bar)(
-        lrs, seeds))
+    losses = np.asarray(
+      make_trainer(make_tx, length, hidden, 32, steps, bar)(lrs, seeds)
+    )
     bar.end_run(steps)
     final = np.median(losses[:, :, -tail:].mean(-1), axis=1)
     best = int(np.nanargmin(np.where(np.isfinite(final), final, np.inf)))
-    results[name] = dict(lrs=np.asarray(grid), losses=losses, best=best,
-                         final=losses[:, :, -tail:].mean(-1))
+    results[name] = dict(
+      lrs=np.asarray(grid),
+      losses=losses,
+      best=best,
+      final=losses[:, :, -tail:].mean(-1),
+    )
   bar.close()
 
-  print(f'\nAdding problem, length {length}, GRU {hidden}, batch 32, {steps} '
-        f'steps, {n_seeds} seeds (baseline MSE {BASELINE:.3f})')
-  print(f"{'optimizer':<38} {'best lr':>8} {'final MSE (median)':>19} "
-        f"{'first step with MSE<' + str(SOLVED):>25}")
+  print(
+    f'\nAdding problem, length {length}, GRU {hidden}, batch 32, {steps} '
+    f'steps, {n_seeds} seeds (baseline MSE {BASELINE:.3f})'
+  )
+  print(
+    f'{"optimizer":<38} {"best lr":>8} {"final MSE (median)":>19} '
+    f'{"first step with MSE<" + str(SOLVED):>25}'
+  )
   summary = {}
   for name, r in results.items():
     curves = r['losses'][r['best']]
@@ -120,39 +133,59 @@ def main(argv=None):
     below = np.nonzero(_smooth(np.median(curves, 0), window) < SOLVED)[0]
     solved = int(below[0]) + window if below.size else None  # Window's end.
     summary[name] = (float(np.median(r['final'][r['best']])), solved)
-    print(f"{name:<38} {r['lrs'][r['best']]:>8.0e} {summary[name][0]:>19.4f} "
-          f"{solved if solved is not None else 'never':>25}")
+    print(
+      f'{name:<38} {r["lrs"][r["best"]]:>8.0e} {summary[name][0]:>19.4f} '
+      f'{solved if solved is not None else "never":>25}'
+    )
   (a, sa), (b, sb) = summary.values()
   names = list(summary)
   winner = names[0] if a < b else names[1]
-  print(f'{winner} ends {max(a, b) / min(a, b):.2g}x lower at its best '
-        'learning rate.')
+  print(
+    f'{winner} ends {max(a, b) / min(a, b):.2g}x lower at its best '
+    'learning rate.'
+  )
 
   plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
   for name, r in results.items():
     curves = r['losses'][r['best']]
     window = max(steps // 100, 1)
-    lo, mid, hi = (_smooth(np.quantile(curves, q, 0), window)
-                   for q in (0.0, 0.5, 1.0))
-    line, = axes[0].semilogy(mid, label=f"{name}, lr {r['lrs'][r['best']]:g}")
-    axes[0].fill_between(np.arange(mid.size), lo, hi, alpha=0.2,
-                         color=line.get_color())
-    axes[1].errorbar(r['lrs'], np.median(r['final'], 1),
-                     yerr=[np.median(r['final'], 1) - r['final'].min(1),
-                           r['final'].max(1) - np.median(r['final'], 1)],
-                     marker='o', capsize=3, label=name, color=line.get_color())
+    lo, mid, hi = (
+      _smooth(np.quantile(curves, q, 0), window) for q in (0.0, 0.5, 1.0)
+    )
+    (line,) = axes[0].semilogy(mid, label=f'{name}, lr {r["lrs"][r["best"]]:g}')
+    axes[0].fill_between(
+      np.arange(mid.size), lo, hi, alpha=0.2, color=line.get_color()
+    )
+    axes[1].errorbar(
+      r['lrs'],
+      np.median(r['final'], 1),
+      yerr=[
+        np.median(r['final'], 1) - r['final'].min(1),
+        r['final'].max(1) - np.median(r['final'], 1),
+      ],
+      marker='o',
+      capsize=3,
+      label=name,
+      color=line.get_color(),
+    )
   for ax in axes:
     ax.axhline(BASELINE, color='grey', ls=':', label='always answer 1')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
-  axes[0].set(xlabel='training step', ylabel='MSE (moving average, log)',
-              title=f'Adding problem, length {length}: best learning rate '
-                    f'of each\n(median of {n_seeds} seeds, band: min to max)')
-  axes[1].set(xscale='log', yscale='log', xlabel='learning rate',
-              ylabel=f'MSE over the last {tail} steps',
-              title='Sensitivity to the learning rate\n(median, min to max '
-                    'over seeds)')
+  axes[0].set(
+    xlabel='training step',
+    ylabel='MSE (moving average, log)',
+    title=f'Adding problem, length {length}: best learning rate '
+    f'of each\n(median of {n_seeds} seeds, band: min to max)',
+  )
+  axes[1].set(
+    xscale='log',
+    yscale='log',
+    xlabel='learning rate',
+    ylabel=f'MSE over the last {tail} steps',
+    title='Sensitivity to the learning rate\n(median, min to max over seeds)',
+  )
   save_figure(fig, args.out / 'adding_gru.png')
   return results
 

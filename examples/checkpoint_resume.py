@@ -30,8 +30,12 @@ def setup(steps):
   y = jnp.asarray(y)
   params = {'w': jnp.zeros((64, 10)), 'b': jnp.zeros(10)}
   tx = rmsprop_jax.presets.pytorch(
-      lr=optax.cosine_decay_schedule(0.01, steps), alpha=0.9, momentum=0.9,
-      centered=True, weight_decay=1e-4)
+    lr=optax.cosine_decay_schedule(0.01, steps),
+    alpha=0.9,
+    momentum=0.9,
+    centered=True,
+    weight_decay=1e-4,
+  )
 
   def loss_fn(p):
     logits = x @ p['w'] + p['b']
@@ -63,8 +67,9 @@ def main(argv=None):
 
   # Uninterrupted.
   bar = StepBar(2 * steps, 'uninterrupted, then saved and resumed')
-  full_params, _, full_losses = train(params0, tx.init(params0), step, steps,
-                                      bar)
+  full_params, _, full_losses = train(
+    params0, tx.init(params0), step, steps, bar
+  )
 
   # Interrupted: save half-way, restore into fresh arrays, continue.
   params, state, first = train(params0, tx.init(params0), step, half, bar)
@@ -74,31 +79,40 @@ def main(argv=None):
       ckpt.save(path, {'params': params, 'opt_state': state})
       ckpt.wait_until_finished()
       # The target tree tells Orbax the structure, shapes and dtypes.
-      target = jax.eval_shape(lambda: {'params': params0,
-                                       'opt_state': tx.init(params0)})
+      target = jax.eval_shape(
+        lambda: {'params': params0, 'opt_state': tx.init(params0)}
+      )
       restored = ckpt.restore(path, target)
-  params, state, second = train(restored['params'], restored['opt_state'],
-                                step, steps - half, bar)
+  params, state, second = train(
+    restored['params'], restored['opt_state'], step, steps - half, bar
+  )
   resumed_losses = first + second
   bar.close()
 
   identical = all(
-      np.array_equal(a, b) for a, b in
-      zip(jax.tree.leaves(full_params), jax.tree.leaves(params)))
-  print(f'\n{steps} steps, checkpoint after {half}: final loss '
-        f'{full_losses[-1]:.6f} (uninterrupted), {resumed_losses[-1]:.6f} '
-        f'(resumed)')
-  print(f'resumed parameters bit-identical to the uninterrupted run: '
-        f'{identical}')
+    np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(params))
+  )
+  print(
+    f'\n{steps} steps, checkpoint after {half}: final loss '
+    f'{full_losses[-1]:.6f} (uninterrupted), {resumed_losses[-1]:.6f} '
+    f'(resumed)'
+  )
+  print(
+    f'resumed parameters bit-identical to the uninterrupted run: {identical}'
+  )
 
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.2))
   ax.semilogy(full_losses, lw=3, alpha=0.5, label='uninterrupted')
   ax.semilogy(resumed_losses, 'k--', lw=1, label='saved and resumed')
   ax.axvline(half, color='grey', ls=':', label='checkpoint')
-  ax.set(xlabel='step', ylabel='training loss (log scale)',
-         title='Orbax checkpoint of rmsprop_jax state: the resumed run '
-               + ('coincides' if identical else 'differs'))
+  ax.set(
+    xlabel='step',
+    ylabel='training loss (log scale)',
+    title='Orbax checkpoint of rmsprop_jax state: the resumed run '
+    + ('coincides' if identical else 'differs'),
+  )
   ax.legend()
   save_figure(fig, args.out / 'checkpoint_resume.png')
   return identical, full_params, params

@@ -28,7 +28,6 @@ EPS = 1e-8
 
 
 class CNN(nn.Module):
-
   @nn.compact
   def __call__(self, x):  # x: (batch, 8, 8, 1)
     x = nn.relu(nn.Conv(16, (3, 3))(x))
@@ -40,14 +39,14 @@ class CNN(nn.Module):
 def load(seed):
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-  return train_test_split(x, y, test_size=0.25, random_state=seed,
-                          stratify=y)
+  return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
 
 
 def make_tx(rmsprop, schedule):
   return optax.chain(
-      optax.clip_by_global_norm(1.0),
-      rmsprop(schedule, decay=0.9, eps=EPS, centered=True, momentum=0.9))
+    optax.clip_by_global_norm(1.0),
+    rmsprop(schedule, decay=0.9, eps=EPS, centered=True, momentum=0.9),
+  )
 
 
 @jax.jit
@@ -55,25 +54,29 @@ def train_step(state, x, y):
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return state.apply_gradients(grads=grads), loss
 
 
 @jax.jit
 def accuracy(state, x, y):
-  return jnp.mean(jnp.argmax(state.apply_fn({'params': state.params}, x), -1)
-                  == y)
+  return jnp.mean(
+    jnp.argmax(state.apply_fn({'params': state.params}, x), -1) == y
+  )
 
 
 def train(rmsprop, data, epochs, seed, bar, log=None):
   x_tr, x_te, y_tr, y_te = data
   steps_per_epoch = len(x_tr) // BATCH
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, 1e-3, steps_per_epoch, epochs * steps_per_epoch, end_value=1e-5)
+    0.0, 1e-3, steps_per_epoch, epochs * steps_per_epoch, end_value=1e-5
+  )
   model = CNN()
   params = model.init(jax.random.PRNGKey(seed), x_tr[:1])['params']
   state = train_state.TrainState.create(
-      apply_fn=model.apply, params=params, tx=make_tx(rmsprop, schedule))
+    apply_fn=model.apply, params=params, tx=make_tx(rmsprop, schedule)
+  )
   rng = np.random.default_rng(seed)
   history, eff_median = [], []
   for epoch in range(epochs):
@@ -86,15 +89,25 @@ def train(rmsprop, data, epochs, seed, bar, log=None):
     history.append(np.mean(losses))
     if log is not None:
       eff = rmsprop_jax.effective_learning_rate(
-          state.opt_state, schedule(state.step), eps=EPS)
+        state.opt_state, schedule(state.step), eps=EPS
+      )
       summary = rmsprop_jax.diagnostics.summarize(eff)
       eff_median.append({k: float(v['median']) for k, v in summary.items()})
-      log(f"epoch {epoch + 1}: loss {history[-1]:.3g}; effective lr "
-          f"median per layer: " + ', '.join(
-              f'{k} {v:.3g}' for k, v in eff_median[-1].items()
-              if k.endswith('kernel')))
-  return (np.asarray(history), float(accuracy(state, x_tr, y_tr)),
-          float(accuracy(state, x_te, y_te)), eff_median)
+      log(
+        f'epoch {epoch + 1}: loss {history[-1]:.3g}; effective lr '
+        f'median per layer: '
+        + ', '.join(
+          f'{k} {v:.3g}'
+          for k, v in eff_median[-1].items()
+          if k.endswith('kernel')
+        )
+      )
+  return (
+    np.asarray(history),
+    float(accuracy(state, x_tr, y_tr)),
+    float(accuracy(state, x_te, y_te)),
+    eff_median,
+  )
 
 
 def main(argv=None):
@@ -102,8 +115,10 @@ def main(argv=None):
   epochs = 2 if args.quick else 40
   data = load(args.seed)
   results = {}
-  runs = [('rmsprop_jax.rmsprop', rmsprop_jax.rmsprop),
-          ('optax.rmsprop', optax.rmsprop)]
+  runs = [
+    ('rmsprop_jax.rmsprop', rmsprop_jax.rmsprop),
+    ('optax.rmsprop', optax.rmsprop),
+  ]
   steps = epochs * (len(data[0]) // BATCH)
   with StepBar(len(runs) * steps, f'{len(runs)} optimizers') as bar:
     for name, rmsprop in runs:
@@ -111,10 +126,13 @@ def main(argv=None):
       results[name] = train(rmsprop, data, epochs, args.seed, bar, log)
 
   ours, ref = results['rmsprop_jax.rmsprop'], results['optax.rmsprop']
-  print(f'\nDigits CNN (Flax Linen, TrainState), {epochs} epochs; centered '
-        'RMSprop, momentum 0.9, warm-up cosine lr, clipping at norm 1')
-  print(f"{'optimizer':<22} {'final loss':>10} {'train acc':>10} "
-        f"{'test acc':>10}")
+  print(
+    f'\nDigits CNN (Flax Linen, TrainState), {epochs} epochs; centered '
+    'RMSprop, momentum 0.9, warm-up cosine lr, clipping at norm 1'
+  )
+  print(
+    f'{"optimizer":<22} {"final loss":>10} {"train acc":>10} {"test acc":>10}'
+  )
   for name, (hist, tr, te, _) in results.items():
     print(f'{name:<22} {hist[-1]:>10.3g} {tr:>10.3f} {te:>10.3f}')
   same = np.array_equal(ours[0], ref[0])
@@ -124,15 +142,22 @@ def main(argv=None):
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   epochs_axis = np.arange(1, epochs + 1)
   for (name, (hist, _, te, _)), style in zip(results.items(), ['-', '--']):
-    axes[0].semilogy(epochs_axis, hist, style,
-                     label=f'{name} (test acc {te:.3f})')
-  axes[0].set(xlabel='epoch', ylabel='training loss (log scale)',
-              title='CNN on scikit-learn digits (Flax Linen TrainState)')
+    axes[0].semilogy(
+      epochs_axis, hist, style, label=f'{name} (test acc {te:.3f})'
+    )
+  axes[0].set(
+    xlabel='epoch',
+    ylabel='training loss (log scale)',
+    title='CNN on scikit-learn digits (Flax Linen TrainState)',
+  )
   for layer in ours[3][0]:
     axes[1].semilogy(epochs_axis, [e[layer] for e in ours[3]], label=layer)
-  axes[1].set(xlabel='epoch', ylabel='median effective learning rate (log)',
-              title='Effective learning rate lr(t) / sqrt(variance + eps):\n'
-                    'median over each layer, at the end of each epoch')
+  axes[1].set(
+    xlabel='epoch',
+    ylabel='median effective learning rate (log)',
+    title='Effective learning rate lr(t) / sqrt(variance + eps):\n'
+    'median over each layer, at the end of each epoch',
+  )
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)

@@ -20,7 +20,6 @@ from _common import StepBar, parse_args, pyplot, save_figure
 
 
 class MLP(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.hidden = nnx.Linear(64, 128, rngs=rngs)
     self.out = nnx.Linear(128, 10, rngs=rngs)
@@ -32,8 +31,7 @@ class MLP(nnx.Module):
 def load(seed):
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32)
-  return train_test_split(x, y, test_size=0.25, random_state=seed,
-                          stratify=y)
+  return train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
 
 
 def train(tx, data, epochs, batch, seed, bar):
@@ -64,8 +62,11 @@ def train(tx, data, epochs, batch, seed, bar):
       losses.append(float(step(model, opt, x_tr[i], y_tr[i])))
       bar.update()
     history.append(np.mean(losses))
-  return (np.asarray(history), float(accuracy(model, x_tr, y_tr)),
-          float(accuracy(model, x_te, y_te)))
+  return (
+    np.asarray(history),
+    float(accuracy(model, x_tr, y_tr)),
+    float(accuracy(model, x_te, y_te)),
+  )
 
 
 def main(argv=None):
@@ -73,9 +74,9 @@ def main(argv=None):
   epochs = 3 if args.quick else 60
   data = load(args.seed)
   optimizers = {
-      'rmsprop_jax.rmsprop(1e-3)': rmsprop_jax.rmsprop(1e-3),
-      'optax.rmsprop(1e-3)': optax.rmsprop(1e-3),
-      'optax.adam(1e-3)': optax.adam(1e-3),
+    'rmsprop_jax.rmsprop(1e-3)': rmsprop_jax.rmsprop(1e-3),
+    'optax.rmsprop(1e-3)': optax.rmsprop(1e-3),
+    'optax.adam(1e-3)': optax.adam(1e-3),
   }
   results = {}
   steps = epochs * (len(data[0]) // 32)
@@ -83,23 +84,31 @@ def main(argv=None):
     for name, tx in optimizers.items():
       results[name] = train(tx, data, epochs, 32, args.seed, bar)
 
-  print(f'\nDigits MLP, {epochs} epochs, batch 32 '
-        f'({len(data[0])} train / {len(data[1])} test images)')
-  print(f"{'optimizer':<28} {'final loss':>10} {'train acc':>10} "
-        f"{'test acc':>10}")
+  print(
+    f'\nDigits MLP, {epochs} epochs, batch 32 '
+    f'({len(data[0])} train / {len(data[1])} test images)'
+  )
+  print(
+    f'{"optimizer":<28} {"final loss":>10} {"train acc":>10} {"test acc":>10}'
+  )
   for name, (hist, tr, te) in results.items():
     print(f'{name:<28} {hist[-1]:>10.4f} {tr:>10.3f} {te:>10.3f}')
-  same = np.array_equal(results['rmsprop_jax.rmsprop(1e-3)'][0],
-                        results['optax.rmsprop(1e-3)'][0])
+  same = np.array_equal(
+    results['rmsprop_jax.rmsprop(1e-3)'][0], results['optax.rmsprop(1e-3)'][0]
+  )
   print(f'rmsprop_jax and optax.rmsprop losses identical: {same}')
 
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for (name, (hist, _, te)), style in zip(results.items(), ['-', '--', '-']):
-    ax.semilogy(np.arange(1, epochs + 1), hist, style,
-                label=f'{name} (test acc {te:.3f})')
-  ax.set(xlabel='epoch', ylabel='training loss (log scale)',
-         title='MLP on scikit-learn digits (Flax NNX)')
+    ax.semilogy(
+      np.arange(1, epochs + 1), hist, style, label=f'{name} (test acc {te:.3f})'
+    )
+  ax.set(
+    xlabel='epoch',
+    ylabel='training loss (log scale)',
+    title='MLP on scikit-learn digits (Flax NNX)',
+  )
   ax.grid(True, which='both', alpha=0.3)
   ax.legend()
   save_figure(fig, args.out / 'digits_nnx.png')

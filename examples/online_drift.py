@@ -29,8 +29,9 @@ from _common import StepBar, parse_args, pyplot, save_figure
 
 DIM = 10
 REGIME = 1000
-GRID = jnp.array([0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0,
-                  100.0])
+GRID = jnp.array(
+  [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
+)
 
 
 def stream(steps, seed, scale_changes):
@@ -38,9 +39,11 @@ def stream(steps, seed, scale_changes):
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
   regimes = -(-steps // REGIME)
   weights = 2.0 * jax.random.normal(k1, (regimes, DIM))
-  scales = jnp.where(scale_changes,
-                     10.0 ** jax.random.uniform(k4, (regimes,), minval=-1.5,
-                                                maxval=0.5), 1.0)
+  scales = jnp.where(
+    scale_changes,
+    10.0 ** jax.random.uniform(k4, (regimes,), minval=-1.5, maxval=0.5),
+    1.0,
+  )
   w_true = jnp.repeat(weights, REGIME, axis=0)[:steps]
   scale = jnp.repeat(scales, REGIME)[:steps]
   x = jax.random.normal(k2, (steps, DIM)) * scale[:, None]
@@ -61,22 +64,28 @@ def make_run(make_tx, eff_lr, bar=None):
       g = jax.grad(lambda w: 0.5 * (xi @ w - yi) ** 2)(w)
       u, state = tx.update(g, state, w)
       w = optax.apply_updates(w, u)
-      return (w, state), (jnp.linalg.norm(w - wi),
-                          jnp.median(eff_lr(state, lr)))
+      return (w, state), (
+        jnp.linalg.norm(w - wi),
+        jnp.median(eff_lr(state, lr)),
+      )
 
-    _, (err, eff) = jax.lax.scan(step, (w0, tx.init(w0)),
-                                 (jnp.arange(y.size), x, y, w_true))
+    _, (err, eff) = jax.lax.scan(
+      step, (w0, tx.init(w0)), (jnp.arange(y.size), x, y, w_true)
+    )
     return err, eff
+
   return jax.jit(jax.vmap(run, in_axes=(0, None, None, None)))
 
 
 OPTIMIZERS = {
-    'RMSprop (decay 0.99)': (
-        lambda lr: rmsprop_jax.rmsprop(lr, decay=0.99, eps=1e-8),
-        lambda s, lr: rmsprop_jax.effective_learning_rate(s, lr, eps=1e-8)),
-    'AdaGrad': (
-        lambda lr: optax.adagrad(lr, initial_accumulator_value=0.0, eps=1e-8),
-        lambda s, lr: lr * jax.lax.rsqrt(s[0].sum_of_squares + 1e-8)),
+  'RMSprop (decay 0.99)': (
+    lambda lr: rmsprop_jax.rmsprop(lr, decay=0.99, eps=1e-8),
+    lambda s, lr: rmsprop_jax.effective_learning_rate(s, lr, eps=1e-8),
+  ),
+  'AdaGrad': (
+    lambda lr: optax.adagrad(lr, initial_accumulator_value=0.0, eps=1e-8),
+    lambda s, lr: lr * jax.lax.rsqrt(s[0].sum_of_squares + 1e-8),
+  ),
 }
 SCENARIOS = {'weights jump': False, 'weights and input scale jump': True}
 
@@ -85,9 +94,10 @@ def main(argv=None):
   args = parse_args(__doc__, argv, quick='about 4 s')
   steps = 5000 if args.quick else 100000
   tune = steps // 10
-  bar = StepBar(len(SCENARIOS) * len(OPTIMIZERS) * steps,
-                f'{len(SCENARIOS) * len(OPTIMIZERS)} streams x {GRID.size} '
-                'learning rates')
+  bar = StepBar(
+    len(SCENARIOS) * len(OPTIMIZERS) * steps,
+    f'{len(SCENARIOS) * len(OPTIMIZERS)} streams x {GRID.size} learning rates',
+  )
   runners = {name: make_run(*fns, bar) for name, fns in OPTIMIZERS.items()}
   results = {}
   for scenario, scale_changes in SCENARIOS.items():
@@ -98,19 +108,31 @@ def main(argv=None):
       bar.end_run(steps)
       best = int(jnp.argmin(errs[:, :tune].mean(1)))
       hindsight = float(errs[:, tune:].mean(1).min())
-      results[scenario, name] = (float(GRID[best]), np.asarray(errs[best]),
-                                 np.asarray(effs[best]), hindsight)
+      results[scenario, name] = (
+        float(GRID[best]),
+        np.asarray(errs[best]),
+        np.asarray(effs[best]),
+        hindsight,
+      )
   bar.close()
 
-  print(f'\n{steps} online steps; the true weights jump every {REGIME} steps;'
-        f' lr tuned on the first {tune}')
-  print('mean distance to the true weights after the tuning stretch, at the '
-        'tuned lr and at the best lr of the grid in hindsight:')
-  print(f"{'scenario':<30} {'optimizer':<22} {'tuned lr':>9} "
-        f"{'tuned':>12} {'hindsight':>21}")
+  print(
+    f'\n{steps} online steps; the true weights jump every {REGIME} steps;'
+    f' lr tuned on the first {tune}'
+  )
+  print(
+    'mean distance to the true weights after the tuning stretch, at the '
+    'tuned lr and at the best lr of the grid in hindsight:'
+  )
+  print(
+    f'{"scenario":<30} {"optimizer":<22} {"tuned lr":>9} '
+    f'{"tuned":>12} {"hindsight":>21}'
+  )
   for (scenario, name), (lr, err, _, hindsight) in results.items():
-    print(f'{scenario:<30} {name:<22} {lr:>9.3g} {err[tune:].mean():>12.3f} '
-          f'{hindsight:>21.3f}')
+    print(
+      f'{scenario:<30} {name:<22} {lr:>9.3g} {err[tune:].mean():>12.3f} '
+      f'{hindsight:>21.3f}'
+    )
   for scenario in SCENARIOS:
     rms = results[scenario, 'RMSprop (decay 0.99)']
     ada = results[scenario, 'AdaGrad']
@@ -118,16 +140,19 @@ def main(argv=None):
     hindsight = ada[3] / rms[3]
     # A mean over the whole stream can hide who is closer when: count the
     # regimes (stretches between jumps) each one tracks better.
-    regimes = lambda err: err[:steps // REGIME * REGIME].reshape(
-        -1, REGIME).mean(1)
+    regimes = lambda err: (
+      err[: steps // REGIME * REGIME].reshape(-1, REGIME).mean(1)
+    )
     wins = int(np.sum(regimes(rms[1]) < regimes(ada[1])))
-    print(f"{scenario}: after tuning, AdaGrad's mean distance to the true "
-          f"weights is {ratio:.2g}x RMSprop's; RMSprop is closer in {wins} of "
-          f'{steps // REGIME} stretches between jumps, AdaGrad in the other '
-          f'{steps // REGIME - wins}. With each one\'s best learning rate in '
-          f"hindsight, AdaGrad's mean is {hindsight:.2g}x RMSprop's. "
-          f"AdaGrad's effective lr fell {ada[2][tune] / ada[2][-1]:.2g}-fold "
-          'after tuning.')
+    print(
+      f"{scenario}: after tuning, AdaGrad's mean distance to the true "
+      f"weights is {ratio:.2g}x RMSprop's; RMSprop is closer in {wins} of "
+      f'{steps // REGIME} stretches between jumps, AdaGrad in the other '
+      f"{steps // REGIME - wins}. With each one's best learning rate in "
+      f"hindsight, AdaGrad's mean is {hindsight:.2g}x RMSprop's. "
+      f"AdaGrad's effective lr fell {ada[2][tune] / ada[2][-1]:.2g}-fold "
+      'after tuning.'
+    )
 
   plt = pyplot()
   scenario = 'weights and input scale jump'
@@ -139,13 +164,18 @@ def main(argv=None):
     axes[0].semilogy(smooth(err), label=f'{name}, lr {lr:g}')
     axes[1].semilogy(eff, label=name)
   axes[0].axvspan(0, tune, color='grey', alpha=0.15, label='lr tuned here')
-  axes[0].set(xlabel='step', ylabel='|w - w_true| (moving average, log)',
-              title=f'Distance to the true weights ({scenario}\n'
-                    f'every {REGIME:,} steps)')
-  axes[1].set(xlabel='step', ylabel='median effective learning rate (log)',
-              title='Effective learning rate lr / sqrt(v): v the moving '
-                    'average\n(RMSprop) or the sum (AdaGrad) of g². RMSprop '
-                    'follows\nthe input scale, AdaGrad only falls')
+  axes[0].set(
+    xlabel='step',
+    ylabel='|w - w_true| (moving average, log)',
+    title=f'Distance to the true weights ({scenario}\nevery {REGIME:,} steps)',
+  )
+  axes[1].set(
+    xlabel='step',
+    ylabel='median effective learning rate (log)',
+    title='Effective learning rate lr / sqrt(v): v the moving '
+    'average\n(RMSprop) or the sum (AdaGrad) of g². RMSprop '
+    'follows\nthe input scale, AdaGrad only falls',
+  )
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()

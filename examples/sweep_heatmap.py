@@ -23,6 +23,7 @@ from _common import StepBar, parse_args, pyplot, save_figure
 
 def sweep(lrs, decays, steps, x, y, bar=None):
   """(final loss, mean loss over the last tenth of the steps) per pair."""
+
   def loss_fn(p):
     logits = x @ p['w'] + p['b']
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -39,9 +40,10 @@ def sweep(lrs, decays, steps, x, y, bar=None):
       updates, state = tx.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
 
-    (params, _), losses = jax.lax.scan(step, (params, tx.init(params)),
-                                       jnp.arange(steps))
-    return loss_fn(params), losses[-max(1, steps // 10):].mean()
+    (params, _), losses = jax.lax.scan(
+      step, (params, tx.init(params)), jnp.arange(steps)
+    )
+    return loss_fn(params), losses[-max(1, steps // 10) :].mean()
 
   grid = jax.vmap(jax.vmap(train, in_axes=(None, 0)), in_axes=(0, None))
   return jax.jit(grid)(lrs, decays)
@@ -56,35 +58,61 @@ def main(argv=None):
   decays = jnp.array([0.0, 0.5, 0.9, 0.95, 0.99, 0.999])
   tail = max(1, steps // 10)
   with StepBar(steps, f'{lrs.size * decays.size} runs in one call') as bar:
-    losses, tail_means = (np.asarray(a) for a in sweep(lrs, decays, steps,
-                                                         x, y, bar))
+    losses, tail_means = (
+      np.asarray(a) for a in sweep(lrs, decays, steps, x, y, bar)
+    )
     bar.end_run(steps)
   i, j = np.unravel_index(np.nanargmin(tail_means), tail_means.shape)
   print(f'\n{lrs.size} x {decays.size} grid, {steps} full-batch steps each')
-  print(f'lowest mean loss over the last {tail} steps: learning rate '
-        f'{float(lrs[i]):.3g}, decay {float(decays[j]):g}: '
-        f'{tail_means[i, j]:.4f} (final {losses[i, j]:.4f})')
+  print(
+    f'lowest mean loss over the last {tail} steps: learning rate '
+    f'{float(lrs[i]):.3g}, decay {float(decays[j]):g}: '
+    f'{tail_means[i, j]:.4f} (final {losses[i, j]:.4f})'
+  )
   finite = tail_means[np.isfinite(tail_means)]
-  print(f'worst finite: {finite.max():.4f}; '
-        f'{np.size(tail_means) - finite.size} runs diverged')
+  print(
+    f'worst finite: {finite.max():.4f}; '
+    f'{np.size(tail_means) - finite.size} runs diverged'
+  )
 
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 5.5))
-  im = ax.imshow(np.log10(tail_means), origin='lower', aspect='auto',
-                 cmap='viridis')
+  im = ax.imshow(
+    np.log10(tail_means), origin='lower', aspect='auto', cmap='viridis'
+  )
   ax.set_xticks(range(decays.size), [f'{d:g}' for d in decays])
   ax.set_yticks(range(lrs.size), [f'{lr:.0e}' for lr in lrs])
   middle = np.nanmean(np.log10(tail_means))
   for (a, b), v in np.ndenumerate(tail_means):
-    ax.text(b, a, f'{v:.2f}', ha='center', va='center', fontsize=7,
-            color='white' if np.log10(v) < middle else 'k')
-  ax.plot(j, i, 's', mfc='none', mec='red', ms=22, mew=2, ls='none',
-          label=f'lowest (lr {float(lrs[i]):.0e}, decay {float(decays[j]):g})')
-  ax.legend(loc='upper center', bbox_to_anchor=(0.5, -0.12), fontsize=8,
-            frameon=False)
-  ax.set(xlabel='decay (rho)', ylabel='learning rate',
-         title=f'Mean training loss over steps {steps - tail + 1}-{steps} '
-               f'of {steps}\n(softmax regression on the digits, full batch)')
+    ax.text(
+      b,
+      a,
+      f'{v:.2f}',
+      ha='center',
+      va='center',
+      fontsize=7,
+      color='white' if np.log10(v) < middle else 'k',
+    )
+  ax.plot(
+    j,
+    i,
+    's',
+    mfc='none',
+    mec='red',
+    ms=22,
+    mew=2,
+    ls='none',
+    label=f'lowest (lr {float(lrs[i]):.0e}, decay {float(decays[j]):g})',
+  )
+  ax.legend(
+    loc='upper center', bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False
+  )
+  ax.set(
+    xlabel='decay (rho)',
+    ylabel='learning rate',
+    title=f'Mean training loss over steps {steps - tail + 1}-{steps} '
+    f'of {steps}\n(softmax regression on the digits, full batch)',
+  )
   fig.colorbar(im, label='log10 mean loss')
   save_figure(fig, args.out / 'sweep_heatmap.png')
   return lrs, decays, losses, tail_means

@@ -33,6 +33,7 @@ def timm_rmsprop_tf():
   import pathlib
   import sys
   import types
+
   require('torch')
   spec = importlib.util.find_spec('timm')
   if spec is None:

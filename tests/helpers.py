@@ -7,21 +7,29 @@ import numpy as np
 
 def random_tree(key, dtype=jnp.float32, scale=1.0, shift=0.0):
   """A nested parameter-like pytree with leaves of assorted shapes."""
-  shapes = {'dense': {'w': (4, 3), 'b': (3,)}, 'list': [(2,), (1, 2, 2)],
-            'scalar': ()}
+  shapes = {
+    'dense': {'w': (4, 3), 'b': (3,)},
+    'list': [(2,), (1, 2, 2)],
+    'scalar': (),
+  }
   leaves, treedef = jax.tree.flatten(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))
+    shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
   keys = jax.random.split(key, len(leaves))
-  arrays = [(shift + scale * jax.random.normal(k, s)).astype(dtype)
-            for k, s in zip(keys, leaves)]
+  arrays = [
+    (shift + scale * jax.random.normal(k, s)).astype(dtype)
+    for k, s in zip(keys, leaves)
+  ]
   return jax.tree.unflatten(treedef, arrays)
 
 
 def gradient_sequence(steps, dtype=jnp.float32, seed=0, **kwargs):
   """``steps`` random gradient trees (same structure as ``random_tree``)."""
   key = jax.random.PRNGKey(seed)
-  return [random_tree(jax.random.fold_in(key, i), dtype, **kwargs)
-          for i in range(steps)]
+  return [
+    random_tree(jax.random.fold_in(key, i), dtype, **kwargs)
+    for i in range(steps)
+  ]
 
 
 def run(tx, params, grads_seq, jit=True, apply=False):
@@ -31,6 +39,7 @@ def run(tx, params, grads_seq, jit=True, apply=False):
   the parameters after each step are returned instead of the updates.
   """
   import optax
+
   update = jax.jit(tx.update) if jit else tx.update
   state = tx.init(params)
   out = []
@@ -49,8 +58,9 @@ def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     assert x.dtype == y.dtype, (x.dtype, y.dtype)
-    np.testing.assert_array_equal(np.asarray(x).astype(np.complex128),
-                                  np.asarray(y).astype(np.complex128))
+    np.testing.assert_array_equal(
+      np.asarray(x).astype(np.complex128), np.asarray(y).astype(np.complex128)
+    )
 
 
 def bowl_problem(shapes, steps, seed=0):
@@ -65,21 +75,25 @@ def bowl_problem(shapes, steps, seed=0):
 def bowl_grads(params, targets, noise_t, asarray=jnp.asarray):
   """Gradient of the bowl at ``params``: depends on the parameters, so any
   difference between two optimizers compounds over the steps."""
-  return [2.0 * (p - asarray(t)) + asarray(n)
-          for p, t, n in zip(params, targets, noise_t)]
+  return [
+    2.0 * (p - asarray(t)) + asarray(n)
+    for p, t, n in zip(params, targets, noise_t)
+  ]
 
 
 def bowl_trajectory(tx, problem):
   """Parameters after each step of ``tx`` on ``problem`` (jitted)."""
   import optax
+
   params, targets, noise = problem
   params = [jnp.asarray(p) for p in params]
   state = tx.init(params)
 
   @jax.jit
   def step(params, state, noise_t):
-    updates, state = tx.update(bowl_grads(params, targets, noise_t), state,
-                               params)
+    updates, state = tx.update(
+      bowl_grads(params, targets, noise_t), state, params
+    )
     return optax.apply_updates(params, updates), state
 
   out = []

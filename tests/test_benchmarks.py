@@ -25,6 +25,7 @@ def quick_results(tmp_path_factory):
   for module in ('flax', 'sklearn', 'matplotlib'):
     require(module)
   from benchmarks.__main__ import main
+
   out = tmp_path_factory.mktemp('bench')
   results = {}
 
@@ -33,8 +34,9 @@ def quick_results(tmp_path_factory):
       # The convergence suite on one problem: every method, every output.
       # test_every_convergence_problem_trains covers the other problems.
       extra = ['--problems', 'quadratic'] if suite == 'convergence' else []
-      results[suite] = main(['--quick', '--suites', suite, '--out',
-                             str(out)] + extra)[suite]
+      results[suite] = main(
+        ['--quick', '--suites', suite, '--out', str(out)] + extra
+      )[suite]
     return results[suite]
 
   return out, get
@@ -56,17 +58,22 @@ def test_writes_json_markdown_and_plots(quick_results, suite):
 def test_step_bytes_follow_the_performance_notes(quick_results):
   _, get = quick_results
   rows = get('step')['rows']
-  assert {r['variant'] for r in rows} == {'plain', 'centered+momentum',
-                                          '8-bit nu'}
+  assert {r['variant'] for r in rows} == {
+    'plain',
+    'centered+momentum',
+    '8-bit nu',
+  }
   # Bytes per float32 parameter from the notes' table: 20 and 36; state
   # holds nu (and mu and the momentum buffer) in the parameters' dtype.
   # The 8-bit nu: 12 B for params and grads, 2 B for nu (r/w); its state
   # is one byte per parameter plus a float32 scale per block of up to 256.
-  per_param = {('float32', 'plain'): (20, 4, 4),
-               ('float32', 'centered+momentum'): (36, 12, 12),
-               ('float32', '8-bit nu'): (14, (1, 1.1), 4),
-               ('bfloat16', 'plain'): (10, 2, 2),
-               ('bfloat16', 'centered+momentum'): (18, 6, 6)}
+  per_param = {
+    ('float32', 'plain'): (20, 4, 4),
+    ('float32', 'centered+momentum'): (36, 12, 12),
+    ('float32', '8-bit nu'): (14, (1, 1.1), 4),
+    ('bfloat16', 'plain'): (10, 2, 2),
+    ('bfloat16', 'centered+momentum'): (18, 6, 6),
+  }
   for r in rows:
     moved, ours, optax_state = per_param[r['dtype'], r['variant']]
     assert r['moved_bytes'] == moved * r['params']
@@ -82,6 +89,7 @@ def test_step_bytes_follow_the_performance_notes(quick_results):
 
 def test_convergence_covers_every_method(quick_results):
   from benchmarks import convergence
+
   _, get = quick_results
   problems = get('convergence')['problems']
   assert set(problems) == {'quadratic'}
@@ -94,42 +102,49 @@ def test_convergence_covers_every_method(quick_results):
     i = ref['final_by_lr'].index(ref['final_median'])
     for name, ratio in r['low_memory'].items():
       assert ratio == pytest.approx(
-          r['methods'][name]['final_by_lr'][i] / ref['final_by_lr'][i])
+        r['methods'][name]['final_by_lr'][i] / ref['final_by_lr'][i]
+      )
 
 
 def test_compile_suite_covers_its_trees(quick_results):
   from benchmarks import compile_time
+
   _, get = quick_results
   rows = get('compile')['rows']
   trees = compile_time.trees(quick=True)
   assert {(r['tree'], r['variant']) for r in rows} == {
-      (t, v) for t in trees for v in compile_time.VARIANTS}
+    (t, v) for t in trees for v in compile_time.VARIANTS
+  }
   for r in rows:
     assert r['leaves'] == len(trees[r['tree']])
     assert r['speedup_vs_optax'] == pytest.approx(
-        r['compile_s']['optax'] / r['compile_s']['ours'])
+      r['compile_s']['optax'] / r['compile_s']['ours']
+    )
     assert all(t > 0 for t in r['compile_s'].values())
 
 
-@pytest.mark.parametrize('name', ['rosenbrock', 'logistic', 'digits_mlp',
-                                  'adding_gru'])
+@pytest.mark.parametrize(
+  'name', ['rosenbrock', 'logistic', 'digits_mlp', 'adding_gru']
+)
 def test_every_convergence_problem_trains(name):
   """The problems the quick run above leaves out, each with RMSprop at a
   learning rate of the grid: finite losses that fall."""
   import rmsprop_jax
   from benchmarks import convergence
+
   problem = convergence.PROBLEMS[name]()
-  losses = convergence.train_grid(problem, rmsprop_jax.rmsprop, [1e-3],
-                                  [0], problem.quick_steps)
+  losses = convergence.train_grid(
+    problem, rmsprop_jax.rmsprop, [1e-3], [0], problem.quick_steps
+  )
   assert losses.shape == (1, 1, problem.quick_steps // problem.record_every)
   assert np.isfinite(losses).all() and losses[0, 0, -1] < losses[0, 0, 0]
 
 
 def test_convergence_grid_cell_equals_a_plain_optax_run():
   from benchmarks import convergence
+
   problem = convergence.PROBLEMS['logistic']()
-  losses = convergence.train_grid(problem, optax.adam, [1e-3, 1e-2], [0, 1],
-                                  20)
+  losses = convergence.train_grid(problem, optax.adam, [1e-3, 1e-2], [0, 1], 20)
   # Seed 1, lr 1e-2, by hand: the same keys, one step at a time, the
   # whole-dataset loss recorded every 10 steps.
   assert problem.record_every == 10 and losses.shape == (2, 2, 2)
@@ -148,7 +163,9 @@ def test_convergence_grid_cell_equals_a_plain_optax_run():
   np.testing.assert_allclose(losses[1, 1], expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--suites', 'steps'], "--suites: unknown 'steps'"),
     (['--quick', '--trees', '2000 x 64'], "--trees: unknown '2000 x 64'"),
     (['--variants', 'plain,nesterov'], "--variants: unknown 'nesterov'"),
@@ -158,11 +175,14 @@ def test_convergence_grid_cell_equals_a_plain_optax_run():
     (['--suites', ''], '--suites is empty'),
     (['--trees', ','], '--trees is empty'),
     (['--out', ''], 'is empty'),
-])
-def test_command_line_refuses_bad_input_before_any_work(tmp_path, capsys,
-                                                        args, message):
+  ],
+)
+def test_command_line_refuses_bad_input_before_any_work(
+  tmp_path, capsys, args, message
+):
   """One line on stderr, exit status 2, nothing run or printed first."""
   from benchmarks.__main__ import main
+
   afile = tmp_path / 'results.json'
   afile.write_text('')
   with pytest.raises(SystemExit) as exit_info:
@@ -177,32 +197,43 @@ def test_command_line_refuses_bad_input_before_any_work(tmp_path, capsys,
 def test_command_line_error_through_a_subprocess(tmp_path):
   import subprocess
   import sys
+
   result = subprocess.run(
-      [sys.executable, '-m', 'benchmarks', '--suites', 'step,compiles'],
-      capture_output=True, text=True, timeout=120,
-      cwd=pathlib.Path(__file__).resolve().parent.parent)
+    [sys.executable, '-m', 'benchmarks', '--suites', 'step,compiles'],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=pathlib.Path(__file__).resolve().parent.parent,
+  )
   assert result.returncode == 2 and result.stdout == ''
   assert result.stderr.strip() == (
-      "python -m benchmarks: error: --suites: unknown 'compiles'; choose "
-      'from step, compile, convergence')
+    "python -m benchmarks: error: --suites: unknown 'compiles'; choose "
+    'from step, compile, convergence'
+  )
 
 
 def test_disturbed_timings_are_flagged(quick_results):
   """A side whose repeats spread more than 2x (another process took the
   CPU) is reported, and its ratios are marked in the table."""
   from benchmarks import common, step
+
   slow = iter([1.0, 5.0, 1.0])
   spreads = {}
-  common.alternate({'steady': lambda n: n * 1.0,
-                    'disturbed': lambda n: n * next(slow)},
-                   {'steady': 1, 'disturbed': 1}, 3, spreads)
+  common.alternate(
+    {'steady': lambda n: n * 1.0, 'disturbed': lambda n: n * next(slow)},
+    {'steady': 1, 'disturbed': 1},
+    3,
+    spreads,
+  )
   assert spreads == {'steady': 1.0, 'disturbed': 5.0}
   _, get = quick_results
   payload = json.loads(json.dumps(get('step'), default=float))
   row = payload['rows'][0]
   row['unstable'] = ['torch']
-  line = next(line for line in step.markdown(payload).splitlines()
-              if line.startswith(f"| {row['tree']} | {row['dtype']} | "
-                              f"{row['variant']} |"))
+  line = next(
+    line
+    for line in step.markdown(payload).splitlines()
+    if line.startswith(f'| {row["tree"]} | {row["dtype"]} | {row["variant"]} |')
+  )
   cells = [c.strip() for c in line.split('|')]
   assert cells[9].endswith('†') and not cells[5].endswith('†')

@@ -21,28 +21,34 @@ G = [np.array([3.0, -0.5, 0.0]), np.array([1.0, 2.0, 0.0])]
 
 def test_effective_learning_rate_plain_by_hand():
   params = jnp.zeros(3)
-  state = _after(rmsprop_jax.rmsprop(0.1, decay=0.9, eps=1e-3,
-                                     eps_in_sqrt=False), G, params)
+  state = _after(
+    rmsprop_jax.rmsprop(0.1, decay=0.9, eps=1e-3, eps_in_sqrt=False), G, params
+  )
   v = 0.9 * (0.1 * G[0] ** 2) + 0.1 * G[1] ** 2  # By hand, v_0 = 0.
   expected = 0.1 / (np.sqrt(v) + 1e-3)
   np.testing.assert_allclose(
-      diagnostics.effective_learning_rate(state, 0.1, eps=1e-3,
-                                          eps_in_sqrt=False),
-      expected, rtol=1e-6)
+    diagnostics.effective_learning_rate(
+      state, 0.1, eps=1e-3, eps_in_sqrt=False
+    ),
+    expected,
+    rtol=1e-6,
+  )
   assert expected[2] == pytest.approx(0.1 / 1e-3)  # Zero gradient: lr / eps.
 
 
 def test_effective_learning_rate_centered_bias_corrected_by_hand():
   params = jnp.zeros(3)
-  tx = rmsprop_jax.rmsprop(0.2, decay=0.5, eps=1e-2, centered=True,
-                           bias_correction=True, momentum=0.9)
+  tx = rmsprop_jax.rmsprop(
+    0.2, decay=0.5, eps=1e-2, centered=True, bias_correction=True, momentum=0.9
+  )
   state = _after(tx, G, params)
   mu = 0.5 * (0.5 * G[0]) + 0.5 * G[1]
   nu = 0.5 * (0.5 * G[0] ** 2) + 0.5 * G[1] ** 2
-  c = 1 - 0.5 ** 2
+  c = 1 - 0.5**2
   expected = 0.2 / np.sqrt(np.maximum(nu / c - (mu / c) ** 2, 0) + 1e-2)
-  got = jax.jit(lambda s: diagnostics.effective_learning_rate(
-      s, 0.2, eps=1e-2, decay=0.5))(state)
+  got = jax.jit(
+    lambda s: diagnostics.effective_learning_rate(s, 0.2, eps=1e-2, decay=0.5)
+  )(state)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   with pytest.raises(ValueError, match='decay'):
     diagnostics.effective_learning_rate(state, 0.2)
@@ -54,30 +60,41 @@ def test_effective_learning_rate_is_the_step_per_unit_gradient():
   g = jax.tree.map(lambda p: p * jnp.arange(p.size).reshape(p.shape), params)
   tx = rmsprop_jax.presets.pytorch(lr=0.05, alpha=0.9)
   updates, state = tx.update(g, tx.init(params), params)
-  eff = diagnostics.effective_learning_rate(state, 0.05, eps=1e-8,
-                                            eps_in_sqrt=False)
+  eff = diagnostics.effective_learning_rate(
+    state, 0.05, eps=1e-8, eps_in_sqrt=False
+  )
   chex = pytest.importorskip('chex')
-  chex.assert_trees_all_close(updates, jax.tree.map(lambda e, x: -e * x,
-                                                    eff, g), rtol=1e-6)
+  chex.assert_trees_all_close(
+    updates, jax.tree.map(lambda e, x: -e * x, eff, g), rtol=1e-6
+  )
 
 
 def test_summarize():
-  summary = diagnostics.summarize({'w': jnp.array([3.0, 1.0, 2.0]),
-                                   'l': [jnp.array([[5.0]])]})
+  summary = diagnostics.summarize(
+    {'w': jnp.array([3.0, 1.0, 2.0]), 'l': [jnp.array([[5.0]])]}
+  )
   assert set(summary) == {'w', 'l/0'}
   assert [float(summary['w'][k]) for k in ('min', 'median', 'max')] == [
-      1.0, 2.0, 3.0]
+    1.0,
+    2.0,
+    3.0,
+  ]
 
 
 def test_demo_runs_and_writes_four_figures(tmp_path, capsys):
   pytest.importorskip('matplotlib')
   from rmsprop_jax.__main__ import main
+
   assert main(['demo', '--out', str(tmp_path / 'figs')]) == 0
   out = capsys.readouterr().out
   assert out.count('Conclusion:') == 4
   pngs = sorted(p.name for p in (tmp_path / 'figs').glob('*.png'))
-  assert pngs == ['1_trajectories.png', '2_loss_curves.png',
-                  '3_effective_learning_rates.png', '4_conventions.png']
+  assert pngs == [
+    '1_trajectories.png',
+    '2_loss_curves.png',
+    '3_effective_learning_rates.png',
+    '4_conventions.png',
+  ]
   for p in (tmp_path / 'figs').glob('*.png'):
     assert p.read_bytes()[:4] == b'\x89PNG'
 
@@ -87,8 +104,11 @@ def test_demo1_table_matches_the_reference_numpy_class(capsys):
   from rmsprop_jax import demo
 
   from test_references import classic_demo1_trajectory
+
   r = demo.demo1()
-  np.testing.assert_allclose(r.params[1:], classic_demo1_trajectory(), rtol=2e-5)
+  np.testing.assert_allclose(
+    r.params[1:], classic_demo1_trajectory(), rtol=2e-5
+  )
 
 
 @pytest.mark.parametrize('kind', ['cannot be created', 'is a file', 'empty'])
@@ -96,6 +116,7 @@ def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
   """One line on stderr, exit status 2, nothing printed or run first."""
   import subprocess
   import sys
+
   if kind == 'empty':
     out = ''  # Would write into the current folder.
   elif kind == 'is a file':
@@ -106,8 +127,11 @@ def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
     blocker.write_text('')
     out = blocker / 'sub'  # A folder inside a file cannot be created.
   result = subprocess.run(
-      [sys.executable, '-m', 'rmsprop_jax', 'demo', '--out', str(out)],
-      capture_output=True, text=True, timeout=120)
+    [sys.executable, '-m', 'rmsprop_jax', 'demo', '--out', str(out)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2
   assert result.stdout == ''
   lines = result.stderr.strip().splitlines()
@@ -119,18 +143,29 @@ def test_demo4_runs_each_framework_and_says_how_far_apart(capsys):
   the same points; TF1 (v from 1) and PyTorch (eps outside, lr after the
   buffer) end elsewhere, and the conclusion prints the distances."""
   from rmsprop_jax import demo
+
   runs = demo.demo4()
   out = capsys.readouterr().out
-  np.testing.assert_allclose(runs['Keras'].params, runs['optax'].params,
-                             rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(
+    runs['Keras'].params, runs['optax'].params, rtol=1e-6, atol=1e-9
+  )
   ref = runs['optax'].params[-1]
   for name in ('TF1', 'PyTorch'):
     gap = np.linalg.norm(runs[name].params[-1] - ref)
     assert gap > 1e-4
     assert f'{gap:.2g}' in out
   # Each run is its preset's: PyTorch's from optax's rmsprop spelled out.
-  by_hand = demo.run(rmsprop_jax.rmsprop(
-      demo.CONVENTIONS_LR, decay=0.9, eps=1e-8, eps_in_sqrt=False,
-      momentum=0.9, lr_in_momentum=False), demo.ravine, [10.0, 10.0],
-      demo.CONVENTIONS_STEPS)
+  by_hand = demo.run(
+    rmsprop_jax.rmsprop(
+      demo.CONVENTIONS_LR,
+      decay=0.9,
+      eps=1e-8,
+      eps_in_sqrt=False,
+      momentum=0.9,
+      lr_in_momentum=False,
+    ),
+    demo.ravine,
+    [10.0, 10.0],
+    demo.CONVENTIONS_STEPS,
+  )
   np.testing.assert_array_equal(runs['PyTorch'].params, by_hand.params)

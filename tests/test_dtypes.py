@@ -18,8 +18,12 @@ import rmsprop_jax
 
 from helpers import assert_trees_equal
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-          'float16': jnp.float16, 'complex64': jnp.complex64}
+DTYPES = {
+  'float32': jnp.float32,
+  'bfloat16': jnp.bfloat16,
+  'float16': jnp.float16,
+  'complex64': jnp.complex64,
+}
 
 
 def dtypes_of(tree):
@@ -45,13 +49,13 @@ def numpy_rmsprop(grads, lr, decay, eps, centered, momentum=None):
 # 1. Complex parameters with a real nu_dtype keep a complex mean.
 
 COMPLEX_VARIANTS = {
-    'centered': dict(decay=0.9, centered=True),
-    'graves2013': dict(decay=0.95, eps=1e-4, centered=True, momentum=0.9),
-    'dqn2015': dict(decay=0.95, eps=0.01, centered=True),
-    'stochastic rounding': dict(decay=0.9, centered=True,
-                                nu_dtype=jnp.bfloat16,
-                                stochastic_rounding=True),
-    'packed': dict(decay=0.9, centered=True, packing=True),
+  'centered': dict(decay=0.9, centered=True),
+  'graves2013': dict(decay=0.95, eps=1e-4, centered=True, momentum=0.9),
+  'dqn2015': dict(decay=0.95, eps=0.01, centered=True),
+  'stochastic rounding': dict(
+    decay=0.9, centered=True, nu_dtype=jnp.bfloat16, stochastic_rounding=True
+  ),
+  'packed': dict(decay=0.9, centered=True, packing=True),
 }
 
 
@@ -59,8 +63,10 @@ COMPLEX_VARIANTS = {
 def test_complex_centered_with_real_nu_dtype(name):
   kwargs = dict(nu_dtype=jnp.float32) | COMPLEX_VARIANTS[name]
   params = {'z': jnp.zeros(1, jnp.complex64), 'y': jnp.zeros(1, jnp.complex64)}
-  grads = {'z': jnp.array([1j], jnp.complex64),
-           'y': jnp.array([1j], jnp.complex64)}
+  grads = {
+    'z': jnp.array([1j], jnp.complex64),
+    'y': jnp.array([1j], jnp.complex64),
+  }
   tx = rmsprop_jax.rmsprop(0.1, **kwargs)
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -68,12 +74,15 @@ def test_complex_centered_with_real_nu_dtype(name):
     u, state = update(grads, state, params)
   mu = optax.tree.get(rmsprop_jax.unpack_state(state), 'mu')
   assert mu['z'].dtype == jnp.complex64
-  assert jnp.result_type(optax.tree.get(rmsprop_jax.unpack_state(state),
-                                        'nu')['z']) == kwargs['nu_dtype']
+  assert (
+    jnp.result_type(optax.tree.get(rmsprop_jax.unpack_state(state), 'nu')['z'])
+    == kwargs['nu_dtype']
+  )
   decay = kwargs['decay']
   np.testing.assert_allclose(mu['z'], (1 - decay**10) * 1j, rtol=1e-6)
-  ref = numpy_rmsprop([1j] * 10, 0.1, decay, kwargs.get('eps', 1e-8), True,
-                      kwargs.get('momentum'))[-1]
+  ref = numpy_rmsprop(
+    [1j] * 10, 0.1, decay, kwargs.get('eps', 1e-8), True, kwargs.get('momentum')
+  )[-1]
   # bfloat16 nu: one stochastic rounding step (2**-8) of the variance.
   rtol = 1e-2 if name == 'stochastic rounding' else 1e-6
   np.testing.assert_allclose(u['z'], ref, rtol=rtol)
@@ -84,21 +93,27 @@ def test_complex_centered_with_real_nu_dtype(name):
 # 2. State dtypes never change during update, however a hyperparameter is
 #    passed.
 
+
 def _bf16_params():
   return {'w': jnp.ones((4, 3), jnp.bfloat16), 'b': jnp.ones(3, jnp.bfloat16)}
 
 
 HYPERPARAM_WAYS = {
-    'float32 array': lambda: rmsprop_jax.rmsprop(
-        jnp.asarray(1e-3, jnp.float32), momentum=0.9),
-    'inject_hyperparams float32': lambda: optax.inject_hyperparams(
-        rmsprop_jax.rmsprop, hyperparam_dtype=jnp.float32)(1e-3,
-                                                          momentum=0.9),
-    'keras preset': lambda: rmsprop_jax.presets.keras(
-        jnp.asarray(1e-3, jnp.float32), momentum=0.9),
-    'float32 momentum and eps': lambda: rmsprop_jax.rmsprop(
-        1e-3, momentum=jnp.asarray(0.9, jnp.float32),
-        eps=np.float32(1e-8), decay=np.float64(0.9)),
+  'float32 array': lambda: rmsprop_jax.rmsprop(
+    jnp.asarray(1e-3, jnp.float32), momentum=0.9
+  ),
+  'inject_hyperparams float32': lambda: optax.inject_hyperparams(
+    rmsprop_jax.rmsprop, hyperparam_dtype=jnp.float32
+  )(1e-3, momentum=0.9),
+  'keras preset': lambda: rmsprop_jax.presets.keras(
+    jnp.asarray(1e-3, jnp.float32), momentum=0.9
+  ),
+  'float32 momentum and eps': lambda: rmsprop_jax.rmsprop(
+    1e-3,
+    momentum=jnp.asarray(0.9, jnp.float32),
+    eps=np.float32(1e-8),
+    decay=np.float64(0.9),
+  ),
 }
 
 
@@ -112,7 +127,8 @@ def test_state_dtypes_are_stable_and_scan_runs(way):
   assert dtypes_of(new_state) == dtypes_of(state)
   assert optax.tree.get(new_state, 'trace')['w'].dtype == jnp.bfloat16
   assert {x.dtype for x in jax.tree.leaves(updates)} == {
-      jnp.dtype(jnp.bfloat16)}
+    jnp.dtype(jnp.bfloat16)
+  }
 
   def step(carry, _):
     p, s = carry
@@ -128,11 +144,12 @@ def test_accumulator_dtype_keeps_momentum_steps_full_length():
   1 / (1 - 0.99) = 100; in bfloat16, 0.99 * b rounds away the step's
   contribution long before."""
   steps = 600
-  expected = (1 - 0.99**np.arange(1, steps + 1)) / (1 - 0.99)
+  expected = (1 - 0.99 ** np.arange(1, steps + 1)) / (1 - 0.99)
   results = {}
   for acc in (None, jnp.float32):
-    tx = rmsprop_jax.rmsprop(1.0, decay=0.0, eps=0.0, momentum=0.99,
-                             accumulator_dtype=acc)
+    tx = rmsprop_jax.rmsprop(
+      1.0, decay=0.0, eps=0.0, momentum=0.99, accumulator_dtype=acc
+    )
     params = {'w': jnp.zeros(4, jnp.bfloat16)}
     grads = {'w': jnp.ones(4, jnp.bfloat16)}  # decay 0: normalised to 1.
 
@@ -153,10 +170,14 @@ def test_accumulator_dtype_keeps_momentum_steps_full_length():
 # 3. Gradients in another dtype than the parameters: the same everywhere,
 #    with optax's dtypes.
 
+
 @pytest.mark.parametrize('packing', [False, True])
 def test_float32_gradients_for_bfloat16_parameters(packing):
-  params = {'a': jnp.ones(3, jnp.bfloat16), 'b': jnp.ones(3, jnp.bfloat16),
-            'c': jnp.ones((40, 40), jnp.bfloat16)}
+  params = {
+    'a': jnp.ones(3, jnp.bfloat16),
+    'b': jnp.ones(3, jnp.bfloat16),
+    'c': jnp.ones((40, 40), jnp.bfloat16),
+  }
   grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3, jnp.float32), params)
   tx = rmsprop_jax.rmsprop(1e-3, packing=packing)
   ref = optax.rmsprop(1e-3)
@@ -166,7 +187,8 @@ def test_float32_gradients_for_bfloat16_parameters(packing):
   # after one step, ours stays bfloat16 (optax's own init dtype).
   assert_trees_equal(u, ref_u)
   assert dtypes_of(rmsprop_jax.unpack_state(state)) == dtypes_of(
-      ref.init(params))
+    ref.init(params)
+  )
   ref_state_dtypes = dtypes_of(ref_state)
   assert ref_state_dtypes != dtypes_of(ref.init(params))  # optax's fault
 
@@ -174,16 +196,25 @@ def test_float32_gradients_for_bfloat16_parameters(packing):
 @pytest.mark.parametrize('grad_dtype', [jnp.bfloat16, jnp.float16])
 def test_narrow_gradients_for_float32_parameters(grad_dtype):
   params = {'a': jnp.ones(3), 'c': jnp.ones((4, 4))}
-  grads = [jax.tree.map(lambda p, i=i: (jnp.sin(p * (i + 2)) * 3).astype(
-      grad_dtype), params) for i in range(3)]
-  tx, ref = rmsprop_jax.rmsprop(1e-3, momentum=0.9), optax.rmsprop(
-      1e-3, momentum=0.9)
+  grads = [
+    jax.tree.map(
+      lambda p, i=i: (jnp.sin(p * (i + 2)) * 3).astype(grad_dtype), params
+    )
+    for i in range(3)
+  ]
+  tx, ref = (
+    rmsprop_jax.rmsprop(1e-3, momentum=0.9),
+    optax.rmsprop(1e-3, momentum=0.9),
+  )
   # optax is self-consistent with bfloat16 gradients: its bits. float16
   # gradients are squared in float32 here (optax squares them in float16,
   # which cannot hold squares beyond 65504): optax fed the same gradients
   # in float32.
-  widen = ((lambda g: g) if grad_dtype == jnp.bfloat16 else
-           (lambda g: jax.tree.map(lambda x: x.astype(jnp.float32), g)))
+  widen = (
+    (lambda g: g)
+    if grad_dtype == jnp.bfloat16
+    else (lambda g: jax.tree.map(lambda x: x.astype(jnp.float32), g))
+  )
   s, rs = tx.init(params), ref.init(params)
   for g in grads:
     u, s = tx.update(g, s, params)
@@ -195,6 +226,7 @@ def test_narrow_gradients_for_float32_parameters(grad_dtype):
 
 
 # 4. Options that cannot take effect say so, or work.
+
 
 def test_weight_decay_mask_without_weight_decay_is_refused():
   with pytest.raises(ValueError, match='weight_decay_mask'):
@@ -210,8 +242,13 @@ def test_stochastic_rounding_works_for_bfloat16_parameters():
   grads = {'w': jnp.ones(4096, jnp.bfloat16)}
   out = {}
   for sr in (False, True):
-    tx = rmsprop_jax.rmsprop(1e-3, decay=0.999, initial_scale=0.5,
-                             nu_dtype=jnp.bfloat16, stochastic_rounding=sr)
+    tx = rmsprop_jax.rmsprop(
+      1e-3,
+      decay=0.999,
+      initial_scale=0.5,
+      nu_dtype=jnp.bfloat16,
+      stochastic_rounding=sr,
+    )
 
     def step(state, _, tx=tx):
       return tx.update(grads, state, params)[1], None
@@ -223,7 +260,9 @@ def test_stochastic_rounding_works_for_bfloat16_parameters():
   np.testing.assert_allclose(out[True].mean(), exact, rtol=2e-3)
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(decoupled_weight_decay=True), 'decoupled_weight_decay'),
     (dict(accumulator_dtype=jnp.float32), 'accumulator_dtype'),
     (dict(lr_in_momentum=False), 'lr_in_momentum'),
@@ -234,7 +273,8 @@ def test_stochastic_rounding_works_for_bfloat16_parameters():
     (dict(decay=optax.constant_schedule(0.9)), 'decay'),
     (dict(eps=lambda count: 1e-8), 'eps'),
     (dict(momentum=optax.constant_schedule(0.9)), 'momentum'),
-])
+  ],
+)
 def test_options_without_effect_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     rmsprop_jax.rmsprop(1e-3, **kwargs)
@@ -242,8 +282,11 @@ def test_options_without_effect_are_refused(kwargs, match):
 
 def test_presets_pass_only_options_that_act():
   # PyTorch without momentum, Keras without weight decay: no refusal.
-  for tx in (rmsprop_jax.presets.pytorch(0.01),
-             rmsprop_jax.presets.keras(1e-3), rmsprop_jax.presets.timm()):
+  for tx in (
+    rmsprop_jax.presets.pytorch(0.01),
+    rmsprop_jax.presets.keras(1e-3),
+    rmsprop_jax.presets.timm(),
+  ):
     tx.init({'w': jnp.zeros(2)})
 
 
@@ -282,34 +325,46 @@ def test_coupled_weight_decay_on_narrow_gradients_is_optax_chain():
   grads = {'w': jnp.linspace(-2, 1, 8).astype(jnp.bfloat16)}
   tx = rmsprop_jax.rmsprop(0.01, weight_decay=0.1)
   ref = optax.chain(optax.add_decayed_weights(0.1), optax.rmsprop(0.01))
-  assert_trees_equal(tx.update(grads, tx.init(params), params)[0],
-                     ref.update(grads, ref.init(params), params)[0])
+  assert_trees_equal(
+    tx.update(grads, tx.init(params), params)[0],
+    ref.update(grads, ref.init(params), params)[0],
+  )
 
 
 # The property: over parameter dtype x gradient dtype x variant x way of
 # passing the hyperparameters.
 
 VARIANTS = {
-    'plain': {}, 'centered': dict(centered=True),
-    'momentum': dict(momentum=0.9),
-    'nesterov': dict(momentum=0.9, nesterov=True),
-    'bias correction': dict(bias_correction=True),
-    'coupled weight decay': dict(weight_decay=0.01),
-    'decoupled weight decay': dict(weight_decay=0.01,
-                                   decoupled_weight_decay=True),
-    'maximize': dict(maximize=True),
-    'bf16 nu': dict(nu_dtype=jnp.bfloat16),
-    'float32 nu': dict(nu_dtype=jnp.float32),
-    '8-bit nu': dict(nu_dtype=jnp.uint8),
-    'stochastic rounding': dict(nu_dtype=jnp.bfloat16,
-                                stochastic_rounding=True, centered=True),
-    'packed': dict(packing=True, momentum=0.9, centered=True),
-    'skip nonfinite': dict(skip_nonfinite=True, momentum=0.9),
-    'float32 momentum buffer': dict(momentum=0.9,
-                                    accumulator_dtype=jnp.float32),
+  'plain': {},
+  'centered': dict(centered=True),
+  'momentum': dict(momentum=0.9),
+  'nesterov': dict(momentum=0.9, nesterov=True),
+  'bias correction': dict(bias_correction=True),
+  'coupled weight decay': dict(weight_decay=0.01),
+  'decoupled weight decay': dict(
+    weight_decay=0.01, decoupled_weight_decay=True
+  ),
+  'maximize': dict(maximize=True),
+  'bf16 nu': dict(nu_dtype=jnp.bfloat16),
+  'float32 nu': dict(nu_dtype=jnp.float32),
+  '8-bit nu': dict(nu_dtype=jnp.uint8),
+  'stochastic rounding': dict(
+    nu_dtype=jnp.bfloat16, stochastic_rounding=True, centered=True
+  ),
+  'packed': dict(packing=True, momentum=0.9, centered=True),
+  'skip nonfinite': dict(skip_nonfinite=True, momentum=0.9),
+  'float32 momentum buffer': dict(momentum=0.9, accumulator_dtype=jnp.float32),
 }
-WAYS = ['python', 'numpy float32', 'numpy float64', 'jax float32',
-        'jax bfloat16', 'schedule', 'inject float32', 'inject bfloat16']
+WAYS = [
+  'python',
+  'numpy float32',
+  'numpy float64',
+  'jax float32',
+  'jax bfloat16',
+  'schedule',
+  'inject float32',
+  'inject bfloat16',
+]
 
 
 def build(way, kwargs):
@@ -317,27 +372,35 @@ def build(way, kwargs):
   kwargs = dict(kwargs)
   if way.startswith('inject'):
     dtype = jnp.float32 if way.endswith('float32') else jnp.bfloat16
-    return optax.inject_hyperparams(rmsprop_jax.rmsprop,
-                                    hyperparam_dtype=dtype)(lr, **kwargs)
-  convert = {'python': float, 'numpy float32': np.float32,
-             'numpy float64': np.float64,
-             'jax float32': lambda v: jnp.asarray(v, jnp.float32),
-             'jax bfloat16': lambda v: jnp.asarray(v, jnp.bfloat16),
-             'schedule': lambda v: optax.constant_schedule(v)}[way]
+    return optax.inject_hyperparams(
+      rmsprop_jax.rmsprop, hyperparam_dtype=dtype
+    )(lr, **kwargs)
+  convert = {
+    'python': float,
+    'numpy float32': np.float32,
+    'numpy float64': np.float64,
+    'jax float32': lambda v: jnp.asarray(v, jnp.float32),
+    'jax bfloat16': lambda v: jnp.asarray(v, jnp.bfloat16),
+    'schedule': lambda v: optax.constant_schedule(v),
+  }[way]
   if momentum is not None:
     kwargs['momentum'] = convert(momentum) if way != 'schedule' else momentum
   for name in ('weight_decay',):
     if name in kwargs:
       kwargs[name] = convert(kwargs[name])
-  return rmsprop_jax.rmsprop(convert(lr), decay=(
-      0.9 if way == 'schedule' else convert(0.9)), **kwargs)
+  return rmsprop_jax.rmsprop(
+    convert(lr), decay=(0.9 if way == 'schedule' else convert(0.9)), **kwargs
+  )
 
 
 @settings(max_examples=60, deadline=None)
-@given(param_dtype=st.sampled_from(list(DTYPES)),
-       grad_dtype=st.sampled_from(['float32', 'bfloat16', 'float16']),
-       variant=st.sampled_from(list(VARIANTS)),
-       way=st.sampled_from(WAYS), seed=st.integers(0, 2**16))
+@given(
+  param_dtype=st.sampled_from(list(DTYPES)),
+  grad_dtype=st.sampled_from(['float32', 'bfloat16', 'float16']),
+  variant=st.sampled_from(list(VARIANTS)),
+  way=st.sampled_from(WAYS),
+  seed=st.integers(0, 2**16),
+)
 def test_dtype_policy_property(param_dtype, grad_dtype, variant, way, seed):
   kwargs = VARIANTS[variant]
   complex_params = param_dtype == 'complex64'
@@ -360,8 +423,9 @@ def test_dtype_policy_property(param_dtype, grad_dtype, variant, way, seed):
   # State dtypes are stable across update.
   assert dtypes_of(new_state) == dtypes_of(state)
   # The updates' dtype follows the policy: never a hyperparameter's.
-  want = (g_dtype if 'nu_dtype' in kwargs
-          else jnp.promote_types(g_dtype, p_dtype))
+  want = (
+    g_dtype if 'nu_dtype' in kwargs else jnp.promote_types(g_dtype, p_dtype)
+  )
   assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(want)}
 
   # A 20-step scan of the training step compiles and runs.
@@ -376,12 +440,20 @@ def test_dtype_policy_property(param_dtype, grad_dtype, variant, way, seed):
   assert dtypes_of(p_end) == dtypes_of(params)
 
   # Complex results equal the NumPy reference (complex64 arithmetic).
-  if complex_params and variant in ('plain', 'centered', 'momentum') and (
-      not way.startswith('inject bfloat16') and way != 'jax bfloat16'):
+  if (
+    complex_params
+    and variant in ('plain', 'centered', 'momentum')
+    and (not way.startswith('inject bfloat16') and way != 'jax bfloat16')
+  ):
     s = tx.init(params)
     for t, g in enumerate(grads):
       u, s = tx.update(g, s, params)
-      ref = numpy_rmsprop([x['c'] for x in grads[:t + 1]], 0.01, 0.9, 1e-8,
-                          kwargs.get('centered', False),
-                          kwargs.get('momentum'))[-1]
+      ref = numpy_rmsprop(
+        [x['c'] for x in grads[: t + 1]],
+        0.01,
+        0.9,
+        1e-8,
+        kwargs.get('centered', False),
+        kwargs.get('momentum'),
+      )[-1]
       np.testing.assert_allclose(u['c'], ref, rtol=2e-5, atol=1e-7)

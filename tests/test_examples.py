@@ -28,7 +28,6 @@ def _record_progress(monkeypatch, module):
   seen = []
 
   class Recorder(sys.modules['_common'].StepBar):
-
     def update(self, n=1):
       moved = super().update(n)
       seen.append((self.n, self.total))
@@ -69,7 +68,8 @@ def test_digits_linen_trainstate(tmp_path, monkeypatch):
   np.testing.assert_array_equal(ours[0], ref[0])  # Same losses, bit for bit.
   assert ours[2] > 0.5  # It learned (10 classes: chance is 0.1).
   assert len(ours[3]) == 2 and all(  # One finite, positive summary an epoch.
-      np.isfinite(v) and v > 0 for e in ours[3] for v in e.values())
+    np.isfinite(v) and v > 0 for e in ours[3] for v in e.values()
+  )
   assert (tmp_path / 'digits_linen.png').exists()
 
 
@@ -86,10 +86,16 @@ def test_adding_gru(tmp_path, monkeypatch):
   # hyperparameters (no negative variance arises, so the clamp is inactive).
   import jax.numpy as jnp
   import optax
+
   ref = module.make_trainer(
-      lambda lr: optax.rmsprop(lr, decay=0.95, eps=1e-4, centered=True,
-                               momentum=0.9), 10, 16, 32, 200)(
-          jnp.array([1e-3, 1e-2]), jnp.arange(2))
+    lambda lr: optax.rmsprop(
+      lr, decay=0.95, eps=1e-4, centered=True, momentum=0.9
+    ),
+    10,
+    16,
+    32,
+    200,
+  )(jnp.array([1e-3, 1e-2]), jnp.arange(2))
   np.testing.assert_array_equal(graves['losses'], ref)
   assert (tmp_path / 'adding_gru.png').exists()
 
@@ -143,8 +149,9 @@ def test_checkpoint_resume_is_bit_identical(tmp_path, monkeypatch):
 def test_sweep_heatmap_cells_match_single_optax_runs(tmp_path, monkeypatch):
   module = _example('sweep_heatmap')
   seen = _record_progress(monkeypatch, module)
-  lrs, decays, losses, tail_means = module.main(['--quick', '--out',
-                                                 str(tmp_path)])
+  lrs, decays, losses, tail_means = module.main(
+    ['--quick', '--out', str(tmp_path)]
+  )
   _assert_follows_steps(seen, 20, runs=1)
   assert losses.shape == tail_means.shape == (lrs.size, decays.size)
   assert (tmp_path / 'sweep_heatmap.png').exists()
@@ -153,13 +160,15 @@ def test_sweep_heatmap_cells_match_single_optax_runs(tmp_path, monkeypatch):
   import jax.numpy as jnp
   import optax
   from sklearn.datasets import load_digits
+
   x, y = load_digits(return_X_y=True)
   x, y = jnp.asarray(x / 16.0, jnp.float32), jnp.asarray(y)
   i, j = 4, 2
   tx = optax.rmsprop(float(lrs[i]), decay=float(decays[j]))
   params = {'w': jnp.zeros((64, 10)), 'b': jnp.zeros(10)}
   loss_fn = lambda p: optax.softmax_cross_entropy_with_integer_labels(
-      x @ p['w'] + p['b'], y).mean()
+    x @ p['w'] + p['b'], y
+  ).mean()
   state = tx.init(params)
   for _ in range(20):
     updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
@@ -173,37 +182,44 @@ def test_sharded_training_on_eight_devices(tmp_path):
   """Runs in its own process: the example needs 8 (simulated) devices."""
   import os
   import subprocess
+
   for module in ('flax', 'sklearn', 'tqdm', 'matplotlib', 'orbax.checkpoint'):
     require(module)
-  env = dict(os.environ,
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
   blocker = tmp_path / 'blocker'  # A folder inside a file cannot be made.
   blocker.write_text('')
   script = (
-      'import sys, json, numpy as np\n'
-      f'sys.path.insert(0, {str(EXAMPLES)!r})\n'
-      'import sharded_training as ex\n'
-      'try:\n'
-      f'  ex.main(["--quick", "--out", {str(blocker / "sub")!r}])\n'
-      'except SystemExit as e:\n'
-      '  print("BAD OUT EXIT", e.code)\n'
-      f'r = ex.main(["--quick", "--out", {str(tmp_path)!r}])\n'
-      'res = r["results"]\n'
-      'print("RESULT", json.dumps(dict(\n'
-      '    same=bool(r["same_losses"]), exact=bool(r["restored_exact"]),\n'
-      '    placed=bool(r["restored_placed"]),\n'
-      '    gap=float(np.max(np.abs(r["resumed"] - r["continued"]))),\n'
-      '    first=float(res["ZeRO-1"]["losses"][0]),\n'
-      '    last=float(res["ZeRO-1"]["losses"][-1]),\n'
-      '    state={m: v["state_bytes"] for m, v in res.items()},\n'
-      '    collectives={m: v["collectives"] for m, v in res.items()})))\n')
-  out = subprocess.run([sys.executable, '-c', script], env=env,
-                       capture_output=True, text=True, timeout=600)
+    'import sys, json, numpy as np\n'
+    f'sys.path.insert(0, {str(EXAMPLES)!r})\n'
+    'import sharded_training as ex\n'
+    'try:\n'
+    f'  ex.main(["--quick", "--out", {str(blocker / "sub")!r}])\n'
+    'except SystemExit as e:\n'
+    '  print("BAD OUT EXIT", e.code)\n'
+    f'r = ex.main(["--quick", "--out", {str(tmp_path)!r}])\n'
+    'res = r["results"]\n'
+    'print("RESULT", json.dumps(dict(\n'
+    '    same=bool(r["same_losses"]), exact=bool(r["restored_exact"]),\n'
+    '    placed=bool(r["restored_placed"]),\n'
+    '    gap=float(np.max(np.abs(r["resumed"] - r["continued"]))),\n'
+    '    first=float(res["ZeRO-1"]["losses"][0]),\n'
+    '    last=float(res["ZeRO-1"]["losses"][-1]),\n'
+    '    state={m: v["state_bytes"] for m, v in res.items()},\n'
+    '    collectives={m: v["collectives"] for m, v in res.items()})))\n'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   # A bad --out stops it at once: exit status 2, the one-line error first.
   assert out.stdout.startswith('BAD OUT EXIT 2\n')
   assert 'error: --out ' in out.stderr.splitlines()[0]
   import json
+
   r = json.loads(out.stdout.split('RESULT ', 1)[1].splitlines()[0])
   assert r['same'] and r['exact'] and r['placed']
   assert r['last'] < r['first'] / 5  # It learned.
@@ -218,18 +234,23 @@ def test_sharded_training_on_eight_devices(tmp_path):
   assert (tmp_path / 'sharded_training.png').exists()
 
 
-EXAMPLE_NAMES = sorted(p.stem for p in EXAMPLES.glob('*.py')
-                       if not p.stem.startswith('_'))
+EXAMPLE_NAMES = sorted(
+  p.stem for p in EXAMPLES.glob('*.py') if not p.stem.startswith('_')
+)
 
 
 def test_example_refuses_a_bad_out_before_any_work(tmp_path):
   """Like the demo: one line on stderr, exit status 2, no training first."""
   import subprocess
+
   out = tmp_path / 'figures.png'
   out.write_text('not a folder')
   result = subprocess.run(
-      [sys.executable, str(EXAMPLES / 'sweep_heatmap.py'), '--out', str(out)],
-      capture_output=True, text=True, timeout=120)
+    [sys.executable, str(EXAMPLES / 'sweep_heatmap.py'), '--out', str(out)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stdout == ''
   lines = result.stderr.strip().splitlines()
@@ -238,8 +259,9 @@ def test_example_refuses_a_bad_out_before_any_work(tmp_path):
 
 # sharded_training needs 8 devices from its import on: its own subprocess
 # test checks its --out the same way.
-@pytest.mark.parametrize('example', [
-    e for e in EXAMPLE_NAMES if e != 'sharded_training'])
+@pytest.mark.parametrize(
+  'example', [e for e in EXAMPLE_NAMES if e != 'sharded_training']
+)
 def test_every_example_checks_out_first(tmp_path, example, capsys):
   """The same check in each example (in this process: the subprocess above
   shows the command line), before any training or printing."""

@@ -59,24 +59,25 @@ def ours_trajectory(tx, seed=0):
 
 
 CASES = {
-    'plain': dict(),
-    'momentum': dict(momentum=0.9),
-    'centered': dict(centered=True),
-    'weight_decay': dict(weight_decay=0.1),
-    'rho_epsilon': dict(rho=0.7, epsilon=1e-3),
-    'centered_momentum_wd': dict(centered=True, momentum=0.8,
-                                 weight_decay=0.05),
+  'plain': dict(),
+  'momentum': dict(momentum=0.9),
+  'centered': dict(centered=True),
+  'weight_decay': dict(weight_decay=0.1),
+  'rho_epsilon': dict(rho=0.7, epsilon=1e-3),
+  'centered_momentum_wd': dict(centered=True, momentum=0.8, weight_decay=0.05),
 }
 
 
 @pytest.mark.parametrize('name', CASES)
-@pytest.mark.parametrize('lr_changes', [False, True],
-                         ids=['constant_lr', 'lr_every_step'])
+@pytest.mark.parametrize(
+  'lr_changes', [False, True], ids=['constant_lr', 'lr_every_step']
+)
 def test_preset_matches_keras(keras64, name, lr_changes):
   lrs, lr = learning_rates(STEPS, lr_changes)
   ref = keras_trajectory(keras64, CASES[name], lrs)
-  ours = ours_trajectory(rmsprop_jax.presets.keras(learning_rate=lr,
-                                                   **CASES[name]))
+  ours = ours_trajectory(
+    rmsprop_jax.presets.keras(learning_rate=lr, **CASES[name])
+  )
   assert_trajectories_close(ours, ref)
 
 
@@ -85,5 +86,8 @@ def test_keras_golden_value():
   tx = rmsprop_jax.presets.keras(learning_rate=0.5)
   params = jnp.array([1.0, 2.0, 3.0, 4.0])
   updates, _ = tx.update(jnp.array([1.0, 6.0, 7.0, 2.0]), tx.init(params))
-  np.testing.assert_allclose(optax.apply_updates(params, updates),
-                             [-0.5811, 0.4189, 1.4189, 2.4189], atol=1e-4)
+  np.testing.assert_allclose(
+    optax.apply_updates(params, updates),
+    [-0.5811, 0.4189, 1.4189, 2.4189],
+    atol=1e-4,
+  )

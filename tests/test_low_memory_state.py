@@ -21,6 +21,7 @@ M32 = 0xFFFFFFFF
 
 # --- NumPy references -----------------------------------------------------------
 
+
 def np_hash(size, step, salt):
   """lowbias32 of index * golden + step * c2 + salt * c3, in Python ints."""
   out = np.empty(size, np.uint64)
@@ -68,18 +69,23 @@ def code_value(code):
 
 # --- The storage itself ---------------------------------------------------------
 
+
 def test_hash_matches_numpy():
   for step, salt in [(0, 0), (1, 0), (7, 3), (2**31 - 1, 1 << 20)]:
     np.testing.assert_array_equal(
-        np.asarray(quantization.hash_bits((257,), step, salt)),
-        np_hash(257, step, salt).astype(np.uint32))
+      np.asarray(quantization.hash_bits((257,), step, salt)),
+      np_hash(257, step, salt).astype(np.uint32),
+    )
 
 
 def test_stochastic_bf16_matches_numpy_and_neighbours():
-  x = (np.asarray(jax.random.normal(jax.random.PRNGKey(0), (300,))) * 10.0**(
-      np.arange(300) % 7 - 3)).astype(np.float32)
-  got = np.asarray(quantization.stochastic_round_bf16(
-      jnp.asarray(x), 5, 2).astype(jnp.float32))
+  x = (
+    np.asarray(jax.random.normal(jax.random.PRNGKey(0), (300,)))
+    * 10.0 ** (np.arange(300) % 7 - 3)
+  ).astype(np.float32)
+  got = np.asarray(
+    quantization.stochastic_round_bf16(jnp.asarray(x), 5, 2).astype(jnp.float32)
+  )
   np.testing.assert_array_equal(got, np_stochastic_bf16(x, 5, 2))
   # Always one of the two bfloat16 neighbours (toward zero, away from it).
   down = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
@@ -89,21 +95,29 @@ def test_stochastic_bf16_matches_numpy_and_neighbours():
 
 def test_stochastic_bf16_is_unbiased_and_nearest_is_not():
   x = jnp.full((4096,), 1.0 + 2.0**-10)  # A quarter of a bf16 step above 1.
-  mean = np.mean([np.asarray(quantization.stochastic_round_bf16(
-      x, s, 0).astype(jnp.float32)) for s in range(8)])
+  mean = np.mean(
+    [
+      np.asarray(
+        quantization.stochastic_round_bf16(x, s, 0).astype(jnp.float32)
+      )
+      for s in range(8)
+    ]
+  )
   assert mean == pytest.approx(1.0 + 2.0**-10, rel=2e-5)
   assert float(x.astype(jnp.bfloat16)[0]) == 1.0  # Nearest loses it all.
   # Non-finite values are kept.
   special = jnp.array([jnp.inf, -jnp.inf, jnp.nan, 0.0])
   out = quantization.stochastic_round_bf16(special, 1, 0)
-  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
-                                [np.inf, -np.inf, np.nan, 0.0])
+  np.testing.assert_array_equal(
+    np.asarray(out.astype(jnp.float32)), [np.inf, -np.inf, np.nan, 0.0]
+  )
 
 
 def test_8bit_codes_match_numpy():
   key = jax.random.PRNGKey(1)
-  x = jnp.abs(jax.random.normal(key, (3, 200))) ** 3 * 10.0**(
-      jnp.arange(200) % 9 - 4.0)
+  x = jnp.abs(jax.random.normal(key, (3, 200))) ** 3 * 10.0 ** (
+    jnp.arange(200) % 9 - 4.0
+  )
   q = quantization.quantize(x, 9, 4)
   codes, scale = np_quantize(np.asarray(x), 9, 4)
   np.testing.assert_array_equal(np.asarray(q.scale), scale)
@@ -119,8 +133,10 @@ def test_8bit_codes_match_numpy():
   got = code_value(np.asarray(q.codes))
   assert np.all((got == low) | (got == high) | (got == book[0]))
   np.testing.assert_allclose(
-      np.asarray(quantization.dequantize(q)).ravel(),
-      (got * scale[:, None]).ravel()[:600], rtol=1e-6)
+    np.asarray(quantization.dequantize(q)).ravel(),
+    (got * scale[:, None]).ravel()[:600],
+    rtol=1e-6,
+  )
 
 
 def test_8bit_never_stores_a_positive_value_as_zero():
@@ -135,16 +151,22 @@ def test_8bit_never_stores_a_positive_value_as_zero():
   np.testing.assert_array_equal(np.asarray(quantization.dequantize(zeros)), 0)
   # Where scale * code underflows (1e-36 * 2**-31.9), the value stays
   # positive: the smallest normal float32.
-  tiny = quantization.dequantize(quantization.quantize(
-      jnp.array([1e-36, 0.0]), 0, 0))
-  np.testing.assert_array_equal(np.asarray(tiny),
-                                np.float32([1e-36, np.finfo(np.float32).tiny]))
+  tiny = quantization.dequantize(
+    quantization.quantize(jnp.array([1e-36, 0.0]), 0, 0)
+  )
+  np.testing.assert_array_equal(
+    np.asarray(tiny), np.float32([1e-36, np.finfo(np.float32).tiny])
+  )
 
 
 def test_8bit_error_is_within_one_code_and_unbiased():
   x = jnp.abs(jax.random.normal(jax.random.PRNGKey(2), (2048,))) + 0.01
-  samples = np.stack([np.asarray(quantization.dequantize(
-      quantization.quantize(x, s, 0))) for s in range(64)])
+  samples = np.stack(
+    [
+      np.asarray(quantization.dequantize(quantization.quantize(x, s, 0)))
+      for s in range(64)
+    ]
+  )
   rel = samples / np.asarray(x) - 1
   assert np.abs(rel).max() <= 1 / 8 + 1e-6  # One code: at most 12.5 %.
   # Unbiased: the mean over steps converges to x (64 draws: ~1 % noise).
@@ -161,9 +183,12 @@ def test_slow_average_keeps_moving_only_with_stochastic_rounding():
   exact = 0.999**200 * 1 + (1 - 0.999**200) * 0.25
   finals = {}
   for sr in (False, True):
-    tx = rmsprop_jax.scale_by_rms(decay=0.999, initial_scale=1.0,
-                                  nu_dtype=jnp.bfloat16,
-                                  stochastic_rounding=sr)
+    tx = rmsprop_jax.scale_by_rms(
+      decay=0.999,
+      initial_scale=1.0,
+      nu_dtype=jnp.bfloat16,
+      stochastic_rounding=sr,
+    )
     params = jnp.zeros(1024)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -176,11 +201,14 @@ def test_slow_average_keeps_moving_only_with_stochastic_rounding():
 
 # --- In the optimizer -----------------------------------------------------------
 
+
 def model_tree(key):
   keys = jax.random.split(key, 4)
-  return {'w1': jax.random.normal(keys[0], (64, 300)) * 0.1,
-          'w2': jax.random.normal(keys[1], (300, 10)) * 0.1,
-          'b': [jnp.zeros(300), jnp.zeros(10)]}
+  return {
+    'w1': jax.random.normal(keys[0], (64, 300)) * 0.1,
+    'w2': jax.random.normal(keys[1], (300, 10)) * 0.1,
+    'b': [jnp.zeros(300), jnp.zeros(10)],
+  }
 
 
 def _steps(tx, steps=20):
@@ -194,11 +222,14 @@ def _steps(tx, steps=20):
   return params, state
 
 
-@pytest.mark.parametrize('kwargs, max_bytes', [
+@pytest.mark.parametrize(
+  'kwargs, max_bytes',
+  [
     (dict(nu_dtype=jnp.bfloat16), 2.0),
     (dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True), 2.0),
     (dict(nu_dtype=jnp.uint8), 1.1),
-])
+  ],
+)
 @pytest.mark.parametrize('packing', [False, True])
 def test_state_bytes_and_closeness_to_float32(kwargs, max_bytes, packing):
   ref_params, _ = _steps(rmsprop_jax.rmsprop(1e-3, packing=packing))
@@ -217,10 +248,12 @@ def test_state_bytes_and_closeness_to_float32(kwargs, max_bytes, packing):
 
 
 def test_8bit_centered_momentum_vmap_and_effective_lr():
-  tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8, centered=True,
-                           momentum=0.9)
-  batch = jax.vmap(lambda k: model_tree(k))(jax.random.split(
-      jax.random.PRNGKey(0), 3))
+  tx = rmsprop_jax.rmsprop(
+    1e-2, nu_dtype=jnp.uint8, centered=True, momentum=0.9
+  )
+  batch = jax.vmap(lambda k: model_tree(k))(
+    jax.random.split(jax.random.PRNGKey(0), 3)
+  )
   state = jax.vmap(tx.init)(batch)
   _, state = jax.jit(jax.vmap(tx.update))(batch, state, batch)
   mu = optax.tree.get(rmsprop_jax.unpack_state(state), 'mu')
@@ -228,8 +261,7 @@ def test_8bit_centered_momentum_vmap_and_effective_lr():
   _, single = _steps(rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8), steps=2)
   with pytest.raises(ValueError, match='bias_correction=False'):
     rmsprop_jax.effective_learning_rate(single, 1e-2)
-  eff = rmsprop_jax.effective_learning_rate(single, 1e-2,
-                                            bias_correction=False)
+  eff = rmsprop_jax.effective_learning_rate(single, 1e-2, bias_correction=False)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(eff))
 
 

@@ -19,18 +19,26 @@ STEPS = 12
 def _configs():
   """Every combination of optax.rmsprop's structural arguments."""
   momenta = [(None, False), (0.0, False), (0.9, False), (0.9, True)]
-  for (centered, (momentum, nesterov), bias_correction, eps_in_sqrt,
-       initial_scale) in itertools.product(
-           [False, True], momenta, [False, True], [True, False], [0.0, 1.0]):
-    yield dict(centered=centered, momentum=momentum, nesterov=nesterov,
-               bias_correction=bias_correction, eps_in_sqrt=eps_in_sqrt,
-               initial_scale=initial_scale)
+  for centered, (
+    momentum,
+    nesterov,
+  ), bias_correction, eps_in_sqrt, initial_scale in itertools.product(
+    [False, True], momenta, [False, True], [True, False], [0.0, 1.0]
+  ):
+    yield dict(
+      centered=centered,
+      momentum=momentum,
+      nesterov=nesterov,
+      bias_correction=bias_correction,
+      eps_in_sqrt=eps_in_sqrt,
+      initial_scale=initial_scale,
+    )
 
 
 CONFIGS = list(_configs())
 LEARNING_RATES = {
-    'constant': 0.05,
-    'schedule': optax.linear_schedule(0.1, 0.01, STEPS),
+  'constant': 0.05,
+  'schedule': optax.linear_schedule(0.1, 0.01, STEPS),
 }
 
 
@@ -51,10 +59,15 @@ def test_rmsprop_matches_optax_float32(config, lr):
   grads = gradient_sequence(STEPS, scale=2.0, shift=0.3)
   lr = LEARNING_RATES[lr]
   ours, our_state = run(
-      rmsprop_jax.rmsprop(lr, decay=0.85, eps=1e-6, **config,
-                          **_exact_kwargs(config)), params, grads)
-  ref, ref_state = run(optax.rmsprop(lr, decay=0.85, eps=1e-6, **config),
-                       params, grads)
+    rmsprop_jax.rmsprop(
+      lr, decay=0.85, eps=1e-6, **config, **_exact_kwargs(config)
+    ),
+    params,
+    grads,
+  )
+  ref, ref_state = run(
+    optax.rmsprop(lr, decay=0.85, eps=1e-6, **config), params, grads
+  )
   assert_trees_equal(ours, ref)
   # The state holds the same numbers in the same places.
   assert_trees_equal(jax.tree.leaves(our_state), jax.tree.leaves(ref_state))
@@ -64,8 +77,12 @@ def test_rmsprop_matches_optax_float32(config, lr):
 def test_rmsprop_matches_optax_eagerly(config):
   params = random_tree(jax.random.PRNGKey(2))
   grads = gradient_sequence(5, seed=3)
-  ours, _ = run(rmsprop_jax.rmsprop(0.01, **config, **_exact_kwargs(config)),
-                params, grads, jit=False)
+  ours, _ = run(
+    rmsprop_jax.rmsprop(0.01, **config, **_exact_kwargs(config)),
+    params,
+    grads,
+    jit=False,
+  )
   ref, _ = run(optax.rmsprop(0.01, **config), params, grads, jit=False)
   chex.assert_trees_all_close(ours, ref, rtol=2e-7, atol=0)
 
@@ -74,8 +91,11 @@ def test_rmsprop_matches_optax_eagerly(config):
 def test_rmsprop_matches_optax_float64(config, x64):
   params = random_tree(jax.random.PRNGKey(4), jnp.float64)
   grads = gradient_sequence(STEPS, jnp.float64, seed=5)
-  ours, _ = run(rmsprop_jax.rmsprop(0.02, decay=0.95, **config,
-                                    **_exact_kwargs(config)), params, grads)
+  ours, _ = run(
+    rmsprop_jax.rmsprop(0.02, decay=0.95, **config, **_exact_kwargs(config)),
+    params,
+    grads,
+  )
   ref, _ = run(optax.rmsprop(0.02, decay=0.95, **config), params, grads)
   assert_trees_equal(ours, ref)
   assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(ours))
@@ -85,20 +105,22 @@ def test_rmsprop_matches_optax_float64(config, x64):
 def test_rmsprop_matches_optax_bfloat16(config):
   params = random_tree(jax.random.PRNGKey(6), jnp.bfloat16)
   grads = gradient_sequence(STEPS, jnp.bfloat16, seed=7)
-  ours, state = run(rmsprop_jax.rmsprop(0.02, **config,
-                                        **_exact_kwargs(config)),
-                    params, grads)
+  ours, state = run(
+    rmsprop_jax.rmsprop(0.02, **config, **_exact_kwargs(config)), params, grads
+  )
   ref, _ = run(optax.rmsprop(0.02, **config), params, grads)
   assert_trees_equal(ours, ref)
   assert {x.dtype for x in jax.tree.leaves(ours)} == {jnp.dtype(jnp.bfloat16)}
   assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, 'nu'))} == {
-      jnp.dtype(jnp.bfloat16)}
+    jnp.dtype(jnp.bfloat16)
+  }
 
 
 BLOCK_ARGS = [
-    dict(decay=d, eps=e, initial_scale=s, eps_in_sqrt=i, bias_correction=b)
-    for d, e, s, i, b in itertools.product(
-        [0.9, 0.5], [1e-8, 0.1], [0.0, 2.0], [True, False], [False, True])
+  dict(decay=d, eps=e, initial_scale=s, eps_in_sqrt=i, bias_correction=b)
+  for d, e, s, i, b in itertools.product(
+    [0.9, 0.5], [1e-8, 0.1], [0.0, 2.0], [True, False], [False, True]
+  )
 ]
 
 
@@ -108,8 +130,9 @@ def test_building_blocks_match_optax(name, kwargs):
   params = random_tree(jax.random.PRNGKey(8))
   grads = gradient_sequence(STEPS, seed=9, shift=-0.5)
   extra = dict(clamp_variance=False) if name == 'scale_by_stddev' else {}
-  ours, our_state = run(getattr(rmsprop_jax, name)(**kwargs, **extra),
-                        params, grads)
+  ours, our_state = run(
+    getattr(rmsprop_jax, name)(**kwargs, **extra), params, grads
+  )
   ref, ref_state = run(getattr(optax, name)(**kwargs), params, grads)
   assert_trees_equal(ours, ref)
   assert our_state._fields == ref_state._fields
@@ -130,8 +153,9 @@ def test_clamp_changes_only_negative_variances(eps_in_sqrt):
   noise = jax.random.normal(jax.random.PRNGKey(0), (steps, size))
   grads = {'w': 1e3 + 1e-3 * noise}
   params = {'w': jnp.zeros(size)}
-  ours = rmsprop_jax.scale_by_stddev(decay=0.95, eps=eps,
-                                     eps_in_sqrt=eps_in_sqrt)
+  ours = rmsprop_jax.scale_by_stddev(
+    decay=0.95, eps=eps, eps_in_sqrt=eps_in_sqrt
+  )
   ref = optax.scale_by_stddev(decay=0.95, eps=eps, eps_in_sqrt=eps_in_sqrt)
 
   @jax.jit
@@ -141,6 +165,7 @@ def test_clamp_changes_only_negative_variances(eps_in_sqrt):
       u_ref, s_ref = ref.update(g, states[1])
       var = _optax_variance(s_ref)  # What optax took the root of.
       return (s_ours, s_ref), (u_ours, u_ref, var)
+
     return jax.lax.scan(step, (ours.init(params), ref.init(params)), grads)
 
   (s_ours, s_ref), (u_ours, u_ref, var) = both(grads)
@@ -160,8 +185,13 @@ def test_clamp_changes_only_negative_variances(eps_in_sqrt):
 def test_clamp_makes_centered_bias_corrected_first_step_finite():
   params = random_tree(jax.random.PRNGKey(0))
   grads = gradient_sequence(1, scale=3.0, seed=11)
-  ours, _ = run(rmsprop_jax.rmsprop(1.0, centered=True, bias_correction=True,
-                                    eps_in_sqrt=False), params, grads)
+  ours, _ = run(
+    rmsprop_jax.rmsprop(
+      1.0, centered=True, bias_correction=True, eps_in_sqrt=False
+    ),
+    params,
+    grads,
+  )
   chex.assert_tree_all_finite(ours)
 
 
@@ -183,16 +213,24 @@ def _compiled_step(tx, params):
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s
 
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, tx.init(params), params).compile().as_text()
+  text = (
+    jax.jit(step, donate_argnums=(0, 1))
+    .lower(params, tx.init(params), params)
+    .compile()
+    .as_text()
+  )
   text = '\n\n'.join(
-      part for part in text.split('\n\n') if not part.startswith(
-          ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')))
+    part
+    for part in text.split('\n\n')
+    if not part.startswith(
+      ('FileNames', 'FunctionNames', 'FileLocations', 'StackFrames')
+    )
+  )
   text = re.sub(r', metadata=\{[^}]*\}|,? ?stack_frame_id=\d+', '', text)
   names = {}  # Instruction names come from source ops: number them instead.
-  return re.sub(r'%[\w.-]+',
-                lambda m: names.setdefault(m.group(), f'%v{len(names)}'),
-                text)
+  return re.sub(
+    r'%[\w.-]+', lambda m: names.setdefault(m.group(), f'%v{len(names)}'), text
+  )
 
 
 @pytest.mark.parametrize('config', CONFIGS[::11], ids=str)
@@ -203,10 +241,10 @@ def test_default_compiles_optax_own_program(config, dtype):
   Centered RMSprop's default clamp adds one select to the fused kernel."""
   params = {'a': jnp.ones((300,), dtype), 'b': jnp.ones((3, 8), dtype)}
   ref = _compiled_step(optax.rmsprop(0.1, **config), params)
-  ours = _compiled_step(rmsprop_jax.rmsprop(0.1, **config,
-                                            **_exact_kwargs(config)), params)
+  ours = _compiled_step(
+    rmsprop_jax.rmsprop(0.1, **config, **_exact_kwargs(config)), params
+  )
   assert ours == ref
   if config['centered']:
     clamped = _compiled_step(rmsprop_jax.rmsprop(0.1, **config), params)
-    assert clamped != ref and clamped.count(' select(') > ref.count(
-        ' select(')
+    assert clamped != ref and clamped.count(' select(') > ref.count(' select(')

@@ -39,8 +39,9 @@ def run_ours(tx, params, grads):
 # --- TensorFlow 1 -----------------------------------------------------------
 
 
-def tf1_kernels_numpy(var, grads, lrs, rho, momentum, epsilon, centered,
-                      slots=None):
+def tf1_kernels_numpy(
+  var, grads, lrs, rho, momentum, epsilon, centered, slots=None
+):
   """ApplyRMSProp / ApplyCenteredRMSProp, as training_ops.cc computes them.
   ``slots``, a dict, receives the final ``rms``, ``mg`` and ``momentum``
   slot values."""
@@ -66,28 +67,43 @@ def tf1_kernels_numpy(var, grads, lrs, rho, momentum, epsilon, centered,
 
 def _tf_case_args(case):
   c = case['config']
-  return (np.asarray(case['initial_params']), np.asarray(case['gradients']),
-          np.asarray(case['learning_rates']), c['decay'], c['momentum'],
-          c['epsilon'], c['centered'])
+  return (
+    np.asarray(case['initial_params']),
+    np.asarray(case['gradients']),
+    np.asarray(case['learning_rates']),
+    c['decay'],
+    c['momentum'],
+    c['epsilon'],
+    c['centered'],
+  )
 
 
 @pytest.mark.parametrize('case', TF_CASES, ids=lambda c: str(c['config']))
 def test_transcription_reproduces_tensorflow(case):
   # Validates the NumPy transcription used below against the real kernels.
-  np.testing.assert_allclose(tf1_kernels_numpy(*_tf_case_args(case)),
-                             case['params_after_each_step'],
-                             rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(
+    tf1_kernels_numpy(*_tf_case_args(case)),
+    case['params_after_each_step'],
+    rtol=1e-12,
+    atol=1e-14,
+  )
 
 
 @pytest.mark.parametrize('case', TF_CASES, ids=lambda c: str(c['config']))
 def test_tf1_preset_matches_tensorflow_kernels(case, x64):
   var, grads, lrs, rho, momentum, epsilon, centered = _tf_case_args(case)
   lr_table = jnp.asarray(lrs)
-  tx = presets.tf1(lambda count: lr_table[count], decay=rho,
-                   momentum=momentum, epsilon=epsilon, centered=centered)
+  tx = presets.tf1(
+    lambda count: lr_table[count],
+    decay=rho,
+    momentum=momentum,
+    epsilon=epsilon,
+    centered=centered,
+  )
   ours = run_ours(tx, jnp.asarray(var), [jnp.asarray(g) for g in grads])
-  np.testing.assert_allclose(ours, case['params_after_each_step'],
-                             rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(
+    ours, case['params_after_each_step'], rtol=1e-12, atol=1e-14
+  )
 
 
 @pytest.mark.parametrize('centered', [False, True])
@@ -98,8 +114,13 @@ def test_tf1_preset_matches_kernel_transcription(centered, momentum, x64):
   grads = rng.normal(size=(40, 20)) * rng.uniform(0.01, 10, size=(40, 1))
   lrs = np.linspace(0.05, 0.005, 40)
   ref = tf1_kernels_numpy(var, grads, lrs, 0.8, momentum, 1e-6, centered)
-  tx = presets.tf1(lambda c: jnp.asarray(lrs)[c], decay=0.8,
-                   momentum=momentum, epsilon=1e-6, centered=centered)
+  tx = presets.tf1(
+    lambda c: jnp.asarray(lrs)[c],
+    decay=0.8,
+    momentum=momentum,
+    epsilon=1e-6,
+    centered=centered,
+  )
   ours = run_ours(tx, jnp.asarray(var), [jnp.asarray(g) for g in grads])
   np.testing.assert_allclose(ours, ref, rtol=1e-12, atol=1e-14)
 
@@ -122,11 +143,12 @@ class ClassicRMSprop:
     for key in params.keys():
       if key not in self.cache:
         self.cache[key] = np.zeros_like(params[key])
-      self.cache[key] = (self.rho * self.cache[key] +
-                         (1 - self.rho) * (grads[key] ** 2))
-      updated_params[key] = (
-          params[key] - self.learning_rate * grads[key] /
-          (np.sqrt(self.cache[key]) + self.epsilon))
+      self.cache[key] = self.rho * self.cache[key] + (1 - self.rho) * (
+        grads[key] ** 2
+      )
+      updated_params[key] = params[key] - self.learning_rate * grads[key] / (
+        np.sqrt(self.cache[key]) + self.epsilon
+      )
     return updated_params
 
 
@@ -161,25 +183,33 @@ def test_hinton2012_reproduces_classic_demo1(x64):
 
 def graves_numpy(w, grads, lr=1e-4, aleph=0.95, beth=0.9, daleth=1e-4):
   """Graves (2013) eqs. (38)-(41), zero-initialised."""
-  n, g, delta, w = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(w),
-                    w.copy())
+  n, g, delta, w = (
+    np.zeros_like(w),
+    np.zeros_like(w),
+    np.zeros_like(w),
+    w.copy(),
+  )
   out = []
   for eps_i in grads:
-    n = aleph * n + (1 - aleph) * eps_i**2                       # (38)
-    g = aleph * g + (1 - aleph) * eps_i                          # (39)
+    n = aleph * n + (1 - aleph) * eps_i**2  # (38)
+    g = aleph * g + (1 - aleph) * eps_i  # (39)
     delta = beth * delta - lr * eps_i / np.sqrt(n - g**2 + daleth)  # (40)
-    w = w + delta                                                # (41)
+    w = w + delta  # (41)
     out.append(w.copy())
   return np.stack(out)
 
 
 def dqn_lua_numpy(w, grads, lr=2.5e-4, wc=0.0):
   """NeuralQLearner.lua's update; ``dw`` is the ascent direction there."""
-  g, g2, deltas, w = (np.zeros_like(w), np.zeros_like(w), np.zeros_like(w),
-                      w.copy())
+  g, g2, deltas, w = (
+    np.zeros_like(w),
+    np.zeros_like(w),
+    np.zeros_like(w),
+    w.copy(),
+  )
   out = []
   for grad in grads:
-    dw = -grad            # The Lua code back-propagates the TD target.
+    dw = -grad  # The Lua code back-propagates the TD target.
     dw = dw + -wc * w
     g = g * 0.95 + 0.05 * dw
     g2 = g2 * 0.95 + 0.05 * dw * dw
@@ -190,17 +220,19 @@ def dqn_lua_numpy(w, grads, lr=2.5e-4, wc=0.0):
   return np.stack(out)
 
 
-@pytest.mark.parametrize('preset, reference', [
+@pytest.mark.parametrize(
+  'preset, reference',
+  [
     (presets.graves2013, graves_numpy),
     (presets.dqn2015, dqn_lua_numpy),
-])
+  ],
+)
 def test_paper_presets_match_transcriptions(preset, reference, x64):
   rng = np.random.default_rng(5)
   w = rng.normal(size=30)
   grads = rng.normal(size=(60, 30)) * 0.1 + 0.05
   ours = run_ours(preset(), jnp.asarray(w), [jnp.asarray(g) for g in grads])
-  np.testing.assert_allclose(ours, reference(w, grads), rtol=1e-12,
-                             atol=1e-15)
+  np.testing.assert_allclose(ours, reference(w, grads), rtol=1e-12, atol=1e-15)
 
 
 def test_dqn_has_no_heavy_ball_momentum():

@@ -23,20 +23,28 @@ import rmsprop_jax
 from helpers import assert_trees_equal
 
 settings.register_profile(
-    'rmsprop', deadline=None, max_examples=25,
-    # CI runs the same examples every time; locally Hypothesis explores.
-    derandomize=os.environ.get('CI', '').lower() == 'true')
+  'rmsprop',
+  deadline=None,
+  max_examples=25,
+  # CI runs the same examples every time; locally Hypothesis explores.
+  derandomize=os.environ.get('CI', '').lower() == 'true',
+)
 settings.load_profile('rmsprop')
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-          'float16': jnp.float16}
+DTYPES = {
+  'float32': jnp.float32,
+  'bfloat16': jnp.bfloat16,
+  'float16': jnp.float16,
+}
 
 
 # --- Strategies ---------------------------------------------------------------
 
-shapes = st.lists(st.lists(st.integers(1, 4), max_size=2).map(tuple),
-                  min_size=1, max_size=3)
-configs = st.fixed_dictionaries({
+shapes = st.lists(
+  st.lists(st.integers(1, 4), max_size=2).map(tuple), min_size=1, max_size=3
+)
+configs = st.fixed_dictionaries(
+  {
     'decay': st.sampled_from([0.0, 0.5, 0.9, 0.99, 0.999]),
     'eps': st.sampled_from([1e-12, 1e-8, 1e-4]),
     'eps_in_sqrt': st.booleans(),
@@ -44,7 +52,8 @@ configs = st.fixed_dictionaries({
     'momentum': st.sampled_from([None, 0.9]),
     'bias_correction': st.booleans(),
     'initial_scale': st.sampled_from([0.0, 1.0]),
-})
+  }
+)
 
 
 def _tree(shape_list, seed, dtype, scale=1.0, nonzero=False):
@@ -74,10 +83,17 @@ def _all_finite(tree):
 
 # --- Properties ---------------------------------------------------------------
 
-@given(shapes, st.integers(0, 2**31), configs,
-       st.sampled_from(list(DTYPES)), st.sampled_from([1e-6, 1e-2, 1.0, 1e3]))
+
+@given(
+  shapes,
+  st.integers(0, 2**31),
+  configs,
+  st.sampled_from(list(DTYPES)),
+  st.sampled_from([1e-6, 1e-2, 1.0, 1e3]),
+)
 def test_moments_stay_non_negative_and_finite_gradients_give_finite_updates(
-    shape_list, seed, config, dtype, scale):
+  shape_list, seed, config, dtype, scale
+):
   if dtype == 'float16' and config['centered']:
     # A centered step can be as large as |g| / sqrt(eps) (the variance of
     # a steady gradient is 0): 1e3 / 1e-6 does not fit float16 (max 65504).
@@ -85,29 +101,45 @@ def test_moments_stay_non_negative_and_finite_gradients_give_finite_updates(
     scale = min(scale, 1.0)
   tx = rmsprop_jax.rmsprop(1e-3, **config)
   params = _tree(shape_list, seed, DTYPES[dtype])
-  grads = [_tree(shape_list, seed + 1 + i, DTYPES[dtype], scale)
-           for i in range(4)]
+  grads = [
+    _tree(shape_list, seed + 1 + i, DTYPES[dtype], scale) for i in range(4)
+  ]
   updates, state = _steps(tx, params, grads, jit=False)
   assert _all_finite(updates)
   for nu in jax.tree.leaves(optax.tree.get(state, 'nu')):
     assert bool(jnp.all(nu >= 0))
 
 
-@given(shapes, st.integers(0, 2**31), st.integers(-20, 20),
-       st.sampled_from([0.5, 0.9, 0.99]), st.booleans(), st.booleans(),
-       st.sampled_from(['float32', 'bfloat16']))
+@given(
+  shapes,
+  st.integers(0, 2**31),
+  st.integers(-20, 20),
+  st.sampled_from([0.5, 0.9, 0.99]),
+  st.booleans(),
+  st.booleans(),
+  st.sampled_from(['float32', 'bfloat16']),
+)
 def test_update_is_invariant_to_rescaling_the_gradient(
-    shape_list, seed, power, decay, centered, eps_in_sqrt, dtype):
+  shape_list, seed, power, decay, centered, eps_in_sqrt, dtype
+):
   # With eps = 0 every operation commutes with a power-of-two scale, so the
   # invariance is exact: bit for bit.
-  tx = rmsprop_jax.rmsprop(0.1, decay=decay, eps=0.0, centered=centered,
-                           eps_in_sqrt=eps_in_sqrt, momentum=0.9)
+  tx = rmsprop_jax.rmsprop(
+    0.1,
+    decay=decay,
+    eps=0.0,
+    centered=centered,
+    eps_in_sqrt=eps_in_sqrt,
+    momentum=0.9,
+  )
   params = _tree(shape_list, seed, DTYPES[dtype])
-  grads = [_tree(shape_list, seed + i, DTYPES[dtype], nonzero=True)
-           for i in range(3)]
+  grads = [
+    _tree(shape_list, seed + i, DTYPES[dtype], nonzero=True) for i in range(3)
+  ]
   scaled = [jax.tree.map(lambda g: g * 2.0**power, t) for t in grads]
-  assert_trees_equal(_steps(tx, params, grads)[0],
-                     _steps(tx, params, scaled)[0])
+  assert_trees_equal(
+    _steps(tx, params, grads)[0], _steps(tx, params, scaled)[0]
+  )
 
 
 @given(shapes, st.integers(0, 2**31), st.booleans())
@@ -125,17 +157,24 @@ def test_decay_zero_gives_a_sign_step(shape_list, seed, eps_in_sqrt):
     assert np.all(np.abs(np.asarray(x) - np.sign(g)) <= bound + 1e-6)
 
 
-@given(shapes, st.integers(0, 2**31), st.sampled_from([0.9, 0.99, 0.999]),
-       st.sampled_from([1e-8, 1e-3]))
+@given(
+  shapes,
+  st.integers(0, 2**31),
+  st.sampled_from([0.9, 0.99, 0.999]),
+  st.sampled_from([1e-8, 1e-3]),
+)
 def test_bias_corrected_eps_outside_is_adam_with_b1_zero(
-    shape_list, seed, decay, eps):
-  ours = rmsprop_jax.rmsprop(1e-2, decay=decay, eps=eps, eps_in_sqrt=False,
-                             bias_correction=True)
+  shape_list, seed, decay, eps
+):
+  ours = rmsprop_jax.rmsprop(
+    1e-2, decay=decay, eps=eps, eps_in_sqrt=False, bias_correction=True
+  )
   adam = optax.adam(1e-2, b1=0.0, b2=decay, eps=eps)
   params = _tree(shape_list, seed, jnp.float32)
   grads = [_tree(shape_list, seed + i, jnp.float32) for i in range(5)]
-  for a, b in zip(_steps(ours, params, grads)[0],
-                  _steps(adam, params, grads)[0]):
+  for a, b in zip(
+    _steps(ours, params, grads)[0], _steps(adam, params, grads)[0]
+  ):
     # Adam divides by the denominator; RMSprop (ours and optax's) multiplies
     # by its reciprocal: at most 2 ulp apart.
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -144,9 +183,13 @@ def test_bias_corrected_eps_outside_is_adam_with_b1_zero(
 
 @given(shapes, st.integers(0, 2**31), configs, st.booleans())
 def test_saved_and_restored_state_continues_bit_identically(
-    shape_list, seed, config, skip_nonfinite):
-  tx = rmsprop_jax.rmsprop(optax.linear_schedule(1e-2, 1e-3, 10), **config,
-                           skip_nonfinite=skip_nonfinite)
+  shape_list, seed, config, skip_nonfinite
+):
+  tx = rmsprop_jax.rmsprop(
+    optax.linear_schedule(1e-2, 1e-3, 10),
+    **config,
+    skip_nonfinite=skip_nonfinite,
+  )
   update = jax.jit(tx.update)
   params = _tree(shape_list, seed, jnp.float32)
   grads = [_tree(shape_list, seed + i, jnp.float32) for i in range(6)]
@@ -169,6 +212,7 @@ def test_saved_and_restored_state_continues_bit_identically(
 
 # --- Non-finite gradients -----------------------------------------------------
 
+
 def _bad(tree, value):
   leaves, treedef = jax.tree.flatten(tree)
   leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(value)
@@ -177,8 +221,9 @@ def _bad(tree, value):
 
 @pytest.mark.parametrize('bad_value', [np.nan, np.inf, -np.inf])
 def test_skip_nonfinite_leaves_the_whole_state_untouched_and_counts(bad_value):
-  kwargs = dict(centered=True, momentum=0.9, bias_correction=True,
-                weight_decay=1e-2)
+  kwargs = dict(
+    centered=True, momentum=0.9, bias_correction=True, weight_decay=1e-2
+  )
   params = _tree([(3,), (2, 2)], 0, jnp.float32)
   good = [_tree([(3,), (2, 2)], i, jnp.float32) for i in range(1, 4)]
   tx = rmsprop_jax.rmsprop(1e-2, **kwargs, skip_nonfinite=True)
@@ -203,8 +248,9 @@ def test_apply_if_finite_recipe_and_its_limit():
   # max_consecutive_errors bad steps in a row and applies the next one; that
   # is why skip_nonfinite uses no limit.
   params = _tree([(3,)], 0, jnp.float32)
-  tx = optax.apply_if_finite(rmsprop_jax.presets.pytorch(1e-2, momentum=0.9),
-                             max_consecutive_errors=2)
+  tx = optax.apply_if_finite(
+    rmsprop_jax.presets.pytorch(1e-2, momentum=0.9), max_consecutive_errors=2
+  )
   update = jax.jit(tx.update)
   state = tx.init(params)
   _, state = update(_tree([(3,)], 1, jnp.float32), state, params)
@@ -224,21 +270,26 @@ def test_nu_dtype_float64_holds_squares_beyond_float32():
   tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.float64)
   with jax.enable_x64(True):
     params = {'w': jnp.zeros(2, jnp.float32)}
-    u, state = tx.update({'w': jnp.array([1e20, 1.0], jnp.float32)},
-                         tx.init(params), params)
+    u, state = tx.update(
+      {'w': jnp.array([1e20, 1.0], jnp.float32)}, tx.init(params), params
+    )
     assert _all_finite(u) and _all_finite(state)
     np.testing.assert_allclose(u['w'], -1e-2 / np.sqrt(0.1), rtol=1e-6)
 
 
 # --- Low precision ------------------------------------------------------------
 
+
 def test_float16_moments_are_stored_as_optax_and_computed_in_float32():
   params = _tree([(5,), (2, 3)], 0, jnp.float16)
   # Gradients across float16's range, including zero and values whose
   # square under- or overflows float16.
-  grads = [jax.tree.map(lambda x, s=s: x * jnp.float16(s), _tree(
-      [(5,), (2, 3)], i, jnp.float16)) for i, s in
-           enumerate([1e-4, 300.0, 0.0, 1.0])]
+  grads = [
+    jax.tree.map(
+      lambda x, s=s: x * jnp.float16(s), _tree([(5,), (2, 3)], i, jnp.float16)
+    )
+    for i, s in enumerate([1e-4, 300.0, 0.0, 1.0])
+  ]
   for centered in (False, True):
     for eps_in_sqrt in (False, True):
       tx = rmsprop_jax.scale_by_stddev if centered else rmsprop_jax.scale_by_rms
@@ -251,15 +302,21 @@ def test_float16_moments_are_stored_as_optax_and_computed_in_float32():
       # float32 state that is rounded to float16 after every step (what
       # storing it in float16 does), its updates rounded to float16.
       f32 = lambda t: jax.tree.map(
-          lambda leaf: leaf.astype(jnp.float32)
-          if leaf.dtype == jnp.float16 else leaf, t)
+        lambda leaf: (
+          leaf.astype(jnp.float32) if leaf.dtype == jnp.float16 else leaf
+        ),
+        t,
+      )
       ref_state = tx.init(f32(params))
       update = jax.jit(tx.update)
       for g, u in zip(grads, updates):
         ref_u, ref_state = update(f32(g), ref_state)
-        ref_state = f32(jax.tree.map(
+        ref_state = f32(
+          jax.tree.map(
             lambda x: x.astype(jnp.float16) if x.dtype == jnp.float32 else x,
-            ref_state))
+            ref_state,
+          )
+        )
         for x, y in zip(jax.tree.leaves(u), jax.tree.leaves(ref_u)):
           assert x.dtype == jnp.float16
           # Within 1 float16 ulp: the float16-to-float32 convert inside the
@@ -287,25 +344,34 @@ def test_centered_bias_corrected_first_step_is_finite(dtype, eps_in_sqrt):
   # optax's can come out negative, and sqrt gives NaN.
   params = _tree([(64,)], 0, DTYPES[dtype])
   grads = _tree([(64,)], 1, DTYPES[dtype])
-  tx = rmsprop_jax.rmsprop(1e-4, decay=0.9, eps=1e-2, centered=True,
-                           bias_correction=True, eps_in_sqrt=eps_in_sqrt)
+  tx = rmsprop_jax.rmsprop(
+    1e-4,
+    decay=0.9,
+    eps=1e-2,
+    centered=True,
+    bias_correction=True,
+    eps_in_sqrt=eps_in_sqrt,
+  )
   u, state = tx.update(grads, tx.init(params), params)
   assert _all_finite(u)
   eff = rmsprop_jax.effective_learning_rate(
-      state, 1e-4, eps=1e-2, eps_in_sqrt=eps_in_sqrt, decay=0.9)
+    state, 1e-4, eps=1e-2, eps_in_sqrt=eps_in_sqrt, decay=0.9
+  )
   assert _all_finite(eff)
 
 
 @pytest.mark.parametrize('eps_in_sqrt', [True, False])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_centered_variance_survives_catastrophic_cancellation(
-    eps_in_sqrt, dtype):
+  eps_in_sqrt, dtype
+):
   # Gradients 1e3 + 1e-3 * noise: nu ~ 1e6 and mu² ~ 1e6 agree to ~1e-12
   # relative, far below float32's 6e-8; nu - mu² is round-off of either sign.
   rng = np.random.default_rng(0)
   params = {'w': jnp.zeros(256, DTYPES[dtype])}
-  tx = rmsprop_jax.rmsprop(1e-6, decay=0.9, eps=1e-8, centered=True,
-                           eps_in_sqrt=eps_in_sqrt)
+  tx = rmsprop_jax.rmsprop(
+    1e-6, decay=0.9, eps=1e-8, centered=True, eps_in_sqrt=eps_in_sqrt
+  )
 
   def step(state, noise):
     g = {'w': (1e3 + 1e-3 * noise).astype(DTYPES[dtype])}
@@ -322,6 +388,7 @@ def test_centered_variance_survives_catastrophic_cancellation(
 
 # --- Clear errors -------------------------------------------------------------
 
+
 def test_mismatched_gradient_tree_names_the_leaf():
   tx = rmsprop_jax.rmsprop(1e-3)
   params = {'a': jnp.zeros(2), 'b': jnp.zeros(3)}
@@ -330,7 +397,7 @@ def test_mismatched_gradient_tree_names_the_leaf():
     tx.update({'a': jnp.zeros(2)}, state)
   with pytest.raises(ValueError, match=r"\['b'\] has shape \(4,\)"):
     tx.update({'a': jnp.zeros(2), 'b': jnp.zeros(4)}, state)
-  with pytest.raises(ValueError, match=r"parameter tree does not match"):
+  with pytest.raises(ValueError, match=r'parameter tree does not match'):
     tx.update(params, state, {'a': jnp.zeros(2)})
 
 
@@ -341,12 +408,15 @@ def test_state_from_other_params_is_named():
     jax.jit(tx.update)({'a': jnp.zeros(2), 'c': jnp.zeros(1)}, state)
 
 
-@pytest.mark.parametrize('leaf, message', [
+@pytest.mark.parametrize(
+  'leaf, message',
+  [
     (jnp.zeros(2, jnp.int32), 'dtype int32'),
     (np.arange(3), 'dtype int64|dtype int32'),
     ('weights', 'is a str, not an array'),
     (True, 'dtype bool'),
-])
+  ],
+)
 def test_integer_and_non_array_leaves_are_refused(leaf, message):
   tx = rmsprop_jax.rmsprop(1e-3)
   with pytest.raises(TypeError, match=rf"\['bad'\] (has )?({message})"):
@@ -359,8 +429,9 @@ def test_integer_and_non_array_leaves_are_refused(leaf, message):
 
 @pytest.mark.parametrize('decoupled', [False, True])
 def test_weight_decay_without_params_says_so(decoupled):
-  tx = rmsprop_jax.rmsprop(1e-3, weight_decay=1e-2,
-                           decoupled_weight_decay=decoupled)
+  tx = rmsprop_jax.rmsprop(
+    1e-3, weight_decay=1e-2, decoupled_weight_decay=decoupled
+  )
   params = {'w': jnp.zeros(2)}
   with pytest.raises(ValueError, match='weight_decay needs the parameters'):
     tx.update(params, tx.init(params))
@@ -368,9 +439,11 @@ def test_weight_decay_without_params_says_so(decoupled):
 
 # --- Long runs ----------------------------------------------------------------
 
+
 def _set_counts(state, value):
   return jax.tree.map(
-      lambda x: jnp.full_like(x, value) if x.dtype == jnp.int32 else x, state)
+    lambda x: jnp.full_like(x, value) if x.dtype == jnp.int32 else x, state
+  )
 
 
 def test_step_counts_saturate_instead_of_wrapping():
@@ -378,8 +451,12 @@ def test_step_counts_saturate_instead_of_wrapping():
   params = {'w': jnp.ones(3)}
   g = {'w': jnp.array([1.0, -2.0, 3.0])}
   # The bias-correction count and the schedule's count.
-  tx = rmsprop_jax.rmsprop(optax.exponential_decay(1e-2, 100, 0.5),
-                           bias_correction=True, centered=True, momentum=0.9)
+  tx = rmsprop_jax.rmsprop(
+    optax.exponential_decay(1e-2, 100, 0.5),
+    bias_correction=True,
+    centered=True,
+    momentum=0.9,
+  )
   state = _set_counts(tx.init(params), top - 2)
   update = jax.jit(tx.update)
   for _ in range(4):
@@ -414,8 +491,7 @@ def test_a_million_steps_stay_finite_and_stable(kwargs):
 
   @jax.jit
   def run(key):
-    return jax.lax.scan(step, (x0, tx.init(x0)),
-                        jax.random.split(key, 10**6))
+    return jax.lax.scan(step, (x0, tx.init(x0)), jax.random.split(key, 10**6))
 
   (x, state), losses = run(jax.random.PRNGKey(0))
   losses = np.asarray(losses)
@@ -446,7 +522,13 @@ print(h.hexdigest())
 
 
 def test_bit_identical_from_run_to_run():
-  runs = [subprocess.run([sys.executable, '-c', _SCRIPT], capture_output=True,
-                         text=True, check=True).stdout.strip()
-          for _ in range(2)]
+  runs = [
+    subprocess.run(
+      [sys.executable, '-c', _SCRIPT],
+      capture_output=True,
+      text=True,
+      check=True,
+    ).stdout.strip()
+    for _ in range(2)
+  ]
   assert len(runs[0]) == 64 and runs[0] == runs[1]

@@ -23,30 +23,52 @@ from jax.sharding import PartitionSpec as P
 import rmsprop_jax
 
 N_DEVICES = 8
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter',
-               'collective-permute', 'all-to-all')
+COLLECTIVES = (
+  'all-reduce',
+  'all-gather',
+  'reduce-scatter',
+  'collective-permute',
+  'all-to-all',
+)
 
 if jax.device_count() < N_DEVICES:
 
   def test_on_eight_devices():
-    env = dict(os.environ, XLA_FLAGS=(
-        os.environ.get('XLA_FLAGS', '') +
-        f' --xla_force_host_platform_device_count={N_DEVICES}').strip())
+    env = dict(
+      os.environ,
+      XLA_FLAGS=(
+        os.environ.get('XLA_FLAGS', '')
+        + f' --xla_force_host_platform_device_count={N_DEVICES}'
+      ).strip(),
+    )
     result = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-         __file__], env=env, capture_output=True, text=True, timeout=900)
+      [
+        sys.executable,
+        '-m',
+        'pytest',
+        '-q',
+        '-p',
+        'no:cacheprovider',
+        __file__,
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
     print(result.stdout[-5000:], result.stderr[-3000:])
     assert result.returncode == 0, result.stdout[-5000:]
     assert re.search(r'\b\d+ passed', result.stdout)
     assert 'skipped' not in result.stdout
 
 else:
-
   VARIANTS = {
-      'plain': {}, 'centered+momentum': dict(centered=True, momentum=0.9),
-      'weight decay, nesterov': dict(momentum=0.9, nesterov=True,
-                                     weight_decay=1e-2),
-      'bf16 nu (SR)': dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True),
+    'plain': {},
+    'centered+momentum': dict(centered=True, momentum=0.9),
+    'weight decay, nesterov': dict(
+      momentum=0.9, nesterov=True, weight_decay=1e-2
+    ),
+    'bf16 nu (SR)': dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True),
   }
 
   def _mesh(kind='auto', shape=(4, 2)):
@@ -55,16 +77,31 @@ else:
 
   def _specs():
     # Model-parallel kernels and biases, replicated norms and embeddings.
-    return {'w1': P(None, 'model'), 'b1': P('model'), 'w2': P('model', None),
-            'b2': P(), 'scale': P(), 'emb': P(None, None)}
+    return {
+      'w1': P(None, 'model'),
+      'b1': P('model'),
+      'w2': P('model', None),
+      'b2': P(),
+      'scale': P(),
+      'emb': P(None, None),
+    }
 
   def _params(mesh, seed=0):
-    shapes = {'w1': (16, 8), 'b1': (8,), 'w2': (8, 12), 'b2': (12,),
-              'scale': (12,), 'emb': (32, 12)}
+    shapes = {
+      'w1': (16, 8),
+      'b1': (8,),
+      'w2': (8, 12),
+      'b2': (12,),
+      'scale': (12,),
+      'emb': (32, 12),
+    }
     keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-    return {name: jax.device_put(jax.random.normal(k, shape),
-                                 NamedSharding(mesh, _specs()[name]))
-            for k, (name, shape) in zip(keys, shapes.items())}
+    return {
+      name: jax.device_put(
+        jax.random.normal(k, shape), NamedSharding(mesh, _specs()[name])
+      )
+      for k, (name, shape) in zip(keys, shapes.items())
+    }
 
   def _collectives(compiled) -> set[str]:
     text = compiled.as_text()
@@ -84,7 +121,8 @@ else:
   @pytest.mark.parametrize('variant', list(VARIANTS))
   @pytest.mark.parametrize('kind', ['auto', 'explicit'])
   def test_state_follows_params_and_update_needs_no_communication(
-      variant, kind):
+    variant, kind
+  ):
     mesh = _mesh(kind)
     params = _params(mesh)
     tx = rmsprop_jax.rmsprop(1e-2, **VARIANTS[variant])
@@ -94,8 +132,9 @@ else:
       jitted = jax.jit(tx.init, out_shardings=shardings)(params)
       abstract = jax.eval_shape(tx.init, params)
       for state in (eager, jitted):
-        for s, expect in zip(jax.tree.leaves(state),
-                             jax.tree.leaves(shardings)):
+        for s, expect in zip(
+          jax.tree.leaves(state), jax.tree.leaves(shardings)
+        ):
           assert s.sharding.is_equivalent_to(expect, s.ndim)
       # Every state leaf shaped like a parameter sits where it does.
       _assert_same_places(optax.tree.get(eager, 'nu'), params)
@@ -117,12 +156,15 @@ else:
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
 
     # The sharded result equals the single-device one, bit for bit.
-    local = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)),
-                         (_params(mesh), _params(mesh, seed=1)))
-    ref_params, ref_state = jax.jit(step)(local[0], tx.init(local[0]),
-                                          local[1])
-    for a, b in zip(jax.tree.leaves((new_params, new_state)),
-                    jax.tree.leaves((ref_params, ref_state))):
+    local = jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x)),
+      (_params(mesh), _params(mesh, seed=1)),
+    )
+    ref_params, ref_state = jax.jit(step)(local[0], tx.init(local[0]), local[1])
+    for a, b in zip(
+      jax.tree.leaves((new_params, new_state)),
+      jax.tree.leaves((ref_params, ref_state)),
+    ):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   def test_zero1_shards_state_over_data_with_one_all_gather():
@@ -135,9 +177,13 @@ else:
     # Split over 'data' on the first dimension that divides evenly, on top
     # of the parameter's own split.
     assert {k: v.spec for k, v in nu.items()} == {
-        'w1': P('data', 'model'), 'b1': P(('model', 'data')),
-        'w2': P(('model', 'data'), None), 'b2': P('data'),
-        'scale': P('data'), 'emb': P('data', None)}
+      'w1': P('data', 'model'),
+      'b1': P(('model', 'data')),
+      'w2': P(('model', 'data'), None),
+      'b2': P('data'),
+      'scale': P('data'),
+      'emb': P('data', None),
+    }
 
     def step(params, state, grads):
       updates, state = tx.update(grads, state, params)
@@ -147,8 +193,9 @@ else:
       state = jax.jit(tx.init, out_shardings=zero1)(params)
       grads = _params(mesh, seed=1)
       param_shardings = jax.tree.map(lambda x: x.sharding, params)
-      jstep = jax.jit(step, donate_argnums=(0, 1),
-                      out_shardings=(param_shardings, zero1))
+      jstep = jax.jit(
+        step, donate_argnums=(0, 1), out_shardings=(param_shardings, zero1)
+      )
       compiled = jstep.lower(params, state, grads).compile()
       # Each device updates its slice; the slices of the update are then
       # gathered for the replicated parameters. Nothing else moves.
@@ -156,14 +203,21 @@ else:
       new_params, new_state = jstep(params, state, grads)
 
     def bytes_per_device(tree):
-      return max(sum(s.data.nbytes for x in jax.tree.leaves(tree)
-                     for s in x.addressable_shards if s.device == d)
-                 for d in mesh.devices.flat)
+      return max(
+        sum(
+          s.data.nbytes
+          for x in jax.tree.leaves(tree)
+          for s in x.addressable_shards
+          if s.device == d
+        )
+        for d in mesh.devices.flat
+      )
 
     full = jax.jit(tx.init, out_shardings=plain)(params)
     # 4 data-parallel replicas: a quarter of the state per device.
     assert bytes_per_device(new_state) * 4 == pytest.approx(
-        bytes_per_device(full), rel=0.01)
+      bytes_per_device(full), rel=0.01
+    )
     # And the same numbers as without ZeRO-1.
     with jax.set_mesh(mesh):
       ref, _ = jax.jit(step)(_params(mesh), full, _params(mesh, seed=1))
@@ -173,22 +227,30 @@ else:
   def test_state_shardings_from_abstract_params():
     """Initialising without materialising: ShapeDtypeStructs in."""
     mesh = _mesh('auto')
-    abstract = {name: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=NamedSharding(mesh, _specs()[name]))
-                for name, x in _params(mesh).items()}
+    abstract = {
+      name: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, _specs()[name])
+      )
+      for name, x in _params(mesh).items()
+    }
     tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9)
     shardings = rmsprop_jax.state_shardings(tx, abstract)
-    state = jax.jit(lambda: tx.init(jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), abstract)),
-                    out_shardings=shardings)()
+    state = jax.jit(
+      lambda: tx.init(
+        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+      ),
+      out_shardings=shardings,
+    )()
     _assert_same_places(optax.tree.get(state, 'trace'), abstract)
 
   def test_state_shardings_refuses_what_it_cannot_place():
     mesh = _mesh('auto')
     params = _params(mesh)
     with pytest.raises(ValueError, match='no axis'):
-      rmsprop_jax.state_shardings(rmsprop_jax.rmsprop(0.1), params,
-                                  zero1_axis='batch')
+      rmsprop_jax.state_shardings(
+        rmsprop_jax.rmsprop(0.1), params, zero1_axis='batch'
+      )
     with pytest.raises(ValueError, match='8-bit'):
       rmsprop_jax.state_shardings(
-          rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.uint8), params)
+        rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.uint8), params
+      )

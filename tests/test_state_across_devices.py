@@ -24,11 +24,12 @@ import rmsprop_jax
 N_DEVICES = 8
 SCHEDULE = optax.cosine_decay_schedule(0.05, 20)
 ARGS = {
-    'centered+momentum': dict(learning_rate=0.05, centered=True, momentum=0.9),
-    'nesterov, bias correction': dict(learning_rate=0.05, momentum=0.9,
-                                      nesterov=True, bias_correction=True),
-    'schedule': dict(learning_rate=SCHEDULE, initial_scale=1.0),
-    'inject_hyperparams': dict(learning_rate=0.05, momentum=0.9),
+  'centered+momentum': dict(learning_rate=0.05, centered=True, momentum=0.9),
+  'nesterov, bias correction': dict(
+    learning_rate=0.05, momentum=0.9, nesterov=True, bias_correction=True
+  ),
+  'schedule': dict(learning_rate=SCHEDULE, initial_scale=1.0),
+  'inject_hyperparams': dict(learning_rate=0.05, momentum=0.9),
 }
 
 
@@ -41,14 +42,17 @@ def make(lib, name, **extra):
 def params_on(mesh=None):
   """Parameters, split over the mesh's one axis where a mesh is given."""
   shapes = {'w': (16, 8), 'b': (8,), 'layers': [(8,)] * 4, 'scale': ()}
-  leaves, treedef = jax.tree.flatten(shapes,
-                                     is_leaf=lambda x: isinstance(x, tuple))
+  leaves, treedef = jax.tree.flatten(
+    shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
   keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
   values = [jax.random.normal(k, s) for k, s in zip(keys, leaves)]
   if mesh is not None:
     spec = lambda x: jax.sharding.PartitionSpec(*(('x',) if x.ndim else ()))
-    values = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x)))
-              for x in values]
+    values = [
+      jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x)))
+      for x in values
+    ]
   return jax.tree.unflatten(treedef, values)
 
 
@@ -74,6 +78,7 @@ def assert_equal(a, b):
 
 def save(state, path):
   import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, state)
     ckpt.wait_until_finished()
@@ -82,11 +87,14 @@ def save(state, path):
 def restore(path, target, shardings=None):
   """Restores into ``target``'s structure, placed by ``shardings``."""
   import orbax.checkpoint as ocp
+
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
   if shardings is not None:
     abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, shardings)
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract,
+      shardings,
+    )
   with ocp.StandardCheckpointer() as ckpt:
     return ckpt.restore(path, abstract)
 
@@ -108,26 +116,37 @@ def on_eight_devices(directory: pathlib.Path):
   for i, name in enumerate(ARGS):
     ours_init = make(rmsprop_jax, name).init(params)
     assert jax.tree.structure(ours_init) == jax.tree.structure(
-        make(optax, name).init(params))
+      make(optax, name).init(params)
+    )
     # Written by optax on one device, restored into ours on eight, sharded
     # like the parameters (counts and hyperparameters replicated).
-    state = restore(directory / f'one_{i}', ours_init,
-                    rmsprop_jax.state_shardings(make(rmsprop_jax, name),
-                                                params))
-    w = jax.tree.leaves(state[0] if name != 'inject_hyperparams'
-                        else state.inner_state[0])[-1]
+    state = restore(
+      directory / f'one_{i}',
+      ours_init,
+      rmsprop_jax.state_shardings(make(rmsprop_jax, name), params),
+    )
+    w = jax.tree.leaves(
+      state[0] if name != 'inject_hyperparams' else state.inner_state[0]
+    )[-1]
     assert len(w.sharding.device_set) == N_DEVICES
     ours = continue_both(name, state, params, 3)
     save(ours, directory / f'eight_{i}')
   # The packed layout is the same on eight devices as on one, and a packed
   # pickle from one device continues here as the unpacked state does.
   tx = rmsprop_jax.rmsprop(0.05, centered=True, momentum=0.9, packing=True)
-  assert str(jax.tree.structure(tx.init(params))) == (
-      directory / 'packed_treedef.txt').read_text()
+  assert (
+    str(jax.tree.structure(tx.init(params)))
+    == (directory / 'packed_treedef.txt').read_text()
+  )
   packed = pickle.loads((directory / 'packed.pkl').read_bytes())
   packed_u, _ = steps(tx, packed, params, 3, 3)
-  ref_u, _ = steps(optax.rmsprop(0.05, centered=True, momentum=0.9),
-                   rmsprop_jax.unpack_state(packed), params, 3, 3)
+  ref_u, _ = steps(
+    optax.rmsprop(0.05, centered=True, momentum=0.9),
+    rmsprop_jax.unpack_state(packed),
+    params,
+    3,
+    3,
+  )
   for a, b in zip(packed_u, ref_u):
     assert_equal(a, b)
   (directory / 'eight_done').write_text('ok')
@@ -137,19 +156,29 @@ def test_checkpoints_move_between_one_and_eight_devices(tmp_path):
   assert jax.device_count() == 1
   params = params_on()
   for i, name in enumerate(ARGS):
-    _, state = steps(make(optax, name), make(optax, name).init(params),
-                     params, 0, 3)
+    _, state = steps(
+      make(optax, name), make(optax, name).init(params), params, 0, 3
+    )
     save(state, tmp_path / f'one_{i}')
   tx = rmsprop_jax.rmsprop(0.05, centered=True, momentum=0.9, packing=True)
   _, packed = steps(tx, tx.init(params), params, 0, 3)
   (tmp_path / 'packed.pkl').write_bytes(pickle.dumps(jax.device_get(packed)))
   (tmp_path / 'packed_treedef.txt').write_text(str(jax.tree.structure(packed)))
 
-  env = dict(os.environ, XLA_FLAGS=(
-      os.environ.get('XLA_FLAGS', '') +
-      f' --xla_force_host_platform_device_count={N_DEVICES}').strip())
-  result = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=900)
+  env = dict(
+    os.environ,
+    XLA_FLAGS=(
+      os.environ.get('XLA_FLAGS', '')
+      + f' --xla_force_host_platform_device_count={N_DEVICES}'
+    ).strip(),
+  )
+  result = subprocess.run(
+    [sys.executable, __file__, str(tmp_path)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-5000:]
   assert (tmp_path / 'eight_done').read_text() == 'ok'
 

@@ -31,14 +31,16 @@ def torch_trajectory(kwargs, lrs, seed=0, optimizer=None):
   divides by that rate."""
   torch = require('torch')
   params, targets, noise = bowl_problem(SHAPES, STEPS, seed)
-  ps = [torch.tensor(p, dtype=torch.float64, requires_grad=True)
-        for p in params]
+  ps = [
+    torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in params
+  ]
   opt = (optimizer or torch.optim.RMSprop)(ps, lr=float(lrs[0]), **kwargs)
   out = []
   for t in range(STEPS):
     with torch.no_grad():
-      gs = bowl_grads(ps, targets, noise[t],
-                      lambda a: torch.tensor(a, dtype=torch.float64))
+      gs = bowl_grads(
+        ps, targets, noise[t], lambda a: torch.tensor(a, dtype=torch.float64)
+      )
     for p, g in zip(ps, gs):
       p.grad = g
     for group in opt.param_groups:
@@ -53,22 +55,28 @@ def ours_trajectory(tx, seed=0):
 
 
 CASES = {
-    'plain': dict(),
-    'centered': dict(centered=True),
-    'momentum': dict(momentum=0.9),
-    'weight_decay': dict(weight_decay=0.1),
-    'maximize': dict(maximize=True),
-    'alpha_eps': dict(alpha=0.9, eps=1e-3),
-    'centered_momentum_wd': dict(centered=True, momentum=0.5,
-                                 weight_decay=0.05),
-    'everything': dict(centered=True, momentum=0.9, weight_decay=0.01,
-                       maximize=True, alpha=0.95, eps=1e-6),
+  'plain': dict(),
+  'centered': dict(centered=True),
+  'momentum': dict(momentum=0.9),
+  'weight_decay': dict(weight_decay=0.1),
+  'maximize': dict(maximize=True),
+  'alpha_eps': dict(alpha=0.9, eps=1e-3),
+  'centered_momentum_wd': dict(centered=True, momentum=0.5, weight_decay=0.05),
+  'everything': dict(
+    centered=True,
+    momentum=0.9,
+    weight_decay=0.01,
+    maximize=True,
+    alpha=0.95,
+    eps=1e-6,
+  ),
 }
 
 
 @pytest.mark.parametrize('name', CASES)
-@pytest.mark.parametrize('lr_changes', [False, True],
-                         ids=['constant_lr', 'lr_every_step'])
+@pytest.mark.parametrize(
+  'lr_changes', [False, True], ids=['constant_lr', 'lr_every_step']
+)
 def test_preset_matches_torch(name, lr_changes, x64):
   kwargs = CASES[name]
   lrs, lr = learning_rates(STEPS, lr_changes)
@@ -83,17 +91,28 @@ def test_lr_placement_matters_for_a_schedule(x64):
   lrs = np.linspace(0.05, 0.001, STEPS)
   lr = lambda count: jnp.asarray(lrs)[count]
   ref = torch_trajectory(dict(momentum=0.9), lrs)
-  inside = ours_trajectory(rmsprop_jax.rmsprop(
-      lr, decay=0.99, eps_in_sqrt=False, momentum=0.9))
+  inside = ours_trajectory(
+    rmsprop_jax.rmsprop(lr, decay=0.99, eps_in_sqrt=False, momentum=0.9)
+  )
   with pytest.raises(AssertionError):
     assert_trajectories_close(inside, ref)
 
 
 def test_rmsprop_keywords_spell_out_the_preset(x64):
   lrs, lr = learning_rates(STEPS, changing=True)
-  ref = torch_trajectory(dict(momentum=0.9, weight_decay=0.1, centered=True),
-                         lrs)
-  ours = ours_trajectory(rmsprop_jax.rmsprop(
-      lr, decay=0.99, eps=1e-8, eps_in_sqrt=False, centered=True,
-      momentum=0.9, lr_in_momentum=False, weight_decay=0.1))
+  ref = torch_trajectory(
+    dict(momentum=0.9, weight_decay=0.1, centered=True), lrs
+  )
+  ours = ours_trajectory(
+    rmsprop_jax.rmsprop(
+      lr,
+      decay=0.99,
+      eps=1e-8,
+      eps_in_sqrt=False,
+      centered=True,
+      momentum=0.9,
+      lr_in_momentum=False,
+      weight_decay=0.1,
+    )
+  )
   assert_trajectories_close(ours, ref)

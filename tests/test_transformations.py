@@ -11,9 +11,15 @@ import rmsprop_jax
 
 from helpers import assert_trees_equal, gradient_sequence, random_tree, run
 
-ALL_FEATURES = dict(centered=True, momentum=0.9, bias_correction=True,
-                    eps_in_sqrt=False, weight_decay=0.01,
-                    decoupled_weight_decay=True, maximize=True)
+ALL_FEATURES = dict(
+  centered=True,
+  momentum=0.9,
+  bias_correction=True,
+  eps_in_sqrt=False,
+  weight_decay=0.01,
+  decoupled_weight_decay=True,
+  maximize=True,
+)
 
 
 def _assert_close_to_rounding(actual, desired):
@@ -35,8 +41,9 @@ def _assert_close_to_rounding(actual, desired):
 
 def test_jit_does_not_recompile():
   params = random_tree(jax.random.PRNGKey(0))
-  tx = rmsprop_jax.rmsprop(optax.cosine_decay_schedule(0.1, 100),
-                           **ALL_FEATURES)
+  tx = rmsprop_jax.rmsprop(
+    optax.cosine_decay_schedule(0.1, 100), **ALL_FEATURES
+  )
 
   @jax.jit
   @chex.assert_max_traces(n=1)
@@ -85,8 +92,10 @@ def test_vmap_over_hyperparameters_equals_a_loop():
   batched = jax.jit(jax.vmap(final_params))(lrs, decays)
   for i in range(3):
     chex.assert_trees_all_close(
-        jax.tree.map(lambda x, i=i: x[i], batched),
-        final_params(float(lrs[i]), float(decays[i])), rtol=1e-6)
+      jax.tree.map(lambda x, i=i: x[i], batched),
+      final_params(float(lrs[i]), float(decays[i])),
+      rtol=1e-6,
+    )
 
 
 def test_inject_hyperparams_matches_fixed_hyperparameters():
@@ -94,7 +103,8 @@ def test_inject_hyperparams_matches_fixed_hyperparameters():
   grads = gradient_sequence(5)
   kwargs = dict(decay=0.8, eps=1e-6, momentum=0.9, weight_decay=0.01)
   injected = optax.inject_hyperparams(rmsprop_jax.rmsprop)(
-      learning_rate=0.02, **kwargs)
+    learning_rate=0.02, **kwargs
+  )
   ours, state = run(injected, params, grads)
   ref, _ = run(rmsprop_jax.rmsprop(0.02, **kwargs), params, grads)
   _assert_close_to_rounding(ours, ref)
@@ -103,17 +113,22 @@ def test_inject_hyperparams_matches_fixed_hyperparameters():
   state.hyperparams['learning_rate'] = jnp.asarray(0.0)
   coasting, _ = injected.update(grads[0], state, params)
   chex.assert_trees_all_close(
-      coasting, jax.tree.map(lambda b: 0.9 * b, optax.tree.get(state, 'trace')),
-      rtol=1e-6)
+    coasting,
+    jax.tree.map(lambda b: 0.9 * b, optax.tree.get(state, 'trace')),
+    rtol=1e-6,
+  )
 
 
-@pytest.mark.parametrize('preset, kwargs', [
+@pytest.mark.parametrize(
+  'preset, kwargs',
+  [
     (rmsprop_jax.presets.pytorch, dict(lr=0.01)),
     (rmsprop_jax.presets.keras, dict(learning_rate=0.01)),
     (rmsprop_jax.presets.tf1, dict(learning_rate=0.01, momentum=0.5)),
     (rmsprop_jax.presets.graves2013, dict()),
     (rmsprop_jax.presets.dqn2015, dict()),
-])
+  ],
+)
 def test_presets_work_inside_inject_hyperparams(preset, kwargs):
   params = random_tree(jax.random.PRNGKey(0))
   grads = gradient_sequence(3)
@@ -126,15 +141,19 @@ def test_schedule_equals_stepwise_constants():
   params = random_tree(jax.random.PRNGKey(0))
   grads = gradient_sequence(6)
   schedule = optax.exponential_decay(0.1, transition_steps=1, decay_rate=0.7)
-  ours, _ = run(rmsprop_jax.rmsprop(schedule, momentum=0.9,
-                                    lr_in_momentum=False), params, grads)
+  ours, _ = run(
+    rmsprop_jax.rmsprop(schedule, momentum=0.9, lr_in_momentum=False),
+    params,
+    grads,
+  )
   # Independent: PyTorch-style placement by hand, lr = schedule(t) at step t.
   tx = rmsprop_jax.rmsprop(1.0, momentum=0.9, lr_in_momentum=False)
   state = tx.init(params)
   for t, g in enumerate(grads):
     u, state = tx.update(g, state, params)
     _assert_close_to_rounding(
-        ours[t], jax.tree.map(lambda x, t=t: schedule(t) * x, u))
+      ours[t], jax.tree.map(lambda x, t=t: schedule(t) * x, u)
+    )
 
 
 def test_unknown_extra_arguments_are_accepted():
@@ -142,18 +161,19 @@ def test_unknown_extra_arguments_are_accepted():
   tx = rmsprop_jax.rmsprop(0.1, **ALL_FEATURES)
   assert isinstance(tx, optax.GradientTransformationExtraArgs)
   state = tx.init(params)
-  updates, _ = tx.update(params, state, params, value=jnp.ones(()),
-                         some_unknown_argument='ignored')
+  updates, _ = tx.update(
+    params, state, params, value=jnp.ones(()), some_unknown_argument='ignored'
+  )
   chex.assert_trees_all_equal_structs(updates, params)
 
 
 def test_nested_pytrees_with_scalars_and_empty_subtrees():
   params = {
-      'dict': {'a': jnp.ones((2, 3)), 'empty': {}},
-      'list': [jnp.arange(3.0), (jnp.array(2.0), ())],
-      'tuple': (jnp.zeros((1,)),),
-      'scalar': jnp.array(-1.5),
-      'none': None,
+    'dict': {'a': jnp.ones((2, 3)), 'empty': {}},
+    'list': [jnp.arange(3.0), (jnp.array(2.0), ())],
+    'tuple': (jnp.zeros((1,)),),
+    'scalar': jnp.array(-1.5),
+    'none': None,
   }
   grads = jax.tree.map(lambda p: 0.5 * p + 0.1, params)
   for kwargs in [dict(), ALL_FEATURES]:
@@ -177,8 +197,9 @@ def test_dtypes_are_preserved(dtype):
   # Every state array keeps the parameters' dtype, as optax's (float16
   # moments are computed in float32 but stored in float16).
   for name, want in [('nu', dtype), ('mu', dtype), ('trace', dtype)]:
-    assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, name))} \
-        == {jnp.dtype(want)}, name
+    assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, name))} == {
+      jnp.dtype(want)
+    }, name
 
 
 def test_dtypes_are_preserved_in_float64(x64):
@@ -190,13 +211,13 @@ def test_nu_dtype_is_honoured(centered):
   params = random_tree(jax.random.PRNGKey(0), jnp.bfloat16)
   grads = gradient_sequence(8, jnp.bfloat16, seed=1)
   names = ['nu', 'mu'] if centered else ['nu']
-  block = (rmsprop_jax.scale_by_stddev if centered
-           else rmsprop_jax.scale_by_rms)
+  block = rmsprop_jax.scale_by_stddev if centered else rmsprop_jax.scale_by_rms
   ref_block = optax.scale_by_stddev if centered else optax.scale_by_rms
   updates, state = run(block(nu_dtype=jnp.float32), params, grads)
   for name in names:
     assert {x.dtype for x in jax.tree.leaves(getattr(state, name))} == {
-        jnp.dtype(jnp.float32)}
+      jnp.dtype(jnp.float32)
+    }
   # Independent reference: optax run entirely in float32 on the same
   # (bfloat16-valued) gradients, its output rounded to bfloat16. The same
   # float32 formula, but our program starts with a bfloat16 -> float32
@@ -205,23 +226,30 @@ def test_nu_dtype_is_honoured(centered):
   up = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
   ref, ref_state = run(ref_block(), up(params), [up(g) for g in grads])
   chex.assert_trees_all_close(
-      updates, jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref),
-      rtol=2**-7, atol=0)
+    updates,
+    jax.tree.map(lambda x: x.astype(jnp.bfloat16), ref),
+    rtol=2**-7,
+    atol=0,
+  )
   for name in names:  # mu sums signed terms: ulps of the largest entry.
     _assert_close_to_rounding(getattr(state, name), getattr(ref_state, name))
   # Fed float32 gradients, there is no convert, and no difference at all.
-  exact, exact_state = run(block(nu_dtype=jnp.float32), up(params),
-                           [up(g) for g in grads])
+  exact, exact_state = run(
+    block(nu_dtype=jnp.float32), up(params), [up(g) for g in grads]
+  )
   assert_trees_equal(exact, ref)
   assert_trees_equal(tuple(exact_state), tuple(ref_state))
   # Through the full optimizer, the updates keep the gradients' dtype.
-  tx = rmsprop_jax.rmsprop(0.01, centered=centered, momentum=0.9,
-                           nu_dtype=jnp.float32)
+  tx = rmsprop_jax.rmsprop(
+    0.01, centered=centered, momentum=0.9, nu_dtype=jnp.float32
+  )
   updates, state = run(tx, params, grads)
   assert {x.dtype for x in jax.tree.leaves(updates)} == {
-      jnp.dtype(jnp.bfloat16)}
+    jnp.dtype(jnp.bfloat16)
+  }
   assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, 'nu'))} == {
-      jnp.dtype(jnp.float32)}
+    jnp.dtype(jnp.float32)
+  }
 
 
 def test_nu_dtype_bfloat16_state_for_float32_params():
@@ -229,17 +257,22 @@ def test_nu_dtype_bfloat16_state_for_float32_params():
   tx = rmsprop_jax.scale_by_rms(nu_dtype='bfloat16')
   updates, state = run(tx, params, gradient_sequence(3))
   assert {x.dtype for x in jax.tree.leaves(state.nu)} == {
-      jnp.dtype(jnp.bfloat16)}
-  assert {x.dtype for x in jax.tree.leaves(updates)} == {
-      jnp.dtype(jnp.float32)}
+    jnp.dtype(jnp.bfloat16)
+  }
+  assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
 
 
 def test_complex_parameters_match_optax():
   params = {'z': jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64)}
-  grads = [jax.tree.map(lambda z, t=t: z * (0.3 + 0.1j * t) + 0.2, params)
-           for t in range(4)]
-  ours, _ = run(rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9,
-                                    clamp_variance=False), params, grads)
+  grads = [
+    jax.tree.map(lambda z, t=t: z * (0.3 + 0.1j * t) + 0.2, params)
+    for t in range(4)
+  ]
+  ours, _ = run(
+    rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9, clamp_variance=False),
+    params,
+    grads,
+  )
   ref, _ = run(optax.rmsprop(0.1, centered=True, momentum=0.9), params, grads)
   assert_trees_equal(ours, ref)
 
@@ -249,8 +282,12 @@ def test_weight_decay_mask():
   grads = jax.tree.map(jnp.zeros_like, params)
   mask = {'w': True, 'b': False}
   for decoupled in [False, True]:
-    tx = rmsprop_jax.rmsprop(0.1, weight_decay=0.5, weight_decay_mask=mask,
-                             decoupled_weight_decay=decoupled)
+    tx = rmsprop_jax.rmsprop(
+      0.1,
+      weight_decay=0.5,
+      weight_decay_mask=mask,
+      decoupled_weight_decay=decoupled,
+    )
     updates, _ = tx.update(grads, tx.init(params), params)
     assert np.all(np.asarray(updates['w']) < 0)
     np.testing.assert_array_equal(updates['b'], 0.0)
