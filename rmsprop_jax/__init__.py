@@ -11,44 +11,44 @@ arguments, ``rmsprop``'s state is
 """
 
 from rmsprop_jax import (
-    diagnostics,
-    packing,
-    porting,
-    presets,
-    quantization,
-    sharding,
+  diagnostics,
+  packing,
+  porting,
+  presets,
+  quantization,
+  sharding,
 )
 from rmsprop_jax.alias import rmsprop
 from rmsprop_jax.diagnostics import effective_learning_rate
 from rmsprop_jax.packing import pack_state, unpack_state
 from rmsprop_jax.sharding import state_shardings
 from rmsprop_jax.transform import (
-    ScaleByRmsState,
-    ScaleByRmsWithCountState,
-    ScaleByRStdDevState,
-    ScaleByRStdDevWithCountState,
-    scale_by_rms,
-    scale_by_stddev,
+  ScaleByRmsState,
+  ScaleByRmsWithCountState,
+  ScaleByRStdDevState,
+  ScaleByRStdDevWithCountState,
+  scale_by_rms,
+  scale_by_stddev,
 )
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'ScaleByRStdDevState',
-    'ScaleByRStdDevWithCountState',
-    'ScaleByRmsState',
-    'ScaleByRmsWithCountState',
-    'diagnostics',
-    'effective_learning_rate',
-    'pack_state',
-    'packing',
-    'porting',
-    'presets',
-    'quantization',
-    'rmsprop',
-    'scale_by_rms',
-    'scale_by_stddev',
-    'sharding',
-    'state_shardings',
-    'unpack_state',
+  'ScaleByRStdDevState',
+  'ScaleByRStdDevWithCountState',
+  'ScaleByRmsState',
+  'ScaleByRmsWithCountState',
+  'diagnostics',
+  'effective_learning_rate',
+  'pack_state',
+  'packing',
+  'porting',
+  'presets',
+  'quantization',
+  'rmsprop',
+  'scale_by_rms',
+  'scale_by_stddev',
+  'sharding',
+  'state_shardings',
+  'unpack_state',
 ]

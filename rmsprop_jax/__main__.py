@@ -10,38 +10,47 @@ import sys
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m rmsprop_jax',
-      description='rmsprop_jax: RMSprop for JAX and optax.')
+    prog='python -m rmsprop_jax',
+    description='rmsprop_jax: RMSprop for JAX and optax.',
+  )
   commands = parser.add_subparsers(dest='command', required=True)
   demo = commands.add_parser(
-      'demo',
-      help="run the three classic RMSprop demos and one on the frameworks' "
-           "conventions, and plot them",
-      description=(
-          "Runs four demos with rmsprop_jax and prints their tables: "
-          "(1) RMSprop minimising x² + y² from (10, 10); "
-          "(2) RMSprop against SGD on the ill-conditioned 100x² + y²; "
-          "(3) RMSprop against AdaGrad over 200 steps, with both effective "
-          "learning rates; (4) one set of hyperparameters (decay, momentum, "
-          "eps, a cosine learning rate) under the PyTorch, Keras, TF1 and "
-          "optax conventions on 100x² + y². Each ends with a conclusion "
-          "computed from the run. Then writes four PNG figures: the paths "
-          "over the loss contours, the loss curves on a log scale, the "
-          "effective learning rates over time, and the four conventions' "
-          "losses and distances. About 4 s on 2 CPU cores (measured)."))
+    'demo',
+    help="run the three classic RMSprop demos and one on the frameworks' "
+    'conventions, and plot them',
+    description=(
+      'Runs four demos with rmsprop_jax and prints their tables: '
+      '(1) RMSprop minimising x² + y² from (10, 10); '
+      '(2) RMSprop against SGD on the ill-conditioned 100x² + y²; '
+      '(3) RMSprop against AdaGrad over 200 steps, with both effective '
+      'learning rates; (4) one set of hyperparameters (decay, momentum, '
+      'eps, a cosine learning rate) under the PyTorch, Keras, TF1 and '
+      'optax conventions on 100x² + y². Each ends with a conclusion '
+      'computed from the run. Then writes four PNG figures: the paths '
+      'over the loss contours, the loss curves on a log scale, the '
+      "effective learning rates over time, and the four conventions' "
+      'losses and distances. About 4 s on 2 CPU cores (measured).'
+    ),
+  )
   demo.add_argument(
-      '--out', default='rmsprop_demo', metavar='DIR',
-      help='folder for the PNG figures, created if missing '
-           '(default: ./rmsprop_demo/)')
+    '--out',
+    default='rmsprop_demo',
+    metavar='DIR',
+    help='folder for the PNG figures, created if missing '
+    '(default: ./rmsprop_demo/)',
+  )
   demo.add_argument(
-      '--no-plots', action='store_true',
-      help='print the tables and conclusions only; write no figures '
-           '(and need no matplotlib)')
+    '--no-plots',
+    action='store_true',
+    help='print the tables and conclusions only; write no figures '
+    '(and need no matplotlib)',
+  )
   args = parser.parse_args(argv)
   if args.command == 'demo':
     if not args.no_plots:
       _check_out(demo, args.out)
     from rmsprop_jax import demo as demo_module
+
     return demo_module.main(out=args.out, plots=not args.no_plots)
   return 2
 

@@ -32,47 +32,73 @@ def register_with_flax() -> None:
   def restore_packed_state(target, state):
     if not isinstance(state, dict) or set(state) != {_PACKED_KEY}:
       raise ValueError(
-          f'rmsprop_jax: cannot restore a plain (optax-layout) optimizer '
-          f'state into the packed state of an optimizer built with '
-          f'packing=True (at {serialization.current_path()}). Restore it '
-          'into the state of the same optimizer with packing=False (or of '
-          'optax.rmsprop), then convert it: '
-          '`rmsprop_jax.pack_state(state, tx, params)`.')
-    return packing.PackedState(serialization.from_state_dict(
-        target.inner, state[_PACKED_KEY], name=_PACKED_KEY))
+        f'rmsprop_jax: cannot restore a plain (optax-layout) optimizer '
+        f'state into the packed state of an optimizer built with '
+        f'packing=True (at {serialization.current_path()}). Restore it '
+        'into the state of the same optimizer with packing=False (or of '
+        'optax.rmsprop), then convert it: '
+        '`rmsprop_jax.pack_state(state, tx, params)`.'
+      )
+    return packing.PackedState(
+      serialization.from_state_dict(
+        target.inner, state[_PACKED_KEY], name=_PACKED_KEY
+      )
+    )
 
   def restore_children(state, names, children, rebuild):
     if not isinstance(state, dict) or set(state) != set(names):
       raise ValueError(
-          f'rmsprop_jax: the checkpoint at {serialization.current_path()} '
-          f'holds {_keys(state)}, where this optimizer keeps '
-          f'{sorted(names)}: it was saved by an optimizer with another '
-          'packing of small leaves or another nu_dtype. Restore it into the '
-          'optimizer that saved it, then convert with '
-          'rmsprop_jax.unpack_state(state) and '
-          'rmsprop_jax.pack_state(state, tx, params).')
-    return rebuild([serialization.from_state_dict(x, state[k], name=k)
-                    for k, x in zip(names, children)])
+        f'rmsprop_jax: the checkpoint at {serialization.current_path()} '
+        f'holds {_keys(state)}, where this optimizer keeps '
+        f'{sorted(names)}: it was saved by an optimizer with another '
+        'packing of small leaves or another nu_dtype. Restore it into the '
+        'optimizer that saved it, then convert with '
+        'rmsprop_jax.unpack_state(state) and '
+        'rmsprop_jax.pack_state(state, tx, params).'
+      )
+    return rebuild(
+      [
+        serialization.from_state_dict(x, state[k], name=k)
+        for k, x in zip(names, children)
+      ]
+    )
 
   serialization.register_serialization_state(
-      packing.PackedState,
-      lambda s: {_PACKED_KEY: serialization.to_state_dict(s.inner)},
-      restore_packed_state, override=True)
+    packing.PackedState,
+    lambda s: {_PACKED_KEY: serialization.to_state_dict(s.inner)},
+    restore_packed_state,
+    override=True,
+  )
   serialization.register_serialization_state(
-      packing.Packed,
-      lambda p: {k: serialization.to_state_dict(x)
-                 for k, x in zip(p.keys(), p.stacks + p.rest)},
-      lambda t, s: restore_children(
-          s, t.keys(), t.stacks + t.rest,
-          lambda c: packing.Packed(c[:len(t.stacks)], c[len(t.stacks):],
-                                   t.layout, t.treedef)), override=True)
+    packing.Packed,
+    lambda p: {
+      k: serialization.to_state_dict(x)
+      for k, x in zip(p.keys(), p.stacks + p.rest)
+    },
+    lambda t, s: restore_children(
+      s,
+      t.keys(),
+      t.stacks + t.rest,
+      lambda c: packing.Packed(
+        c[: len(t.stacks)], c[len(t.stacks) :], t.layout, t.treedef
+      ),
+    ),
+    override=True,
+  )
   serialization.register_serialization_state(
-      quantization.Blockwise8bit,
-      lambda q: {'codes': serialization.to_state_dict(q.codes),
-                 'scale': serialization.to_state_dict(q.scale)},
-      lambda t, s: restore_children(
-          s, ['codes', 'scale'], [t.codes, t.scale],
-          lambda c: quantization.Blockwise8bit(*c, t.shape)), override=True)
+    quantization.Blockwise8bit,
+    lambda q: {
+      'codes': serialization.to_state_dict(q.codes),
+      'scale': serialization.to_state_dict(q.scale),
+    },
+    lambda t, s: restore_children(
+      s,
+      ['codes', 'scale'],
+      [t.codes, t.scale],
+      lambda c: quantization.Blockwise8bit(c[0], c[1], t.shape),
+    ),
+    override=True,
+  )
 
 
 def _keys(state) -> str:

@@ -27,8 +27,14 @@ def concrete(value: Any) -> np.ndarray | None:
     return None
 
 
-def check_type(owner: str, name: str, value: Any, *, schedule: bool = False,
-               optional: bool = False) -> None:
+def check_type(
+  owner: str,
+  name: str,
+  value: Any,
+  *,
+  schedule: bool = False,
+  optional: bool = False,
+) -> None:
   """Raises ``TypeError`` unless ``value`` is a real number, a scalar array
   (concrete or traced), or, where ``schedule``, a schedule (a callable);
   ``None`` only where ``optional``. Strings, booleans and complex numbers
@@ -39,31 +45,42 @@ def check_type(owner: str, name: str, value: Any, *, schedule: bool = False,
       return
     raise TypeError(f'{owner}: `{name}` must be a number, not None.')
   if isinstance(value, type):  # float, jnp.float32: callable, not schedules.
-    raise TypeError(f'{owner}: `{name}` must be a number, not the type '
-                    f'{value.__name__}.')
+    raise TypeError(
+      f'{owner}: `{name}` must be a number, not the type {value.__name__}.'
+    )
   if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
     if schedule:
       return
     check_not_schedule(owner, **{name: value})
-  what = (f'a {type(value).__name__}' if not hasattr(value, 'dtype')
-          else f'an array of dtype {value.dtype}')
-  real = lambda dtype: (jnp.issubdtype(dtype, jnp.floating)
-                        or jnp.issubdtype(dtype, jnp.integer))
+  what = (
+    f'a {type(value).__name__}'
+    if not hasattr(value, 'dtype')
+    else f'an array of dtype {value.dtype}'
+  )
+  real = lambda dtype: (
+    jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  )
   if isinstance(value, (bool, np.bool_)) or not (
-      isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
-      and real(getattr(value, 'dtype', type(value)))):
+    isinstance(value, (int, float, np.number, np.ndarray, jax.Array))
+    and real(getattr(value, 'dtype', type(value)))
+  ):
     expected = 'a real number, a scalar array' + (
-        ' or a schedule (step -> value)' if schedule else '')
-    raise TypeError(f'{owner}: `{name}` must be {expected}, not {what} '
-                    f'({value!r}).')
-  if jnp.issubdtype(getattr(value, 'dtype', type(value)),
-                    jnp.unsignedinteger):
-    raise TypeError(f'{owner}: `{name}` must be a float or a signed integer, '
-                    f'not {what} ({value!r}): negating it, as the update '
-                    'does, wraps around.')
+      ' or a schedule (step -> value)' if schedule else ''
+    )
+    raise TypeError(
+      f'{owner}: `{name}` must be {expected}, not {what} ({value!r}).'
+    )
+  if jnp.issubdtype(getattr(value, 'dtype', type(value)), jnp.unsignedinteger):
+    raise TypeError(
+      f'{owner}: `{name}` must be a float or a signed integer, '
+      f'not {what} ({value!r}): negating it, as the update '
+      'does, wraps around.'
+    )
   if np.shape(value) != ():
-    raise ValueError(f'{owner}: `{name}` must be a scalar, not an array of '
-                     f'shape {np.shape(value)}.')
+    raise ValueError(
+      f'{owner}: `{name}` must be a scalar, not an array of '
+      f'shape {np.shape(value)}.'
+    )
 
 
 def check_bool(owner: str, **flags: Any) -> None:
@@ -72,8 +89,10 @@ def check_bool(owner: str, **flags: Any) -> None:
   on."""
   for name, value in flags.items():
     if not isinstance(value, (bool, np.bool_)):
-      raise TypeError(f'{owner}: `{name}` must be True or False, not '
-                      f'{value!r} ({type(value).__name__}).')
+      raise TypeError(
+        f'{owner}: `{name}` must be True or False, not '
+        f'{value!r} ({type(value).__name__}).'
+      )
 
 
 def check_mask(owner: str, name: str, mask: Any) -> None:
@@ -83,12 +102,15 @@ def check_mask(owner: str, name: str, mask: Any) -> None:
     return
   for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
     dtype = getattr(leaf, 'dtype', None)
-    if not (isinstance(leaf, (bool, np.bool_))
-            or (dtype is not None and dtype == np.bool_)):
+    if not (
+      isinstance(leaf, (bool, np.bool_))
+      or (dtype is not None and dtype == np.bool_)
+    ):
       raise TypeError(
-          f'{owner}: `{name}` must be a tree of booleans like the '
-          f'parameters, or a function of the parameters returning one; the '
-          f'leaf at {_path(path)} is a {type(leaf).__name__} ({leaf!r}).')
+        f'{owner}: `{name}` must be a tree of booleans like the '
+        f'parameters, or a function of the parameters returning one; the '
+        f'leaf at {_path(path)} is a {type(leaf).__name__} ({leaf!r}).'
+      )
 
 
 def check_non_negative(owner: str, name: str, value: Any) -> None:
@@ -97,17 +119,16 @@ def check_non_negative(owner: str, name: str, value: Any) -> None:
   x = concrete(value)
   if x is not None and not np.all((x >= 0) & np.isfinite(x)):  # And NaN.
     raise ValueError(
-        f'{owner}: `{name}` must be finite and >= 0 (valid range [0, inf)), '
-        f'got {value!r}.')
+      f'{owner}: `{name}` must be finite and >= 0 (valid range [0, inf)), '
+      f'got {value!r}.'
+    )
 
 
 def check_decay(owner: str, name: str, value: Any) -> None:
   """Raises ``ValueError`` unless every element of ``value`` is in [0, 1)."""
   x = concrete(value)
   if x is not None and not np.all((x >= 0) & (x < 1)):
-    raise ValueError(
-        f'{owner}: `{name}` must be in [0, 1), got {value!r}.'
-    )
+    raise ValueError(f'{owner}: `{name}` must be in [0, 1), got {value!r}.')
 
 
 def is_python_zero(value: Any) -> bool:
@@ -119,8 +140,11 @@ def is_python_zero(value: Any) -> bool:
   count: ``inject_hyperparams`` passes concrete arrays to ``init`` and traced
   ones to ``update``, and both calls must build the same state structure.
   """
-  return isinstance(value, (int, float, np.number)) and not isinstance(
-      value, bool) and value == 0
+  return (
+    isinstance(value, (int, float, np.number))
+    and not isinstance(value, bool)
+    and value == 0
+  )
 
 
 def _path(path) -> str:
@@ -135,46 +159,62 @@ def check_float_leaves(owner: str, what: str, tree: Any) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if not (hasattr(leaf, 'dtype') or isinstance(leaf, (int, float, complex))):
       raise TypeError(
-          f'{owner}: the {what} leaf at {_path(path)} is a '
-          f'{type(leaf).__name__}, not an array.')
+        f'{owner}: the {what} leaf at {_path(path)} is a '
+        f'{type(leaf).__name__}, not an array.'
+      )
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.inexact):
       raise TypeError(
-          f'{owner}: the {what} leaf at {_path(path)} has dtype {dtype}; '
-          f'RMSprop needs floating-point (or complex) {what}. Cast it, or '
-          'keep it out of the optimizer with optax.masked or '
-          'optax.multi_transform.')
+        f'{owner}: the {what} leaf at {_path(path)} has dtype {dtype}; '
+        f'RMSprop needs floating-point (or complex) {what}. Cast it, or '
+        'keep it out of the optimizer with optax.masked or '
+        'optax.multi_transform.'
+      )
 
 
-def check_same_tree(owner: str, what: str, tree: Any, ref_what: str,
-                    ref: Any) -> None:
+def same_structure(a: Any, b: Any) -> bool:
+  """Whether two pytrees have the same structure (node types, keys, arity)."""
+  # Typed Any: jaxlib's stub for PyTreeDef declares no comparison.
+  structure: Any = jax.tree.structure(a)
+  return bool(structure == jax.tree.structure(b))
+
+
+def check_same_tree(
+  owner: str, what: str, tree: Any, ref_what: str, ref: Any
+) -> None:
   """Raises ``ValueError`` unless ``tree`` matches ``ref``'s structure and
   shapes, naming the first leaves that differ."""
-  paths = lambda t: {_path(p): x for p, x in
-                     jax.tree_util.tree_flatten_with_path(t)[0]}
+  paths = lambda t: {
+    _path(p): x for p, x in jax.tree_util.tree_flatten_with_path(t)[0]
+  }
   got, want = paths(tree), paths(ref)
-  if jax.tree.structure(tree) != jax.tree.structure(ref):
+  if not same_structure(tree, ref):
     missing = [k for k in want if k not in got][:3]
     extra = [k for k in got if k not in want][:3]
     detail = '; '.join(
-        part for part in (
-            f'missing from the {what}: {", ".join(missing)}' if missing
-            else '',
-            f'not in the {ref_what}: {", ".join(extra)}' if extra else '')
-        if part) or (f'{jax.tree.structure(tree)} != '
-                     f'{jax.tree.structure(ref)}')
+      part
+      for part in (
+        f'missing from the {what}: {", ".join(missing)}' if missing else '',
+        f'not in the {ref_what}: {", ".join(extra)}' if extra else '',
+      )
+      if part
+    ) or (f'{jax.tree.structure(tree)} != {jax.tree.structure(ref)}')
     raise ValueError(
-        f'{owner}: the {what} tree does not match the {ref_what} tree '
-        f'({detail}).')
+      f'{owner}: the {what} tree does not match the {ref_what} tree ({detail}).'
+    )
   for key, x in got.items():
     if np.shape(x) != np.shape(want[key]):
       raise ValueError(
-          f'{owner}: the {what} leaf at {key} has shape {np.shape(x)}, the '
-          f'{ref_what} leaf {np.shape(want[key])}.')
+        f'{owner}: the {what} leaf at {key} has shape {np.shape(x)}, the '
+        f'{ref_what} leaf {np.shape(want[key])}.'
+      )
 
 
-def as_dtype(value: Any, owner: str = '', name: str = 'dtype',
-             ) -> np.dtype | None:
+def as_dtype(
+  value: Any,
+  owner: str = '',
+  name: str = 'dtype',
+) -> np.dtype | None:
   """``value`` as a dtype (``None`` stays ``None``). Accepts an array too:
   ``optax.inject_hyperparams`` takes a dtype such as ``jnp.bfloat16`` for a
   schedule (it is callable) and passes its value, an array of that dtype.
@@ -187,8 +227,9 @@ def as_dtype(value: Any, owner: str = '', name: str = 'dtype',
   try:
     return jnp.dtype(value)
   except TypeError:
-    raise ValueError(f'{owner}: `{name}` must be a dtype such as '
-                     f'jnp.bfloat16, not {value!r}.') from None
+    raise ValueError(
+      f'{owner}: `{name}` must be a dtype such as jnp.bfloat16, not {value!r}.'
+    ) from None
 
 
 def check_not_schedule(owner: str, **values: Any) -> None:
@@ -197,13 +238,15 @@ def check_not_schedule(owner: str, **values: Any) -> None:
   for name, value in values.items():
     if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
       raise ValueError(
-          f'{owner}: `{name}` must be a number or an array, not a schedule '
-          '(only the learning rate and the weight decay take schedules; '
-          'for others, use optax.inject_hyperparams).')
+        f'{owner}: `{name}` must be a number or an array, not a schedule '
+        '(only the learning rate and the weight decay take schedules; '
+        'for others, use optax.inject_hyperparams).'
+      )
 
 
 def check_float_dtype(owner: str, name: str, dtype: Any) -> None:
   """Raises ``ValueError`` unless ``dtype`` is None or a float dtype."""
   if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f'{owner}: `{name}` must be a floating-point dtype, '
-                     f'not {dtype}.')
+    raise ValueError(
+      f'{owner}: `{name}` must be a floating-point dtype, not {dtype}.'
+    )

@@ -15,28 +15,28 @@ MaskOrFn = Any | Callable[[optax.Params], Any] | None
 
 
 def rmsprop(
-    learning_rate: optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    eps_in_sqrt: bool = True,
-    centered: bool = False,
-    momentum: jax.typing.ArrayLike | None = None,
-    nesterov: bool = False,
-    bias_correction: bool = False,
-    *,
-    lr_in_momentum: bool = True,
-    accumulator_dtype: Any | None = None,
-    weight_decay: optax.ScalarOrSchedule | None = None,
-    decoupled_weight_decay: bool = False,
-    weight_decay_mask: MaskOrFn = None,
-    maximize: bool = False,
-    clamp_variance: bool = True,
-    caution: bool = False,
-    nu_dtype: Any | None = None,
-    stochastic_rounding: bool = False,
-    skip_nonfinite: bool = False,
-    packing: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  decay: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  eps_in_sqrt: bool = True,
+  centered: bool = False,
+  momentum: jax.typing.ArrayLike | None = None,
+  nesterov: bool = False,
+  bias_correction: bool = False,
+  *,
+  lr_in_momentum: bool = True,
+  accumulator_dtype: Any | None = None,
+  weight_decay: optax.ScalarOrSchedule | None = None,
+  decoupled_weight_decay: bool = False,
+  weight_decay_mask: MaskOrFn = None,
+  maximize: bool = False,
+  clamp_variance: bool = True,
+  caution: bool = False,
+  nu_dtype: Any | None = None,
+  stochastic_rounding: bool = False,
+  skip_nonfinite: bool = False,
+  packing: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop (Tieleman & Hinton 2012) and every framework's variant of it.
 
@@ -64,11 +64,11 @@ def rmsprop(
 
     b_t &= \gamma\,b_{t-1} + \eta_t\,\hat g_t, \quad
     \theta_t = \theta_{t-1} - b_t
-    \quad \text{(lr\_in\_momentum: optax, TF1, Keras)}
+    \quad \text{(lr_in_momentum: optax, TF1, Keras)}
 
     b_t &= \gamma\,b_{t-1} + \hat g_t, \quad
     \theta_t = \theta_{t-1} - \eta_t\,b_t
-    \quad \text{(not lr\_in\_momentum: PyTorch)}
+    \quad \text{(not lr_in_momentum: PyTorch)}
 
     \theta_t &\leftarrow \theta_t - \eta_t\,\lambda\,\theta_{t-1}
     \ \text{(decoupled weight decay, Keras)}
@@ -137,7 +137,7 @@ def rmsprop(
       for none. Needs ``params`` in ``update``.
     decoupled_weight_decay: ``False`` (default): coupled L2, added to the
       gradient before the moments (PyTorch). ``True``: decoupled,
-      :math:`\theta \mathrel{-}= \eta_t \lambda \theta` next to the update,
+      :math:`\theta \leftarrow \theta - \eta_t \lambda \theta` next to the update,
       not normalised and outside the momentum buffer (Keras 3).
     weight_decay_mask: a tree of booleans (or a function of the params that
       returns one) selecting the leaves that decay, as optax's ``mask``.
@@ -250,53 +250,82 @@ def rmsprop(
   """
   owner = 'rmsprop'
   _validation.check_bool(
-      owner, eps_in_sqrt=eps_in_sqrt, centered=centered, nesterov=nesterov,
-      bias_correction=bias_correction, lr_in_momentum=lr_in_momentum,
-      decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
-      clamp_variance=clamp_variance, caution=caution,
-      stochastic_rounding=stochastic_rounding, skip_nonfinite=skip_nonfinite,
-      packing=packing)
+    owner,
+    eps_in_sqrt=eps_in_sqrt,
+    centered=centered,
+    nesterov=nesterov,
+    bias_correction=bias_correction,
+    lr_in_momentum=lr_in_momentum,
+    decoupled_weight_decay=decoupled_weight_decay,
+    maximize=maximize,
+    clamp_variance=clamp_variance,
+    caution=caution,
+    stochastic_rounding=stochastic_rounding,
+    skip_nonfinite=skip_nonfinite,
+    packing=packing,
+  )
   _validation.check_mask(owner, 'weight_decay_mask', weight_decay_mask)
   nu_dtype = transform._check_nu_options(owner, nu_dtype, stochastic_rounding)
   # Our own options that could not change a number are refused, not ignored.
   # (optax's own arguments are accepted as optax accepts them: nesterov
   # without momentum is a no-op there too.)
   useless = [
-      (weight_decay_mask is not None and weight_decay is None,
-       'weight_decay_mask has no effect without a weight_decay'),
-      (decoupled_weight_decay and weight_decay is None,
-       'decoupled_weight_decay=True has no effect without a weight_decay'),
-      (accumulator_dtype is not None and momentum is None,
-       'accumulator_dtype has no effect without momentum'),
-      (not lr_in_momentum and momentum is None,
-       'lr_in_momentum=False has no effect without momentum'),
-      (not clamp_variance and not centered,
-       'clamp_variance=False has no effect without centered=True'),
-      (caution and momentum is None,
-       'caution=True has no effect without momentum'),
+    (
+      weight_decay_mask is not None and weight_decay is None,
+      'weight_decay_mask has no effect without a weight_decay',
+    ),
+    (
+      decoupled_weight_decay and weight_decay is None,
+      'decoupled_weight_decay=True has no effect without a weight_decay',
+    ),
+    (
+      accumulator_dtype is not None and momentum is None,
+      'accumulator_dtype has no effect without momentum',
+    ),
+    (
+      not lr_in_momentum and momentum is None,
+      'lr_in_momentum=False has no effect without momentum',
+    ),
+    (
+      not clamp_variance and not centered,
+      'clamp_variance=False has no effect without centered=True',
+    ),
+    (
+      caution and momentum is None,
+      'caution=True has no effect without momentum',
+    ),
   ]
   for condition, message in useless:
     if condition:
       raise ValueError(f'rmsprop: {message}; pass it, or drop the option.')
-  accumulator_dtype = _validation.as_dtype(accumulator_dtype, owner,
-                                          'accumulator_dtype')
+  accumulator_dtype = _validation.as_dtype(
+    accumulator_dtype, owner, 'accumulator_dtype'
+  )
   _validation.check_float_dtype(owner, 'accumulator_dtype', accumulator_dtype)
   _validation.check_type(owner, 'learning_rate', learning_rate, schedule=True)
   _validation.check_type(owner, 'momentum', momentum, optional=True)
-  _validation.check_type(owner, 'weight_decay', weight_decay, schedule=True,
-                         optional=True)
+  _validation.check_type(
+    owner, 'weight_decay', weight_decay, schedule=True, optional=True
+  )
   transform._validate(owner, decay, eps, initial_scale)
   _validation.check_non_negative(owner, 'learning_rate', learning_rate)
   # Heavy-ball momentum of 1 or more never forgets: the buffer grows without
   # bound under a constant gradient. No framework's recipe uses it.
   _validation.check_decay(owner, 'momentum', momentum)
   _validation.check_non_negative(owner, 'weight_decay', weight_decay)
-  kwargs = dict(decay=decay, eps=eps, initial_scale=initial_scale,
-                eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
-                nu_dtype=nu_dtype, stochastic_rounding=stochastic_rounding)
+  kwargs = dict(
+    decay=decay,
+    eps=eps,
+    initial_scale=initial_scale,
+    eps_in_sqrt=eps_in_sqrt,
+    bias_correction=bias_correction,
+    nu_dtype=nu_dtype,
+    stochastic_rounding=stochastic_rounding,
+  )
   if centered:
     normalise = transform.scale_by_stddev(
-        **kwargs, clamp_variance=clamp_variance)
+      **kwargs, clamp_variance=clamp_variance
+    )
   else:
     normalise = transform.scale_by_rms(**kwargs)
 
@@ -316,39 +345,58 @@ def rmsprop(
   # with a Python ``wd``: the promotion of the gradient's and the
   # parameters' (as optax's add_decayed_weights), never the decay's.
   scale_by_lr = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
-  accumulate = (_keep_dtypes(_trace(momentum, nesterov, accumulator_dtype))
-                if momentum is not None else optax.identity())
-  step = [normalise, *((scale_by_lr, accumulate) if lr_in_momentum
-                       else (accumulate, scale_by_lr))]
+  accumulate = (
+    _keep_dtypes(_trace(momentum, nesterov, accumulator_dtype))
+    if momentum is not None
+    else optax.identity()
+  )
+  step = [
+    normalise,
+    *(
+      (scale_by_lr, accumulate) if lr_in_momentum else (accumulate, scale_by_lr)
+    ),
+  ]
   if caution:
     step = [_cautious(optax.chain(*step))]
   steps = [
-      optax.scale(-1.0) if maximize else None,
-      _keep_dtypes(optax.add_decayed_weights(weight_decay, weight_decay_mask),
-                   with_params=True)
-      if coupled else None,
-      *step,
-      _keep_dtypes(_add_decoupled_weight_decay(
-          learning_rate, weight_decay, weight_decay_mask))
-      if decoupled else None,
+    optax.scale(-1.0) if maximize else None,
+    _keep_dtypes(
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      with_params=True,
+    )
+    if coupled
+    else None,
+    *step,
+    _keep_dtypes(
+      _add_decoupled_weight_decay(
+        learning_rate, weight_decay, weight_decay_mask
+      )
+    )
+    if decoupled
+    else None,
   ]
   tx = optax.chain(*(s for s in steps if s is not None))
   if packing and weight_decay_mask is not None:
-    raise ValueError('rmsprop: packing=True cannot be combined with a '
-                     'weight_decay_mask (the mask selects whole leaves).')
+    raise ValueError(
+      'rmsprop: packing=True cannot be combined with a '
+      'weight_decay_mask (the mask selects whole leaves).'
+    )
   if packing and caution:
-    raise ValueError('rmsprop: packing=True cannot be combined with '
-                     'caution=True (its rescaling is per leaf).')
+    raise ValueError(
+      'rmsprop: packing=True cannot be combined with '
+      'caution=True (its rescaling is per leaf).'
+    )
   if packing:
     tx = packing_lib.pack_small_leaves(tx, name=owner)
   if skip_nonfinite:
     tx = _skip_nonfinite(tx)
-  return _with_input_checks(tx, needs_params=weight_decay is not None,
-                            packed=bool(packing))
+  return _with_input_checks(
+    tx, needs_params=weight_decay is not None, packed=bool(packing)
+  )
 
 
 def _skip_nonfinite(
-    inner: optax.GradientTransformation,
+  inner: optax.GradientTransformation,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.apply_if_finite(inner, max_consecutive_errors=inf)``, with its
   state (``optax.ApplyIfFiniteState``) and counts: every step whose
@@ -360,29 +408,39 @@ def _skip_nonfinite(
   optax_wrapper = optax.apply_if_finite(inner, max_consecutive_errors=0)
 
   def update(updates, state, params=None, **extra_args):
-    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                                for x in jax.tree.leaves(updates)]))
-    apply = lambda _: inner.update(updates, state.inner_state, params,
-                                   **extra_args)
+    finite = jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(updates)])
+    )
+    apply = lambda _: inner.update(
+      updates, state.inner_state, params, **extra_args
+    )
     out_shapes = jax.eval_shape(apply, None)[0]
-    skip = lambda _: (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                   out_shapes), state.inner_state)
+    skip = lambda _: (
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes),
+      state.inner_state,
+    )
     new_updates, inner_state = jax.lax.cond(finite, apply, skip, None)
     return new_updates, optax.ApplyIfFiniteState(
-        notfinite_count=jnp.where(
-            finite, jnp.zeros([], jnp.int32),
-            optax.safe_increment(state.notfinite_count)),
-        last_finite=finite,
-        total_notfinite=jnp.where(
-            finite, state.total_notfinite,
-            optax.safe_increment(state.total_notfinite)),
-        inner_state=inner_state)
+      notfinite_count=jnp.where(
+        finite,
+        jnp.zeros([], jnp.int32),
+        optax.safe_increment(state.notfinite_count),
+      ),
+      last_finite=finite,
+      total_notfinite=jnp.where(
+        finite,
+        state.total_notfinite,
+        optax.safe_increment(state.total_notfinite),
+      ),
+      inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(optax_wrapper.init, update)
 
 
 def _cautious(
-    inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  inner: optax.GradientTransformation,
+) -> optax.GradientTransformation:
   """``inner`` (which turns gradients into descent steps) with the cautious
   mask of Liang et al. (2024), as timm's ``_apply_caution``: per leaf,
   ``step * keep / max(mean(keep), 1e-3)`` with ``keep`` where the step and
@@ -393,16 +451,18 @@ def _cautious(
 
     def mask(step, g):
       keep = (jnp.real(step * jnp.conj(g)) < 0).astype(step.dtype)
-      return step * (keep / jnp.maximum(jnp.mean(keep), 1e-3).astype(
-          keep.dtype))
+      return step * (
+        keep / jnp.maximum(jnp.mean(keep), 1e-3).astype(keep.dtype)
+      )
 
     return jax.tree.map(mask, steps, grads), state
 
   return optax.GradientTransformation(inner.init, update)
 
 
-def _keep_dtypes(tx: optax.GradientTransformation,
-                 with_params: bool = False) -> optax.GradientTransformation:
+def _keep_dtypes(
+  tx: optax.GradientTransformation, with_params: bool = False
+) -> optax.GradientTransformation:
   """``tx`` with its updates cast to the dtypes of the updates it is given
   (promoted with the parameters' if ``with_params``), and its state to the
   dtypes of the state it is given: dtypes never change during training (a
@@ -417,16 +477,20 @@ def _keep_dtypes(tx: optax.GradientTransformation,
     new_updates, new_state = tx.update(updates, state, params)
     dtypes = jax.tree.map(jnp.result_type, updates)
     if with_params and params is not None:
-      dtypes = jax.tree.map(jnp.promote_types, dtypes, jax.tree.map(
-          jnp.result_type, params))
-    return (jax.tree.map(lambda u, d: u.astype(d), new_updates, dtypes),
-            jax.tree.map(cast, new_state, state))
+      dtypes = jax.tree.map(
+        jnp.promote_types, dtypes, jax.tree.map(jnp.result_type, params)
+      )
+    return (
+      jax.tree.map(lambda u, d: u.astype(d), new_updates, dtypes),
+      jax.tree.map(cast, new_state, state),
+    )
 
   return optax.GradientTransformation(tx.init, update)
 
 
-def _trace(momentum, nesterov: bool,
-           accumulator_dtype) -> optax.GradientTransformation:
+def _trace(
+  momentum, nesterov: bool, accumulator_dtype
+) -> optax.GradientTransformation:
   """``optax.trace``, with the buffer in ``accumulator_dtype`` (complex, of
   that precision, for complex parameters; optax would drop the imaginary
   part)."""
@@ -440,14 +504,19 @@ def _trace(momentum, nesterov: bool,
     return accumulator_dtype
 
   def init(params):
-    return optax.TraceState(trace=jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), buffer_dtype(p)), params))
+    return optax.TraceState(
+      trace=jax.tree.map(
+        lambda p: jnp.zeros(jnp.shape(p), buffer_dtype(p)), params
+      )
+    )
 
   return optax.GradientTransformation(init, tx.update)
 
 
 def _with_input_checks(
-    tx: optax.GradientTransformation, needs_params: bool, packed: bool,
+  tx: optax.GradientTransformation,
+  needs_params: bool,
+  packed: bool,
 ) -> optax.GradientTransformationExtraArgs:
   """Clear errors, at trace time, for ``params`` that are missing or do not
   match the gradients, and for a packed state given to an optimizer that
@@ -457,26 +526,29 @@ def _with_input_checks(
   def update(updates, state, params=None, **extra_args):
     if not packed and packing_lib.is_packed(state):
       raise ValueError(
-          'rmsprop: the state is packed (made by an optimizer with '
-          'packing=True), but this optimizer does not pack small leaves. '
-          'Convert it once with `state = rmsprop_jax.unpack_state(state)`, '
-          'or build the optimizer with packing=True.')
+        'rmsprop: the state is packed (made by an optimizer with '
+        'packing=True), but this optimizer does not pack small leaves. '
+        'Convert it once with `state = rmsprop_jax.unpack_state(state)`, '
+        'or build the optimizer with packing=True.'
+      )
     if params is None and needs_params:
       raise ValueError(
-          'rmsprop: weight_decay needs the parameters: call '
-          '`update(grads, state, params)`.')
+        'rmsprop: weight_decay needs the parameters: call '
+        '`update(grads, state, params)`.'
+      )
     if params is not None:
-      _validation.check_same_tree('rmsprop', 'parameter', params, 'gradient',
-                                  updates)
+      _validation.check_same_tree(
+        'rmsprop', 'parameter', params, 'gradient', updates
+      )
     return tx.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _add_decoupled_weight_decay(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule,
-    mask: MaskOrFn,
+  learning_rate: optax.ScalarOrSchedule,
+  weight_decay: optax.ScalarOrSchedule,
+  mask: MaskOrFn,
 ) -> optax.GradientTransformation:
   """Adds ``-lr_t * wd_t * params`` to the updates (Keras' weight decay)."""
   if callable(learning_rate) or callable(weight_decay):

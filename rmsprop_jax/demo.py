@@ -28,12 +28,17 @@ from rmsprop_jax.alias import rmsprop
 
 class Run(NamedTuple):
   params: np.ndarray  # (steps + 1, dim): the start, then after each step.
-  loss: np.ndarray    # (steps + 1,)
-  extra: np.ndarray   # (steps,): a per-step diagnostic (or zeros).
+  loss: np.ndarray  # (steps + 1,)
+  extra: np.ndarray  # (steps,): a per-step diagnostic (or zeros).
 
 
-def run(tx: optax.GradientTransformation, loss_fn: Callable, x0, steps: int,
-        diagnostic: Callable | None = None) -> Run:
+def run(
+  tx: optax.GradientTransformation,
+  loss_fn: Callable,
+  x0,
+  steps: int,
+  diagnostic: Callable | None = None,
+) -> Run:
   """Runs ``steps`` full-gradient steps of ``tx`` in one jitted ``lax.scan``.
 
   ``diagnostic(state)`` is evaluated on the state *before* each update, as
@@ -60,7 +65,7 @@ def run(tx: optax.GradientTransformation, loss_fn: Callable, x0, steps: int,
 
 def _first_steps(r: Run, steps: int) -> Run:
   """The first ``steps`` steps of a longer run."""
-  return Run(r.params[:steps + 1], r.loss[:steps + 1], r.extra[:steps])
+  return Run(r.params[: steps + 1], r.loss[: steps + 1], r.extra[:steps])
 
 
 def bowl(x):
@@ -75,8 +80,10 @@ def parabola(x):
   return x[0] ** 2
 
 
-ROW_NOTE = ("(Each row: the values after that iteration's update, iterations "
-            'counted from 0, as the classic demos print them.)')
+ROW_NOTE = (
+  "(Each row: the values after that iteration's update, iterations "
+  'counted from 0, as the classic demos print them.)'
+)
 
 
 def _rule(width=60):
@@ -88,10 +95,11 @@ def demo1() -> Run:
   print('RMSprop Optimizer Demo')
   _rule()
   print('Minimizing f(x, y) = x² + y²\n')
-  r = run(presets.hinton2012(learning_rate=0.1, decay=0.9), bowl,
-          [10.0, 10.0], 50)
+  r = run(
+    presets.hinton2012(learning_rate=0.1, decay=0.9), bowl, [10.0, 10.0], 50
+  )
   print(ROW_NOTE)
-  print(f"{'Iteration':<12} {'x':<12} {'y':<12} {'f(x,y)':<12}")
+  print(f'{"Iteration":<12} {"x":<12} {"y":<12} {"f(x,y)":<12}')
   print('-' * 60)
   for i in range(0, 50, 10):
     x, y = r.params[i + 1]
@@ -102,13 +110,15 @@ def demo1() -> Run:
   steps = np.abs(np.diff(r.params[:, 0]))
   settled = steps[10:]  # Once v has filled up from 0.
   grad = 2 * np.abs(r.params[:, 0])  # df/dx
-  print(f'Conclusion: f fell from {r.loss[0]:.0f} to {r.loss[-1]:.4g} in 50 '
-        f'steps. The first steps are larger while v fills up from 0 (the '
-        f'first moves x by {steps[0]:.3f} = lr / sqrt(1 - decay)); from '
-        f'step 10 on each moves x by {settled.min():.3f} to '
-        f'{settled.max():.3f}, about lr = 0.1, while the gradient falls from '
-        f'{grad[10]:.3g} to {grad[-1]:.3g}: RMSprop sets the step size by '
-        'lr, not by the gradient\'s size.\n')
+  print(
+    f'Conclusion: f fell from {r.loss[0]:.0f} to {r.loss[-1]:.4g} in 50 '
+    f'steps. The first steps are larger while v fills up from 0 (the '
+    f'first moves x by {steps[0]:.3f} = lr / sqrt(1 - decay)); from '
+    f'step 10 on each moves x by {settled.min():.3f} to '
+    f'{settled.max():.3f}, about lr = 0.1, while the gradient falls from '
+    f'{grad[10]:.3g} to {grad[-1]:.3g}: RMSprop sets the step size by '
+    "lr, not by the gradient's size.\n"
+  )
   return r
 
 
@@ -124,23 +134,28 @@ def demo2() -> tuple[Run, Run]:
   sgd_long = run(optax.sgd(lr_sgd), ravine, x0, horizon)
   rms, sgd = (_first_steps(r, steps) for r in (rms_long, sgd_long))
   print(ROW_NOTE)
-  print(f"{'Iteration':<12} {'RMSprop f(x,y)':<20} {'SGD f(x,y)':<20}")
+  print(f'{"Iteration":<12} {"RMSprop f(x,y)":<20} {"SGD f(x,y)":<20}')
   print('-' * 60)
   for i in range(0, steps, 20):
     print(f'{i:<12} {rms.loss[i + 1]:<20.6f} {sgd.loss[i + 1]:<20.6f}')
   print()
   first_below = {
-      name: int(np.argmax(r.loss < 1.0)) if (r.loss < 1.0).any() else None
-      for name, r in [('RMSprop', rms_long), ('SGD', sgd_long)]}
-  when = {k: f'step {v}' if v is not None else f'more than {horizon} steps'
-          for k, v in first_below.items()}
+    name: int(np.argmax(r.loss < 1.0)) if (r.loss < 1.0).any() else None
+    for name, r in [('RMSprop', rms_long), ('SGD', sgd_long)]
+  }
+  when = {
+    k: f'step {v}' if v is not None else f'more than {horizon} steps'
+    for k, v in first_below.items()
+  }
   lead = 'SGD' if sgd.loss[-1] < rms.loss[-1] else 'RMSprop'
-  print(f'Conclusion: at step {steps} {lead} is ahead (f = {sgd.loss[-1]:.4g} '
-        f'for SGD, {rms.loss[-1]:.4g} for RMSprop), but SGD\'s learning rate '
-        f'must stay below 2/200 = 0.01 for the steep x, so its shallow y '
-        f'crawls ({x0[1]:.0f} -> {sgd.params[-1, 1]:.3g}); RMSprop moves x and '
-        f'y alike ({x0[1]:.0f} -> {rms.params[-1, 1]:.3g}). Reaching f < 1 '
-        f'takes RMSprop {when["RMSprop"]}, SGD {when["SGD"]}.\n')
+  print(
+    f'Conclusion: at step {steps} {lead} is ahead (f = {sgd.loss[-1]:.4g} '
+    f"for SGD, {rms.loss[-1]:.4g} for RMSprop), but SGD's learning rate "
+    f'must stay below 2/200 = 0.01 for the steep x, so its shallow y '
+    f'crawls ({x0[1]:.0f} -> {sgd.params[-1, 1]:.3g}); RMSprop moves x and '
+    f'y alike ({x0[1]:.0f} -> {rms.params[-1, 1]:.3g}). Reaching f < 1 '
+    f'takes RMSprop {when["RMSprop"]}, SGD {when["SGD"]}.\n'
+  )
   return rms, sgd
 
 
@@ -149,45 +164,67 @@ def demo3() -> tuple[Run, Run]:
   print('RMSprop vs AdaGrad: Long Training Comparison')
   _rule(70)
   steps, lr_rms, lr_ada, eps = 200, 0.5, 1.0, 1e-8
-  rms = run(presets.hinton2012(learning_rate=lr_rms, decay=0.9, eps=eps),
-            parabola, [10.0], steps,
-            diagnostic=lambda s: diagnostics.effective_learning_rate(
-                s, lr_rms, eps=eps, eps_in_sqrt=False)[0])
+  rms = run(
+    presets.hinton2012(learning_rate=lr_rms, decay=0.9, eps=eps),
+    parabola,
+    [10.0],
+    steps,
+    diagnostic=lambda s: diagnostics.effective_learning_rate(
+      s, lr_rms, eps=eps, eps_in_sqrt=False
+    )[0],
+  )
   ada_eps = 1e-7  # optax.adagrad's default, inside the square root.
-  ada = run(optax.adagrad(lr_ada, initial_accumulator_value=0.0, eps=ada_eps),
-            parabola, [10.0], steps,
-            diagnostic=lambda s: lr_ada * jnp.where(
-                s[0].sum_of_squares[0] > 0,
-                jax.lax.rsqrt(s[0].sum_of_squares[0] + ada_eps), 1.0))
+  ada = run(
+    optax.adagrad(lr_ada, initial_accumulator_value=0.0, eps=ada_eps),
+    parabola,
+    [10.0],
+    steps,
+    diagnostic=lambda s: (
+      lr_ada
+      * jnp.where(
+        s[0].sum_of_squares[0] > 0,
+        jax.lax.rsqrt(s[0].sum_of_squares[0] + ada_eps),
+        1.0,
+      )
+    ),
+  )
   # Row i shows x after step i + 1 and the effective rates that step's
   # gradient left behind (before any gradient, RMSprop's v is 0 and its
   # "effective rate" lr / eps means nothing, so it is never shown).
   print(ROW_NOTE)
-  print(f"{'Iter':<8} {'RMSprop x':<15} {'AdaGrad x':<15} {'RMS eff_lr':<15} "
-        f"{'Ada eff_lr':<15}")
+  print(
+    f'{"Iter":<8} {"RMSprop x":<15} {"AdaGrad x":<15} {"RMS eff_lr":<15} '
+    f'{"Ada eff_lr":<15}'
+  )
   print('-' * 70)
   for i in range(0, steps, 40):
-    print(f'{i:<8} {rms.params[i + 1, 0]:<15.8f} {ada.params[i + 1, 0]:<15.8f} '
-          f'{rms.extra[i + 1]:<15.10f} {ada.extra[i + 1]:<15.10f}')
+    print(
+      f'{i:<8} {rms.params[i + 1, 0]:<15.8f} {ada.params[i + 1, 0]:<15.8f} '
+      f'{rms.extra[i + 1]:<15.10f} {ada.extra[i + 1]:<15.10f}'
+    )
   print()
   first, last = 1, steps - 1  # Effective rates once a gradient was seen.
-  closer = 'AdaGrad' if abs(ada.params[-1, 0]) < abs(rms.params[-1, 0]) else (
-      'RMSprop')
-  print(f"Conclusion: AdaGrad's effective learning rate went from "
-        f'{ada.extra[first]:.3g} to {ada.extra[last]:.3g} and can only fall '
-        f"(it divides by the sum of all past g²); RMSprop's went from "
-        f'{rms.extra[first]:.3g} to {rms.extra[last]:.3g}, set by the last ~10 '
-        f'gradients, so it can still take large steps. At step {steps} '
-        f'|x| = {abs(rms.params[-1, 0]):.3g} (RMSprop) and '
-        f'{abs(ada.params[-1, 0]):.3g} (AdaGrad): {closer} is closer on this '
-        f'fixed parabola{", where RMSprop keeps bouncing around the minimum" if closer == "AdaGrad" else ""}.\n')
+  closer = (
+    'AdaGrad'
+    if abs(ada.params[-1, 0]) < abs(rms.params[-1, 0])
+    else ('RMSprop')
+  )
+  print(
+    f"Conclusion: AdaGrad's effective learning rate went from "
+    f'{ada.extra[first]:.3g} to {ada.extra[last]:.3g} and can only fall '
+    f"(it divides by the sum of all past g²); RMSprop's went from "
+    f'{rms.extra[first]:.3g} to {rms.extra[last]:.3g}, set by the last ~10 '
+    f'gradients, so it can still take large steps. At step {steps} '
+    f'|x| = {abs(rms.params[-1, 0]):.3g} (RMSprop) and '
+    f'{abs(ada.params[-1, 0]):.3g} (AdaGrad): {closer} is closer on this '
+    f'fixed parabola{", where RMSprop keeps bouncing around the minimum" if closer == "AdaGrad" else ""}.\n'
+  )
   return rms, ada
 
 
 # Demo 4: the same numbers, four frameworks' arithmetic.
 CONVENTIONS_STEPS = 200
-CONVENTIONS_LR = optax.cosine_decay_schedule(0.05, CONVENTIONS_STEPS,
-                                             alpha=0.1)
+CONVENTIONS_LR = optax.cosine_decay_schedule(0.05, CONVENTIONS_STEPS, alpha=0.1)
 
 
 def conventions() -> dict[str, optax.GradientTransformation]:
@@ -195,60 +232,79 @@ def conventions() -> dict[str, optax.GradientTransformation]:
   0.005: each framework's RMSprop with these numbers."""
   lr = CONVENTIONS_LR
   return {
-      'PyTorch': presets.pytorch(lr, alpha=0.9, eps=1e-8, momentum=0.9),
-      'Keras': presets.keras(lr, rho=0.9, momentum=0.9, epsilon=1e-8),
-      'TF1': presets.tf1(lr, decay=0.9, momentum=0.9, epsilon=1e-8),
-      'optax': optax.rmsprop(lr, decay=0.9, eps=1e-8, momentum=0.9),
+    'PyTorch': presets.pytorch(lr, alpha=0.9, eps=1e-8, momentum=0.9),
+    'Keras': presets.keras(lr, rho=0.9, momentum=0.9, epsilon=1e-8),
+    'TF1': presets.tf1(lr, decay=0.9, momentum=0.9, epsilon=1e-8),
+    'optax': optax.rmsprop(lr, decay=0.9, eps=1e-8, momentum=0.9),
   }
 
 
 def demo4() -> dict[str, Run]:
   _rule(70)
-  print('One Set of Hyperparameters, Four Frameworks\' RMSprop')
+  print("One Set of Hyperparameters, Four Frameworks' RMSprop")
   _rule(70)
-  print('Minimizing f(x, y) = 100x² + y² from (10, 10): decay 0.9, momentum '
-        '0.9, eps 1e-8,\nlearning rate cosine from 0.05 to 0.005 over '
-        f'{CONVENTIONS_STEPS} steps\n')
-  runs = {name: run(tx, ravine, [10.0, 10.0], CONVENTIONS_STEPS)
-          for name, tx in conventions().items()}
+  print(
+    'Minimizing f(x, y) = 100x² + y² from (10, 10): decay 0.9, momentum '
+    '0.9, eps 1e-8,\nlearning rate cosine from 0.05 to 0.005 over '
+    f'{CONVENTIONS_STEPS} steps\n'
+  )
+  runs = {
+    name: run(tx, ravine, [10.0, 10.0], CONVENTIONS_STEPS)
+    for name, tx in conventions().items()
+  }
   print(ROW_NOTE)
-  print(f"{'Iteration':<12}" + ''.join(f'{name + " f(x,y)":<16}'
-                                       for name in runs))
+  print(
+    f'{"Iteration":<12}' + ''.join(f'{name + " f(x,y)":<16}' for name in runs)
+  )
   print('-' * 76)
   for i in range(0, CONVENTIONS_STEPS, 40):
-    print(f'{i:<12}' + ''.join(f'{r.loss[i + 1]:<16.6g}'
-                               for r in runs.values()))
+    print(
+      f'{i:<12}' + ''.join(f'{r.loss[i + 1]:<16.6g}' for r in runs.values())
+    )
   print()
   ref = runs['optax'].params[-1]
-  apart = {name: float(np.linalg.norm(r.params[-1] - ref))
-           for name, r in runs.items()}
+  apart = {
+    name: float(np.linalg.norm(r.params[-1] - ref)) for name, r in runs.items()
+  }
   # optax's rule with only the learning rate moved after the momentum
   # buffer, as PyTorch places it: how much of PyTorch's gap that is.
-  lr_after = run(rmsprop(CONVENTIONS_LR, decay=0.9, eps=1e-8, momentum=0.9,
-                         lr_in_momentum=False), ravine, [10.0, 10.0],
-                 CONVENTIONS_STEPS).params[-1]
+  lr_after = run(
+    rmsprop(
+      CONVENTIONS_LR, decay=0.9, eps=1e-8, momentum=0.9, lr_in_momentum=False
+    ),
+    ravine,
+    [10.0, 10.0],
+    CONVENTIONS_STEPS,
+  ).params[-1]
   losses = {name: r.loss[-1] for name, r in runs.items()}
-  print(f'Conclusion: after {CONVENTIONS_STEPS} steps (the losses still '
-        f'oscillate) they span {min(losses.values()):.2g} to '
-        f'{max(losses.values()):.2g}. Keras '
-        f'and optax are one rule (eps inside the square root, v from 0, the '
-        f'learning rate inside the momentum buffer) and end '
-        f"{apart['Keras']:.2g} apart; TF1 starts v at 1 and its final "
-        f"point lies {apart['TF1']:.2g} from optax's; PyTorch puts eps "
-        'outside and the learning rate after the buffer, and its final point '
-        f"lies {apart['PyTorch']:.2g} from optax's; optax with only the "
-        'learning rate moved after the buffer ends '
-        f"{np.linalg.norm(lr_after - ref):.2g} from optax's final point "
-        '(distances between final (x, y) points): with a '
-        'schedule, where the learning rate sits changes the run.\n')
+  print(
+    f'Conclusion: after {CONVENTIONS_STEPS} steps (the losses still '
+    f'oscillate) they span {min(losses.values()):.2g} to '
+    f'{max(losses.values()):.2g}. Keras '
+    f'and optax are one rule (eps inside the square root, v from 0, the '
+    f'learning rate inside the momentum buffer) and end '
+    f'{apart["Keras"]:.2g} apart; TF1 starts v at 1 and its final '
+    f"point lies {apart['TF1']:.2g} from optax's; PyTorch puts eps "
+    'outside and the learning rate after the buffer, and its final point '
+    f"lies {apart['PyTorch']:.2g} from optax's; optax with only the "
+    'learning rate moved after the buffer ends '
+    f"{np.linalg.norm(lr_after - ref):.2g} from optax's final point "
+    '(distances between final (x, y) points): with a '
+    'schedule, where the learning rate sits changes the run.\n'
+  )
   return runs
 
 
-def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
-         d3: tuple[Run, Run], d4: dict[str, Run] | None = None,
-         ) -> list[pathlib.Path]:
+def plot(
+  out: pathlib.Path,
+  d1: Run,
+  d2: tuple[Run, Run],
+  d3: tuple[Run, Run],
+  d4: dict[str, Run] | None = None,
+) -> list[pathlib.Path]:
   """Writes the figures (four with ``d4``); returns their paths."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -268,20 +324,41 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   grid = np.linspace(-12, 12, 241)
   gx, gy = np.meshgrid(grid, grid)
   panels = [
-      (axes[0], gx**2 + gy**2, {'RMSprop (lr 0.1)': d1},
-       'Demo 1: f(x, y) = x² + y²'),
-      (axes[1], 100 * gx**2 + gy**2,
-       {'RMSprop (lr 0.1)': d2[0], 'SGD (lr 0.001)': d2[1]},
-       'Demo 2: f(x, y) = 100x² + y² (condition number 100)'),
+    (
+      axes[0],
+      gx**2 + gy**2,
+      {'RMSprop (lr 0.1)': d1},
+      'Demo 1: f(x, y) = x² + y²',
+    ),
+    (
+      axes[1],
+      100 * gx**2 + gy**2,
+      {'RMSprop (lr 0.1)': d2[0], 'SGD (lr 0.001)': d2[1]},
+      'Demo 2: f(x, y) = 100x² + y² (condition number 100)',
+    ),
   ]
   for ax, f, runs, title in panels:
-    cs = ax.contour(gx, gy, f, levels=np.geomspace(0.5, f.max(), 16),
-                    cmap='viridis', alpha=0.7, linewidths=0.8)
+    cs = ax.contour(
+      gx,
+      gy,
+      f,
+      levels=np.geomspace(0.5, f.max(), 16),
+      cmap='viridis',
+      alpha=0.7,
+      linewidths=0.8,
+    )
     ax.clabel(cs, cs.levels[::3], fmt='%.3g', fontsize=7)
     for label, r in runs.items():
       c = colors[label.split()[0]]
-      ax.plot(r.params[:, 0], r.params[:, 1], '.-', color=c, ms=3, lw=1,
-              label=f'{label}, {len(r.loss) - 1} steps')
+      ax.plot(
+        r.params[:, 0],
+        r.params[:, 1],
+        '.-',
+        color=c,
+        ms=3,
+        lw=1,
+        label=f'{label}, {len(r.loss) - 1} steps',
+      )
     ax.plot(10, 10, 'k^', ms=8, label='start (10, 10)')
     ax.plot(0, 0, 'r*', ms=12, label='minimum')
     ax.set(title=title, xlabel='x', ylabel='y', aspect='equal')
@@ -292,16 +369,21 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   # 2. Loss curves on a log scale.
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
   curves = [
-      (axes[0], {'RMSprop': d1}, 'Demo 1: x² + y²', 'f(x, y)'),
-      (axes[1], {'RMSprop': d2[0], 'SGD': d2[1]}, 'Demo 2: 100x² + y²',
-       'f(x, y)'),
-      (axes[2], {'RMSprop': d3[0], 'AdaGrad': d3[1]}, 'Demo 3: x²', 'f(x)'),
+    (axes[0], {'RMSprop': d1}, 'Demo 1: x² + y²', 'f(x, y)'),
+    (
+      axes[1],
+      {'RMSprop': d2[0], 'SGD': d2[1]},
+      'Demo 2: 100x² + y²',
+      'f(x, y)',
+    ),
+    (axes[2], {'RMSprop': d3[0], 'AdaGrad': d3[1]}, 'Demo 3: x²', 'f(x)'),
   ]
   for ax, runs, title, ylabel in curves:
     for label, r in runs.items():
       # No floor: every value is drawn as it is (a zero would leave a gap).
-      ax.semilogy(np.where(r.loss > 0, r.loss, np.nan), color=colors[label],
-                  label=label)
+      ax.semilogy(
+        np.where(r.loss > 0, r.loss, np.nan), color=colors[label], label=label
+      )
     ax.set(title=title, xlabel='step', ylabel=f'{ylabel} (log scale)')
     ax.grid(True, which='both', alpha=0.3)
     ax.legend()
@@ -310,14 +392,21 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   low = int(np.nanargmin(np.where(loss > 0, loss, np.nan)))
   jump = low + int(np.argmax(loss[low:] > 1e-2))
   axes[2].annotate(
-      f'f reaches {loss[low]:.0e}, near float32\'s\nsmallest numbers',
-      xy=(low, loss[low]), xytext=(low + 30, loss[low] * 1e4), fontsize=8,
-      arrowprops=dict(arrowstyle='->', lw=0.8))
+    f"f reaches {loss[low]:.0e}, near float32's\nsmallest numbers",
+    xy=(low, loss[low]),
+    xytext=(low + 30, loss[low] * 1e4),
+    fontsize=8,
+    arrowprops=dict(arrowstyle='->', lw=0.8),
+  )
   axes[2].annotate(
-      'the instability: with g near 0, v decays,\nthe effective learning '
-      'rate grows,\nx is thrown back out', xy=(jump, loss[jump]),
-      xytext=(jump - 25, loss[low] * 1e17), fontsize=8, ha='left',
-      arrowprops=dict(arrowstyle='->', lw=0.8))
+    'the instability: with g near 0, v decays,\nthe effective learning '
+    'rate grows,\nx is thrown back out',
+    xy=(jump, loss[jump]),
+    xytext=(jump - 25, loss[low] * 1e17),
+    fontsize=8,
+    ha='left',
+    arrowprops=dict(arrowstyle='->', lw=0.8),
+  )
   fig.suptitle('Loss against steps')
   save(fig, '2_loss_curves.png')
 
@@ -326,12 +415,23 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   rms, ada = d3
   # From step 1: before the first gradient there is no rate to speak of.
   steps = np.arange(1, len(rms.extra))
-  axes[0].semilogy(steps, rms.extra[1:], color=colors['RMSprop'],
-                   label='RMSprop: 0.5 / (√v + ε), v = EMA of g², ρ = 0.9')
-  axes[0].semilogy(steps, ada.extra[1:], color=colors['AdaGrad'],
-                   label='AdaGrad: 1.0 / √(Σ g² + ε)')
-  axes[0].set(title='Effective learning rate after each step', xlabel='step',
-              ylabel='effective learning rate (log scale)')
+  axes[0].semilogy(
+    steps,
+    rms.extra[1:],
+    color=colors['RMSprop'],
+    label='RMSprop: 0.5 / (√v + ε), v = EMA of g², ρ = 0.9',
+  )
+  axes[0].semilogy(
+    steps,
+    ada.extra[1:],
+    color=colors['AdaGrad'],
+    label='AdaGrad: 1.0 / √(Σ g² + ε)',
+  )
+  axes[0].set(
+    title='Effective learning rate after each step',
+    xlabel='step',
+    ylabel='effective learning rate (log scale)',
+  )
   axes[0].grid(True, which='both', alpha=0.3)
   axes[0].legend(fontsize=8)
   for label, r in [('RMSprop', rms), ('AdaGrad', ada)]:
@@ -339,8 +439,10 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
   axes[1].axhline(0, color='k', lw=0.5)
   axes[1].set(title='Parameter x (minimum at 0)', xlabel='step', ylabel='x')
   axes[1].legend()
-  fig.suptitle("Demo 3, f(x) = x²: AdaGrad's effective rate only decays; "
-               "RMSprop's follows recent gradients")
+  fig.suptitle(
+    "Demo 3, f(x) = x²: AdaGrad's effective rate only decays; "
+    "RMSprop's follows recent gradients"
+  )
   save(fig, '3_effective_learning_rates.png')
 
   if d4 is not None:
@@ -350,33 +452,51 @@ def plot(out: pathlib.Path, d1: Run, d2: tuple[Run, Run],
 
 def _plot_conventions(plt, runs: dict[str, Run], save) -> None:
   """4. The four frameworks' losses, and how far apart their points are."""
-  styles = {'PyTorch': ('tab:red', '-', 2.5), 'Keras': ('tab:purple', '-', 4),
-            'TF1': ('tab:brown', '-', 1.5), 'optax': ('k', '--', 1)}
+  styles = {
+    'PyTorch': ('tab:red', '-', 2.5),
+    'Keras': ('tab:purple', '-', 4),
+    'TF1': ('tab:brown', '-', 1.5),
+    'optax': ('k', '--', 1),
+  }
   # (Their paths from (10, 10) are one diagonal line at any readable scale:
   # the losses and the distances between the points tell them apart.)
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
   for name, r in runs.items():
     color, ls, lw = styles[name]
-    axes[0].semilogy(np.where(r.loss > 0, r.loss, np.nan), label=name,
-                     color=color, ls=ls, lw=lw, alpha=0.5 if lw > 2 else 1)
-  axes[0].set(title='f(x, y) against steps', xlabel='step',
-              ylabel='f(x, y) (log scale)')
+    axes[0].semilogy(
+      np.where(r.loss > 0, r.loss, np.nan),
+      label=name,
+      color=color,
+      ls=ls,
+      lw=lw,
+      alpha=0.5 if lw > 2 else 1,
+    )
+  axes[0].set(
+    title='f(x, y) against steps', xlabel='step', ylabel='f(x, y) (log scale)'
+  )
   ref = runs['optax'].params
   for name, r in runs.items():
     if name == 'optax':
       continue
     color, ls, lw = styles[name]
     gap = np.linalg.norm(r.params - ref, axis=1)
-    axes[1].semilogy(np.where(gap > 0, gap, np.nan), color=color,
-                     label=f'{name}' + (' (0: identical to optax)'
-                                        if not gap.any() else ''))
-  axes[1].set(title="Distance from optax's point at each step",
-              xlabel='step', ylabel='|(x, y) - optax (x, y)| (log scale)')
+    axes[1].semilogy(
+      np.where(gap > 0, gap, np.nan),
+      color=color,
+      label=f'{name}' + (' (0: identical to optax)' if not gap.any() else ''),
+    )
+  axes[1].set(
+    title="Distance from optax's point at each step",
+    xlabel='step',
+    ylabel='|(x, y) - optax (x, y)| (log scale)',
+  )
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle('Demo 4: decay 0.9, momentum 0.9, eps 1e-8, cosine learning '
-               'rate 0.05 to 0.005, in each framework\'s RMSprop')
+  fig.suptitle(
+    'Demo 4: decay 0.9, momentum 0.9, eps 1e-8, cosine learning '
+    "rate 0.05 to 0.005, in each framework's RMSprop"
+  )
   save(fig, '4_conventions.png')
 
 

@@ -22,9 +22,12 @@ import optax
 
 from rmsprop_jax import packing, transform
 
-_MOMENT_STATES = (transform.ScaleByRmsState, transform.ScaleByRmsWithCountState,
-                  transform.ScaleByRStdDevState,
-                  transform.ScaleByRStdDevWithCountState)
+_MOMENT_STATES = (
+  transform.ScaleByRmsState,
+  transform.ScaleByRmsWithCountState,
+  transform.ScaleByRStdDevState,
+  transform.ScaleByRStdDevWithCountState,
+)
 
 
 def _moment_state(state: Any):
@@ -40,21 +43,22 @@ def _moment_state(state: Any):
   jax.tree.leaves(state, is_leaf=visit)
   if not found:
     raise ValueError(
-        'effective_learning_rate: no rmsprop_jax second-moment state '
-        '(ScaleByRmsState or ScaleByRStdDevState, or their WithCount '
-        'variants) was found in the given state.')
+      'effective_learning_rate: no rmsprop_jax second-moment state '
+      '(ScaleByRmsState or ScaleByRStdDevState, or their WithCount '
+      'variants) was found in the given state.'
+    )
   return found[0]
 
 
 def effective_learning_rate(
-    state: Any,
-    learning_rate: jax.typing.ArrayLike,
-    *,
-    eps: jax.typing.ArrayLike = 1e-8,
-    eps_in_sqrt: bool = True,
-    decay: jax.typing.ArrayLike | None = None,
-    clamp_variance: bool = True,
-    bias_correction: bool | None = None,
+  state: Any,
+  learning_rate: jax.typing.ArrayLike,
+  *,
+  eps: jax.typing.ArrayLike = 1e-8,
+  eps_in_sqrt: bool = True,
+  decay: jax.typing.ArrayLike | None = None,
+  clamp_variance: bool = True,
+  bias_correction: bool | None = None,
 ) -> optax.Updates:
   r"""Per-parameter effective learning rate: :math:`\eta/\sqrt{s+\epsilon}`
   or :math:`\eta/(\sqrt{s}+\epsilon)`.
@@ -91,21 +95,36 @@ def effective_learning_rate(
   Returns:
     A tree like the parameters: the effective learning rate of each entry.
     Works under ``jax.jit``.
+
+  Examples:
+    >>> import jax.numpy as jnp, rmsprop_jax
+    >>> tx = rmsprop_jax.rmsprop(0.01)
+    >>> params = {'w': jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({'w': jnp.array([0.5, -4.0])}, state, params)
+    >>> # 0.01 / sqrt(0.1 g^2): large gradients get small steps.
+    >>> rmsprop_jax.effective_learning_rate(state, 0.01)['w']
+    Array([0.06324553, 0.00790569], dtype=float32)
   """
   moments = _moment_state(packing.unpack_state(state))
   nu = moments.nu
   mu = getattr(moments, 'mu', None)
   if bias_correction is None:
-    bias_correction = isinstance(moments, (
+    bias_correction = isinstance(
+      moments,
+      (
         transform.ScaleByRmsWithCountState,
-        transform.ScaleByRStdDevWithCountState))
+        transform.ScaleByRStdDevWithCountState,
+      ),
+    )
   if bias_correction:
     if decay is None:
       raise ValueError(
-          'effective_learning_rate: the state has a step count, as with '
-          'bias_correction=True: pass the `decay` it uses (or '
-          'bias_correction=False if the count is there for stochastic '
-          'rounding or the 8-bit nu).')
+        'effective_learning_rate: the state has a step count, as with '
+        'bias_correction=True: pass the `decay` it uses (or '
+        'bias_correction=False if the count is there for stochastic '
+        'rounding or the 8-bit nu).'
+      )
     # As the transformation: divide by 1 - decay**count (nothing to correct
     # before the first update, when count is 0).
     count = moments.count
@@ -117,10 +136,11 @@ def effective_learning_rate(
     ms = nu
   else:
     ms = jax.tree.map(
-        lambda m, n: transform._variance(m, n, clamp_variance), mu, nu)
+      lambda m, n: transform._variance(m, n, clamp_variance), mu, nu
+    )
   return jax.tree.map(
-      lambda v: learning_rate * transform._inverse_rms(v, eps, eps_in_sqrt),
-      ms)
+    lambda v: learning_rate * transform._inverse_rms(v, eps, eps_in_sqrt), ms
+  )
 
 
 def summarize(tree: Any) -> dict[str, dict[str, jax.Array]]:
@@ -133,7 +153,10 @@ def summarize(tree: Any) -> dict[str, dict[str, jax.Array]]:
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {
-      jax.tree_util.keystr(path, simple=True, separator='/'): {
-          'min': jnp.min(x), 'median': jnp.median(x), 'max': jnp.max(x)}
-      for path, x in leaves
+    jax.tree_util.keystr(path, simple=True, separator='/'): {
+      'min': jnp.min(x),
+      'median': jnp.median(x),
+      'max': jnp.max(x),
+    }
+    for path, x in leaves
   }

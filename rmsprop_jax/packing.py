@@ -55,8 +55,8 @@ PACK_MAX_ROWS = 8
 class _Slot(NamedTuple):
   """Where one leaf of the original tree lives in a :class:`Packed` tree."""
 
-  group: int    # Index into ``Packed.stacks``, or -1 for a leaf kept as is.
-  index: int    # Row in that stack, or index into ``Packed.rest``.
+  group: int  # Index into ``Packed.stacks``, or -1 for a leaf kept as is.
+  row: int  # Row in that stack, or index into ``Packed.rest``.
 
 
 class Layout(NamedTuple):
@@ -66,7 +66,7 @@ class Layout(NamedTuple):
   and parameters (e.g. Flax ``nnx.Param`` variables) pack alike.
   """
 
-  slots: tuple[_Slot, ...]        # One per original leaf, in leaf order.
+  slots: tuple[_Slot, ...]  # One per original leaf, in leaf order.
   groups: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, shape) per stack.
   shapes: tuple[tuple[int, ...], ...]  # Each original leaf's shape.
 
@@ -90,15 +90,16 @@ class Packed:
 
   def keys(self) -> list[str]:
     """The names of the children, in order (also their checkpoint keys)."""
-    return ([f'{_group_name(*group)}_{g}'
-             for g, group in enumerate(self.layout.groups)]
-            + [f'leaf_{i}' for i in range(len(self.rest))])
+    return [
+      f'{_group_name(*group)}_{g}' for g, group in enumerate(self.layout.groups)
+    ] + [f'leaf_{i}' for i in range(len(self.rest))]
 
   def tree_flatten_with_keys(self):
     children = self.stacks + self.rest
-    return ([(jax.tree_util.GetAttrKey(k), x)
-             for k, x in zip(self.keys(), children)],
-            (self.layout, self.treedef))
+    return (
+      [(jax.tree_util.GetAttrKey(k), x) for k, x in zip(self.keys(), children)],
+      (self.layout, self.treedef),
+    )
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -108,26 +109,34 @@ class Packed:
 
   def __eq__(self, other):
     # Compares as a container (e.g. two equal trees of dtypes).
-    return (isinstance(other, Packed) and self.layout == other.layout
-            and self.treedef == other.treedef
-            and self.stacks + self.rest == other.stacks + other.rest)
+    return (
+      isinstance(other, Packed)
+      and self.layout == other.layout
+      and self.treedef == other.treedef
+      and self.stacks + self.rest == other.stacks + other.rest
+    )
 
   def __hash__(self):
     return hash((self.layout, self.treedef, self.stacks + self.rest))
 
   def __repr__(self):
-    stacks = ', '.join(f'{_group_name(*g)}: {getattr(x, "shape", "?")}'
-                       for g, x in zip(self.layout.groups, self.stacks))
-    return (f'Packed({len(self.layout.slots)} leaves; stacks {{{stacks}}}; '
-            f'{len(self.rest)} leaves kept)')
+    stacks = ', '.join(
+      f'{_group_name(*g)}: {getattr(x, "shape", "?")}'
+      for g, x in zip(self.layout.groups, self.stacks)
+    )
+    return (
+      f'Packed({len(self.layout.slots)} leaves; stacks {{{stacks}}}; '
+      f'{len(self.rest)} leaves kept)'
+    )
 
 
 def _group_name(dtype: str, shape: tuple[int, ...]) -> str:
-  return f"{dtype}_{'x'.join(map(str, shape)) or 'scalar'}"
+  return f'{dtype}_{"x".join(map(str, shape)) or "scalar"}'
 
 
-def layout_of(tree: Any, max_size: int = PACK_MAX_SIZE,
-              max_rows: int = PACK_MAX_ROWS) -> Layout:
+def layout_of(
+  tree: Any, max_size: int = PACK_MAX_SIZE, max_rows: int = PACK_MAX_ROWS
+) -> Layout:
   """The packing of ``tree``: leaves of at most ``max_size`` elements that
   share their dtype and shape with at least one other leaf are stacked, at
   most ``max_rows`` to a stack."""
@@ -140,19 +149,16 @@ def layout_of(tree: Any, max_size: int = PACK_MAX_SIZE,
   groups, rows = [], []
   for key, idx in members.items():
     for start in range(0, len(idx), max_rows):
-      if len(idx[start:start + max_rows]) > 1:
+      if len(idx[start : start + max_rows]) > 1:
         groups.append(key)
-        rows.append(idx[start:start + max_rows])
+        rows.append(idx[start : start + max_rows])
   slots: list[_Slot | None] = [None] * len(leaves)
   for g, members_g in enumerate(rows):
     for row, i in enumerate(members_g):
       slots[i] = _Slot(g, row)
-  n_rest = 0
-  for i in range(len(leaves)):
-    if slots[i] is None:
-      slots[i] = _Slot(-1, n_rest)
-      n_rest += 1
-  return Layout(tuple(slots), tuple(groups), tuple(k[1] for k in keys))
+  rest = iter(range(len(leaves)))  # The leaves kept as they are, in order.
+  placed = tuple(_Slot(-1, next(rest)) if s is None else s for s in slots)
+  return Layout(placed, tuple(groups), tuple(k[1] for k in keys))
 
 
 def pack(tree: Any, layout: Layout, treedef: Any = None) -> Any:
@@ -174,12 +180,17 @@ def pack(tree: Any, layout: Layout, treedef: Any = None) -> Any:
     dtypes = sorted({jnp.result_type(x).name for x in row})
     if len(dtypes) > 1:
       raise ValueError(
-          f'packing: the leaves stacked as {_group_name(*group)} come in '
-          f'several dtypes ({", ".join(dtypes)}); stacking would change '
-          'their arithmetic. Give them one dtype, or build the optimizer '
-          'with packing=False.')
-  return Packed([jnp.stack(r) for r in rows], rest, layout,
-                jax.tree.structure(tree) if treedef is None else treedef)
+        f'packing: the leaves stacked as {_group_name(*group)} come in '
+        f'several dtypes ({", ".join(dtypes)}); stacking would change '
+        'their arithmetic. Give them one dtype, or build the optimizer '
+        'with packing=False.'
+      )
+  return Packed(
+    [jnp.stack(r) for r in rows],
+    rest,
+    layout,
+    jax.tree.structure(tree) if treedef is None else treedef,
+  )
 
 
 def unpack(packed: Any, treedef: Any = None) -> Any:
@@ -193,21 +204,24 @@ def unpack(packed: Any, treedef: Any = None) -> Any:
   leaves = []
   for slot in layout.slots:
     if slot.group < 0:
-      leaves.append(packed.rest[slot.index])
+      leaves.append(packed.rest[slot.row])
     else:
       stack = packed.stacks[slot.group]
       # The row axis precedes the leaf's own axes (and follows any axes
       # that vmap added in front).
       axis = stack.ndim - len(layout.groups[slot.group][1]) - 1
-      leaves.append(jax.lax.index_in_dim(stack, slot.index, axis,
-                                         keepdims=False))
+      leaves.append(jax.lax.index_in_dim(stack, slot.row, axis, keepdims=False))
   return treedef.unflatten(leaves)
 
 
 def is_packed(state: Any) -> bool:
   """Whether ``state`` holds a packed part (:class:`PackedState`)."""
-  return any(isinstance(x, PackedState) for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, PackedState)))
+  return any(
+    isinstance(x, PackedState)
+    for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, PackedState)
+    )
+  )
 
 
 def unpack_state(state: Any) -> Any:
@@ -238,12 +252,14 @@ def unpack_state(state: Any) -> Any:
       return unpack_state(x.inner)
     return unpack(x)
 
-  return jax.tree.map(visit, state,
-                      is_leaf=lambda x: isinstance(x, (PackedState, Packed)))
+  return jax.tree.map(
+    visit, state, is_leaf=lambda x: isinstance(x, (PackedState, Packed))
+  )
 
 
-def pack_state(state: Any, tx: optax.GradientTransformation,
-               params: Any) -> Any:
+def pack_state(
+  state: Any, tx: optax.GradientTransformation, params: Any
+) -> Any:
   """``state``, a state in ``optax.rmsprop``'s layout, laid out as
   ``tx.init(params)`` lays out its own: the inverse of :func:`unpack_state`.
 
@@ -293,53 +309,68 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
   if isinstance(tgt, Packed):
     leaves = jax.tree.leaves(src)
     if len(leaves) != len(tgt.layout.slots) or any(
-        np.shape(x) != s for x, s in zip(leaves, tgt.layout.shapes)):
+      np.shape(x) != s for x, s in zip(leaves, tgt.layout.shapes)
+    ):
       raise ValueError(
-          f'pack_state: the state at {where} does not hold a tree like the '
-          'parameters (its leaves or their shapes differ).')
-    packed = pack(jax.tree.unflatten(tgt.treedef, leaves), tgt.layout,
-                  tgt.treedef)
+        f'pack_state: the state at {where} does not hold a tree like the '
+        'parameters (its leaves or their shapes differ).'
+      )
+    packed = pack(
+      jax.tree.unflatten(tgt.treedef, leaves), tgt.layout, tgt.treedef
+    )
     return jax.tree.map(lambda x, t: _convert(x, t, path), packed, tgt)
   if isinstance(tgt, quantization.Blockwise8bit):
     return quantization.quantize(jnp.asarray(src, jnp.float32), 0, 0)
   if isinstance(tgt, jax.ShapeDtypeStruct):
     if isinstance(src, (tuple, list, dict)) or np.shape(src) != tgt.shape:
       raise ValueError(
-          f'pack_state: the state at {where} should be an array of shape '
-          f'{tgt.shape}, not {_describe(src)}.')
+        f'pack_state: the state at {where} should be an array of shape '
+        f'{tgt.shape}, not {_describe(src)}.'
+      )
     return jnp.asarray(src).astype(tgt.dtype)
   if hasattr(tgt, '_fields'):  # A NamedTuple state; match fields by name.
     fields = getattr(src, '_fields', ())
     missing = [f for f in tgt._fields if f not in fields and f != 'count']
     if missing or not isinstance(src, tuple):
       raise ValueError(
-          f'pack_state: the state at {where} should be a '
-          f'{type(tgt).__name__} with fields {tgt._fields}, not '
-          f'{_describe(src)}: it comes from another optimizer or variant.')
-    return type(tgt)(**{
-        f: (_convert(getattr(src, f), getattr(tgt, f), f'{path}.{f}')
-            if f in fields else jnp.zeros(tgt.count.shape, tgt.count.dtype))
-        for f in tgt._fields})
+        f'pack_state: the state at {where} should be a '
+        f'{type(tgt).__name__} with fields {tgt._fields}, not '
+        f'{_describe(src)}: it comes from another optimizer or variant.'
+      )
+    return type(tgt)(
+      **{
+        f: (
+          _convert(getattr(src, f), getattr(tgt, f), f'{path}.{f}')
+          if f in fields
+          else jnp.zeros(tgt.count.shape, tgt.count.dtype)
+        )
+        for f in tgt._fields
+      }
+    )
   if isinstance(tgt, (tuple, list)):
     if not isinstance(src, (tuple, list)) or len(src) != len(tgt):
       raise ValueError(
-          f'pack_state: the state at {where} should be a sequence of '
-          f'{len(tgt)}, not {_describe(src)}.')
-    return type(tgt)(_convert(x, t, f'{path}[{i}]')
-                     for i, (x, t) in enumerate(zip(src, tgt)))
+        f'pack_state: the state at {where} should be a sequence of '
+        f'{len(tgt)}, not {_describe(src)}.'
+      )
+    return type(tgt)(
+      _convert(x, t, f'{path}[{i}]') for i, (x, t) in enumerate(zip(src, tgt))
+    )
   if isinstance(tgt, dict):
     if not isinstance(src, dict) or set(src) != set(tgt):
       raise ValueError(
-          f'pack_state: the state at {where} should be a dict with keys '
-          f'{sorted(tgt)}, not {_describe(src)}.')
+        f'pack_state: the state at {where} should be a dict with keys '
+        f'{sorted(tgt)}, not {_describe(src)}.'
+      )
     return {k: _convert(src[k], t, f'{path}[{k!r}]') for k, t in tgt.items()}
   if tgt is None or not jax.tree.leaves(tgt):
     return tgt  # EmptyState, MaskedNode, None and the like: nothing to move.
   # Any other node (e.g. a Flax variable): same structure, leaf by leaf.
-  if jax.tree.structure(src) != jax.tree.structure(tgt):
+  if not _validation.same_structure(src, tgt):
     raise ValueError(
-        f'pack_state: the state at {where} has structure '
-        f'{jax.tree.structure(src)}, not {jax.tree.structure(tgt)}.')
+      f'pack_state: the state at {where} has structure '
+      f'{jax.tree.structure(src)}, not {jax.tree.structure(tgt)}.'
+    )
   return jax.tree.map(lambda x, t: _convert(x, t, path), src, tgt)
 
 
@@ -385,11 +416,11 @@ class PackedState:
 
 
 def pack_small_leaves(
-    inner: optax.GradientTransformation,
-    max_size: int = PACK_MAX_SIZE,
-    max_rows: int = PACK_MAX_ROWS,
-    *,
-    name: str = 'pack_small_leaves',
+  inner: optax.GradientTransformation,
+  max_size: int = PACK_MAX_SIZE,
+  max_rows: int = PACK_MAX_ROWS,
+  *,
+  name: str = 'pack_small_leaves',
 ) -> optax.GradientTransformationExtraArgs:
   """Runs the elementwise ``inner`` on packed small leaves.
 
@@ -420,40 +451,59 @@ def pack_small_leaves(
     # (``optax.tree_map_params`` passes a placeholder with no leaves: nothing
     # is stacked, and the placeholder stands where the Packed trees are.)
     _serialization.register_with_flax()
-    return PackedState(inner.init(pack(params,
-                                       layout_of(params, max_size, max_rows))))
+    return PackedState(
+      inner.init(pack(params, layout_of(params, max_size, max_rows)))
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     if not isinstance(state, PackedState):
       raise ValueError(
-          f'{name}: this optimizer packs small leaves (packing=True), but the '
-          f'state is a {type(state).__name__}, not a PackedState: it has '
-          "the plain layout of optax.rmsprop's state (e.g. restored from an "
-          'optax checkpoint). Convert it once with '
-          '`state = rmsprop_jax.pack_state(state, tx, params)`.')
+        f'{name}: this optimizer packs small leaves (packing=True), but the '
+        f'state is a {type(state).__name__}, not a PackedState: it has '
+        "the plain layout of optax.rmsprop's state (e.g. restored from an "
+        'optax checkpoint). Convert it once with '
+        '`state = rmsprop_jax.pack_state(state, tx, params)`.'
+      )
     _validation.check_float_leaves(name, 'gradient', updates)
-    ref = next((x for x in jax.tree.leaves(
-        state.inner, is_leaf=lambda x: isinstance(x, Packed))
-                if isinstance(x, Packed)), None)
+    ref = next(
+      (
+        x
+        for x in jax.tree.leaves(
+          state.inner, is_leaf=lambda x: isinstance(x, Packed)
+        )
+        if isinstance(x, Packed)
+      ),
+      None,
+    )
     if ref is not None:
       leaves = jax.tree.leaves(updates)
       if len(leaves) != len(ref.layout.slots) or any(
-          np.shape(x) != s for x, s in zip(leaves, ref.layout.shapes)):
+        np.shape(x) != s for x, s in zip(leaves, ref.layout.shapes)
+      ):
         # Name the leaf where the structures or shapes differ.
         _validation.check_same_tree(
-            name, 'gradient', updates, 'optimizer state',
-            ref.treedef.unflatten([jax.ShapeDtypeStruct(s, jnp.float32)
-                                   for s in ref.layout.shapes]))
-        raise ValueError(f'{name}: the gradients do not match the '
-                         'parameters the state was created from.')
+          name,
+          'gradient',
+          updates,
+          'optimizer state',
+          ref.treedef.unflatten(
+            [jax.ShapeDtypeStruct(s, jnp.float32) for s in ref.layout.shapes]
+          ),
+        )
+        raise ValueError(
+          f'{name}: the gradients do not match the '
+          'parameters the state was created from.'
+        )
       updates_in = pack(updates, ref.layout, ref.treedef)
-      params = None if params is None else pack(params, ref.layout,
-                                                ref.treedef)
+      params = None if params is None else pack(params, ref.layout, ref.treedef)
     else:
       updates_in = updates
     new, inner_state = inner.update(
-        jax.lax.optimization_barrier(updates_in), state.inner, params,
-        **extra_args)
+      jax.lax.optimization_barrier(updates_in),
+      state.inner,
+      params,
+      **extra_args,
+    )
     return unpack(new, jax.tree.structure(updates)), PackedState(inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

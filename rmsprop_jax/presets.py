@@ -41,12 +41,30 @@ import optax
 from rmsprop_jax import _validation
 from rmsprop_jax.alias import rmsprop
 
-__all__ = ['pytorch', 'keras', 'tf1', 'timm', 'hinton2012', 'graves2013',
-           'dqn2015']
+__all__ = [
+  'pytorch',
+  'keras',
+  'tf1',
+  'timm',
+  'hinton2012',
+  'graves2013',
+  'dqn2015',
+]
 
 
-def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
-           momentum=0.0, weight_decay=None, decay_optional=True, **flags):
+def _check(
+  owner,
+  lr_name,
+  lr,
+  decay_name,
+  decay,
+  eps_name,
+  eps,
+  momentum=0.0,
+  weight_decay=None,
+  decay_optional=True,
+  **flags,
+):
   """Validates types and ranges with the framework's own argument names;
   ``flags`` must each be True or False. ``weight_decay`` may be None only
   where ``decay_optional`` (Keras' default; PyTorch's and timm's is 0)."""
@@ -55,8 +73,9 @@ def _check(owner, lr_name, lr, decay_name, decay, eps_name, eps,
   _validation.check_type(owner, decay_name, decay)
   _validation.check_type(owner, eps_name, eps)
   _validation.check_type(owner, 'momentum', momentum)
-  _validation.check_type(owner, 'weight_decay', weight_decay, schedule=True,
-                         optional=decay_optional)
+  _validation.check_type(
+    owner, 'weight_decay', weight_decay, schedule=True, optional=decay_optional
+  )
   _validation.check_non_negative(owner, lr_name, lr)
   _validation.check_decay(owner, decay_name, decay)
   _validation.check_non_negative(owner, eps_name, eps)
@@ -70,13 +89,13 @@ def _momentum_or_none(momentum):
 
 
 def pytorch(
-    lr: optax.ScalarOrSchedule = 0.01,
-    alpha: jax.typing.ArrayLike = 0.99,
-    eps: jax.typing.ArrayLike = 1e-8,
-    weight_decay: jax.typing.ArrayLike = 0,
-    momentum: jax.typing.ArrayLike = 0,
-    centered: bool = False,
-    maximize: bool = False,
+  lr: optax.ScalarOrSchedule = 0.01,
+  alpha: jax.typing.ArrayLike = 0.99,
+  eps: jax.typing.ArrayLike = 1e-8,
+  weight_decay: jax.typing.ArrayLike = 0,
+  momentum: jax.typing.ArrayLike = 0,
+  centered: bool = False,
+  maximize: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``.
 
@@ -101,24 +120,52 @@ def pytorch(
   real and imaginary parts separately, this uses :math:`|g|^2`.
 
   Args: as ``torch.optim.RMSprop``; ``lr`` may also be an optax schedule.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> tx = presets.pytorch(lr=0.01, alpha=0.99)
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> u, state = tx.update({'w': jnp.array([0.5, -4.0])}, state, params)
+    >>> u['w']  # -lr * g / (sqrt(0.01 g^2) + eps): about -lr / 0.1 * sign(g)
+    Array([-0.09999998,  0.09999999], dtype=float32)
   """
-  _check('presets.pytorch', 'lr', lr, 'alpha', alpha, 'eps', eps,
-         momentum, weight_decay, decay_optional=False, centered=centered,
-         maximize=maximize)
+  _check(
+    'presets.pytorch',
+    'lr',
+    lr,
+    'alpha',
+    alpha,
+    'eps',
+    eps,
+    momentum,
+    weight_decay,
+    decay_optional=False,
+    centered=centered,
+    maximize=maximize,
+  )
   momentum = _momentum_or_none(momentum)
   return rmsprop(
-      lr, decay=alpha, eps=eps, eps_in_sqrt=False, centered=centered,
-      momentum=momentum, lr_in_momentum=momentum is None,
-      weight_decay=weight_decay, maximize=maximize)
+    lr,
+    decay=alpha,
+    eps=eps,
+    eps_in_sqrt=False,
+    centered=centered,
+    momentum=momentum,
+    lr_in_momentum=momentum is None,
+    weight_decay=weight_decay,
+    maximize=maximize,
+  )
 
 
 def keras(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    rho: jax.typing.ArrayLike = 0.9,
-    momentum: jax.typing.ArrayLike = 0.0,
-    epsilon: jax.typing.ArrayLike = 1e-7,
-    centered: bool = False,
-    weight_decay: jax.typing.ArrayLike | None = None,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  rho: jax.typing.ArrayLike = 0.9,
+  momentum: jax.typing.ArrayLike = 0.0,
+  epsilon: jax.typing.ArrayLike = 1e-7,
+  centered: bool = False,
+  weight_decay: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop`` (also tf_keras' new optimizer).
 
@@ -148,22 +195,47 @@ def keras(
 
   Args: as ``keras.optimizers.RMSprop``; ``learning_rate`` may be an optax
     schedule.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> tx = presets.keras(learning_rate=0.001, rho=0.9)
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> u, state = tx.update({'w': jnp.array([0.5, -4.0])}, state, params)
+    >>> u['w']  # -lr * g / (sqrt(0.1 g^2) + epsilon)
+    Array([-0.00316227,  0.00316228], dtype=float32)
   """
-  _check('presets.keras', 'learning_rate', learning_rate, 'rho', rho,
-         'epsilon', epsilon, momentum, weight_decay, centered=centered)
+  _check(
+    'presets.keras',
+    'learning_rate',
+    learning_rate,
+    'rho',
+    rho,
+    'epsilon',
+    epsilon,
+    momentum,
+    weight_decay,
+    centered=centered,
+  )
   return rmsprop(
-      learning_rate, decay=rho, eps=epsilon, eps_in_sqrt=True,
-      centered=centered, momentum=_momentum_or_none(momentum),
-      weight_decay=weight_decay,
-      decoupled_weight_decay=weight_decay is not None)
+    learning_rate,
+    decay=rho,
+    eps=epsilon,
+    eps_in_sqrt=True,
+    centered=centered,
+    momentum=_momentum_or_none(momentum),
+    weight_decay=weight_decay,
+    decoupled_weight_decay=weight_decay is not None,
+  )
 
 
 def tf1(
-    learning_rate: optax.ScalarOrSchedule,
-    decay: jax.typing.ArrayLike = 0.9,
-    momentum: jax.typing.ArrayLike = 0.0,
-    epsilon: jax.typing.ArrayLike = 1e-10,
-    centered: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  decay: jax.typing.ArrayLike = 0.9,
+  momentum: jax.typing.ArrayLike = 0.0,
+  epsilon: jax.typing.ArrayLike = 1e-10,
+  centered: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""``tf.compat.v1.train.RMSPropOptimizer`` (the ``ApplyRMSProp`` kernels).
 
@@ -184,29 +256,53 @@ def tf1(
 
   Args: as ``RMSPropOptimizer`` (``use_locking`` and ``name`` have no
     meaning here); ``learning_rate`` may be an optax schedule.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import presets
+    >>> tx = presets.tf1(learning_rate=0.001, decay=0.9)
+    >>> params = {'w': jnp.array([1.0, -2.0])}
+    >>> state = tx.init(params)
+    >>> u, state = tx.update({'w': jnp.array([0.5, -4.0])}, state, params)
+    >>> u['w']  # the accumulator starts at 1: -lr * g / sqrt(0.9 + 0.1 g^2)
+    Array([-0.00051988,  0.00252982], dtype=float32)
   """
-  _check('presets.tf1', 'learning_rate', learning_rate, 'decay', decay,
-         'epsilon', epsilon, momentum, centered=centered)
+  _check(
+    'presets.tf1',
+    'learning_rate',
+    learning_rate,
+    'decay',
+    decay,
+    'epsilon',
+    epsilon,
+    momentum,
+    centered=centered,
+  )
   return rmsprop(
-      learning_rate, decay=decay, eps=epsilon, initial_scale=1.0,
-      eps_in_sqrt=True, centered=centered,
-      momentum=_momentum_or_none(momentum))
+    learning_rate,
+    decay=decay,
+    eps=epsilon,
+    initial_scale=1.0,
+    eps_in_sqrt=True,
+    centered=centered,
+    momentum=_momentum_or_none(momentum),
+  )
 
 
 def timm(
-    lr: optax.ScalarOrSchedule = 1e-2,
-    alpha: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-10,
-    weight_decay: jax.typing.ArrayLike = 0,
-    momentum: jax.typing.ArrayLike = 0.0,
-    centered: bool = False,
-    decoupled_decay: bool = False,
-    corrected_weight_decay: bool = False,
-    lr_in_momentum: bool = True,
-    caution: bool = False,
-    foreach: bool | None = None,
-    *,
-    max_lr: float | None = None,
+  lr: optax.ScalarOrSchedule = 1e-2,
+  alpha: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-10,
+  weight_decay: jax.typing.ArrayLike = 0,
+  momentum: jax.typing.ArrayLike = 0.0,
+  centered: bool = False,
+  decoupled_decay: bool = False,
+  corrected_weight_decay: bool = False,
+  lr_in_momentum: bool = True,
+  caution: bool = False,
+  foreach: bool | None = None,
+  *,
+  max_lr: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""timm's ``RMSpropTF`` (``timm/optim/rmsprop_tf.py``, ``--opt rmsproptf``).
 
@@ -248,9 +344,11 @@ def timm(
     ``lr`` (and the correction changes nothing while the rate stays
     constant); with a schedule, pass that value as ``max_lr``.
 
-  Args: as ``timm.optim.RMSpropTF``; ``lr`` may be an optax schedule
-    (timm's "current learning rate" at step ``t``, 0-based, is
-    ``lr(t)``).
+  The arguments are ``timm.optim.RMSpropTF``'s, with its defaults, and:
+
+  Args:
+    lr: a number, or an optax schedule (timm's "current learning rate" at
+      step ``t``, 0-based, is ``lr(t)``).
     max_lr: :math:`\eta_{max}` for ``corrected_weight_decay`` with a
       schedule ``lr`` (keyword only).
 
@@ -265,51 +363,85 @@ def timm(
     timm 1.0.31); Liang et al., Cautious Optimizers, arXiv:2411.16085, 2024.
   """
   owner = 'presets.timm'
-  _check(owner, 'lr', lr, 'alpha', alpha, 'eps', eps, momentum, weight_decay,
-         decay_optional=False, centered=centered,
-         decoupled_decay=decoupled_decay,
-         corrected_weight_decay=corrected_weight_decay,
-         lr_in_momentum=lr_in_momentum, caution=caution)
+  _check(
+    owner,
+    'lr',
+    lr,
+    'alpha',
+    alpha,
+    'eps',
+    eps,
+    momentum,
+    weight_decay,
+    decay_optional=False,
+    centered=centered,
+    decoupled_decay=decoupled_decay,
+    corrected_weight_decay=corrected_weight_decay,
+    lr_in_momentum=lr_in_momentum,
+    caution=caution,
+  )
   _validation.check_type(owner, 'max_lr', max_lr, optional=True)
   if foreach is not None and not isinstance(foreach, bool):
-    raise TypeError(f'{owner}: foreach must be None, True or False, got '
-                    f'{foreach!r}.')
+    raise TypeError(
+      f'{owner}: foreach must be None, True or False, got {foreach!r}.'
+    )
   momentum = _momentum_or_none(momentum)
   if caution and momentum is None:
-    raise ValueError(f'{owner}: caution=True has no effect without '
-                     'momentum (timm ignores it); pass a momentum, or drop '
-                     'caution.')
+    raise ValueError(
+      f'{owner}: caution=True has no effect without '
+      'momentum (timm ignores it); pass a momentum, or drop '
+      'caution.'
+    )
   if corrected_weight_decay and not decoupled_decay:
-    raise ValueError(f'{owner}: corrected_weight_decay=True has no effect '
-                     'without decoupled_decay=True (as in timm).')
+    raise ValueError(
+      f'{owner}: corrected_weight_decay=True has no effect '
+      'without decoupled_decay=True (as in timm).'
+    )
   if max_lr is not None and not (corrected_weight_decay and callable(lr)):
-    raise ValueError(f'{owner}: max_lr is only read with '
-                     'corrected_weight_decay=True and a schedule lr.')
+    raise ValueError(
+      f'{owner}: max_lr is only read with '
+      'corrected_weight_decay=True and a schedule lr.'
+    )
   if corrected_weight_decay and callable(lr):
     if max_lr is None:
       raise ValueError(
-          f'{owner}: corrected_weight_decay=True with a schedule lr needs '
-          'max_lr: the lr timm\'s optimizer was built with.')
+        f'{owner}: corrected_weight_decay=True with a schedule lr needs '
+        "max_lr: the lr timm's optimizer was built with."
+      )
     _validation.check_non_negative(owner, 'max_lr', max_lr)
     concrete = _validation.concrete(max_lr)  # None when traced.
     if concrete is not None and not np.all(concrete > 0):
       raise ValueError(f'{owner}: `max_lr` must be positive, got {max_lr!r}.')
-    wd = (weight_decay if callable(weight_decay)
-          else lambda _, value=weight_decay: value)
+    wd = (
+      weight_decay
+      if callable(weight_decay)
+      else lambda _, value=weight_decay: value
+    )
     # lr_t * (lr_t * wd_t / max_lr): decoupled decay at a scheduled rate.
-    weight_decay = lambda count: lr(count) * wd(count) / max_lr
+    decay_rate: optax.ScalarOrSchedule = lambda count: (
+      lr(count) * wd(count) / max_lr
+    )
+  else:
+    decay_rate = weight_decay
   return rmsprop(
-      lr, decay=alpha, eps=eps, initial_scale=1.0, eps_in_sqrt=True,
-      centered=centered, momentum=momentum,
-      lr_in_momentum=lr_in_momentum or momentum is None,
-      weight_decay=weight_decay, decoupled_weight_decay=decoupled_decay,
-      caution=caution)
+    lr,
+    decay=alpha,
+    eps=eps,
+    initial_scale=1.0,
+    eps_in_sqrt=True,
+    centered=centered,
+    momentum=momentum,
+    lr_in_momentum=lr_in_momentum or momentum is None,
+    weight_decay=decay_rate,
+    decoupled_weight_decay=decoupled_decay,
+    caution=caution,
+  )
 
 
 def hinton2012(
-    learning_rate: optax.ScalarOrSchedule = 0.001,
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
+  learning_rate: optax.ScalarOrSchedule = 0.001,
+  decay: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   r"""RMSprop as in Hinton's lecture 6e (Tieleman & Hinton, 2012).
 
@@ -331,16 +463,23 @@ def hinton2012(
     running average of its recent magnitude, COURSERA: Neural Networks for
     Machine Learning, 2012.
   """
-  _check('presets.hinton2012', 'learning_rate', learning_rate, 'decay', decay,
-         'eps', eps)
+  _check(
+    'presets.hinton2012',
+    'learning_rate',
+    learning_rate,
+    'decay',
+    decay,
+    'eps',
+    eps,
+  )
   return rmsprop(learning_rate, decay=decay, eps=eps, eps_in_sqrt=False)
 
 
 def graves2013(
-    learning_rate: optax.ScalarOrSchedule = 1e-4,
-    decay: jax.typing.ArrayLike = 0.95,
-    momentum: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-4,
+  learning_rate: optax.ScalarOrSchedule = 1e-4,
+  decay: jax.typing.ArrayLike = 0.95,
+  momentum: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-4,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Centered RMSprop with momentum, Graves (2013), eqs. (38)-(41).
 
@@ -362,16 +501,30 @@ def graves2013(
     Graves, Generating Sequences With Recurrent Neural Networks,
     arXiv:1308.0850, 2013, section 4.2.
   """
-  _check('presets.graves2013', 'learning_rate', learning_rate, 'decay', decay,
-         'eps', eps, momentum)
-  return rmsprop(learning_rate, decay=decay, eps=eps, eps_in_sqrt=True,
-                 centered=True, momentum=momentum)
+  _check(
+    'presets.graves2013',
+    'learning_rate',
+    learning_rate,
+    'decay',
+    decay,
+    'eps',
+    eps,
+    momentum,
+  )
+  return rmsprop(
+    learning_rate,
+    decay=decay,
+    eps=eps,
+    eps_in_sqrt=True,
+    centered=True,
+    momentum=momentum,
+  )
 
 
 def dqn2015(
-    learning_rate: optax.ScalarOrSchedule = 2.5e-4,
-    decay: jax.typing.ArrayLike = 0.95,
-    eps: jax.typing.ArrayLike = 0.01,
+  learning_rate: optax.ScalarOrSchedule = 2.5e-4,
+  decay: jax.typing.ArrayLike = 0.95,
+  eps: jax.typing.ArrayLike = 0.01,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The DQN optimizer, Mnih et al. (2015), as in DeepMind's released code.
 
@@ -395,7 +548,15 @@ def dqn2015(
     Nature 518, 2015 (Extended Data Table 1); DeepMind's Lua release,
     ``dqn/NeuralQLearner.lua``.
   """
-  _check('presets.dqn2015', 'learning_rate', learning_rate, 'decay', decay,
-         'eps', eps)
-  return rmsprop(learning_rate, decay=decay, eps=eps, eps_in_sqrt=True,
-                 centered=True)
+  _check(
+    'presets.dqn2015',
+    'learning_rate',
+    learning_rate,
+    'decay',
+    decay,
+    'eps',
+    eps,
+  )
+  return rmsprop(
+    learning_rate, decay=decay, eps=eps, eps_in_sqrt=True, centered=True
+  )

@@ -34,24 +34,31 @@ def _sharding_of(x: Any) -> jax.sharding.Sharding:
   sharding = getattr(x, 'sharding', None)
   if sharding is None:
     raise ValueError(
-        'state_shardings: every parameter must be a jax.Array or a '
-        f'jax.ShapeDtypeStruct with a sharding; got {type(x).__name__} '
-        'without one.')
+      'state_shardings: every parameter must be a jax.Array or a '
+      f'jax.ShapeDtypeStruct with a sharding; got {type(x).__name__} '
+      'without one.'
+    )
   return sharding
 
 
-def _with_axis(spec: PartitionSpec, shape: tuple[int, ...], mesh,
-               axis: str) -> PartitionSpec:
+def _with_axis(
+  spec: PartitionSpec, shape: tuple[int, ...], mesh, axis: str
+) -> PartitionSpec:
   """``spec`` also split over ``axis``, on the first dimension that stays
   evenly divisible; unchanged if ``axis`` is already used or none fits."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
-  used = {a for e in entries if e is not None
-          for a in (e if isinstance(e, tuple) else (e,))}
+  used = {
+    a
+    for e in entries
+    if e is not None
+    for a in (e if isinstance(e, tuple) else (e,))
+  }
   if axis in used:
     return spec
   for dim, entry in enumerate(entries):
-    names = () if entry is None else (
-        entry if isinstance(entry, tuple) else (entry,))
+    names = (
+      () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    )
     ways = math.prod(mesh.shape[a] for a in names) * mesh.shape[axis]
     if shape[dim] % ways == 0:
       # The parameter's own axes first: each of its shards is then split
@@ -62,10 +69,10 @@ def _with_axis(spec: PartitionSpec, shape: tuple[int, ...], mesh,
 
 
 def state_shardings(
-    tx: optax.GradientTransformation,
-    params: Any,
-    *,
-    zero1_axis: str | None = None,
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  zero1_axis: str | None = None,
 ) -> Any:
   """The shardings of ``tx.init(params)``'s state, as a tree like it.
 
@@ -97,19 +104,29 @@ def state_shardings(
   """
   shardings = jax.tree.map(_sharding_of, params)
   abstract_params = jax.tree.map(
-      lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-      params, shardings)
+    lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+    params,
+    shardings,
+  )
   state = jax.eval_shape(tx.init, abstract_params)
-  odd = [x for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(
-      x, (packing.Packed, packing.PackedState, quantization.Blockwise8bit)))
-         if not isinstance(x, jax.ShapeDtypeStruct)]
+  odd = [
+    x
+    for x in jax.tree.leaves(
+      state,
+      is_leaf=lambda x: isinstance(
+        x, (packing.Packed, packing.PackedState, quantization.Blockwise8bit)
+      ),
+    )
+    if not isinstance(x, jax.ShapeDtypeStruct)
+  ]
   if odd:
     raise ValueError(
-        'state_shardings: the state holds '
-        f'{type(odd[0]).__name__} parts (packed small leaves or an 8-bit '
-        'nu), which are not laid out like the parameters; build the '
-        'optimizer with packing=False and a float nu_dtype for a sharded '
-        'state.')
+      'state_shardings: the state holds '
+      f'{type(odd[0]).__name__} parts (packed small leaves or an 8-bit '
+      'nu), which are not laid out like the parameters; build the '
+      'optimizer with packing=False and a float nu_dtype for a sharded '
+      'state.'
+    )
   first = jax.tree.leaves(shardings)[0]
   mesh = getattr(first, 'mesh', None)
   if isinstance(mesh, jax.sharding.Mesh):
@@ -117,18 +134,27 @@ def state_shardings(
   elif first.is_fully_replicated:
     replicated = first
   else:
-    raise ValueError('state_shardings: the parameters need NamedSharding '
-                     'on a concrete Mesh.')
+    raise ValueError(
+      'state_shardings: the parameters need NamedSharding on a concrete Mesh.'
+    )
 
   def follow(leaf, param, sharding):
     if zero1_axis is None or not isinstance(sharding, NamedSharding):
       return sharding
-    return NamedSharding(sharding.mesh, _with_axis(
-        sharding.spec, tuple(param.shape), sharding.mesh, zero1_axis))
+    return NamedSharding(
+      sharding.mesh,
+      _with_axis(sharding.spec, tuple(param.shape), sharding.mesh, zero1_axis),
+    )
 
-  if zero1_axis is not None and (mesh is None
-                                 or zero1_axis not in mesh.axis_names):
+  if zero1_axis is not None and (
+    mesh is None or zero1_axis not in mesh.axis_names
+  ):
     raise ValueError(f'state_shardings: the mesh has no axis {zero1_axis!r}.')
   return optax.tree_map_params(
-      tx, follow, state, abstract_params, shardings,
-      transform_non_params=lambda _: replicated)
+    tx,
+    follow,
+    state,
+    abstract_params,
+    shardings,
+    transform_non_params=lambda _: replicated,
+  )

@@ -63,8 +63,11 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
 def _validate(owner, decay, eps, initial_scale, **flags):
   """Type and range checks, named after the function the user called;
   ``flags`` must each be True or False."""
-  for name, value in (('decay', decay), ('eps', eps),
-                      ('initial_scale', initial_scale)):
+  for name, value in (
+    ('decay', decay),
+    ('eps', eps),
+    ('initial_scale', initial_scale),
+  ):
     _validation.check_type(owner, name, value)
   _validation.check_decay(owner, 'decay', decay)
   _validation.check_non_negative(owner, 'eps', eps)
@@ -75,26 +78,32 @@ def _validate(owner, decay, eps, initial_scale, **flags):
 def _check_nu_options(owner, nu_dtype, stochastic_rounding):
   """``nu_dtype`` as a dtype, checked with ``stochastic_rounding``."""
   nu_dtype = _validation.as_dtype(nu_dtype, owner, 'nu_dtype')
-  if nu_dtype is not None and nu_dtype != jnp.uint8 and not jnp.issubdtype(
-      nu_dtype, jnp.floating):
-    raise ValueError(f'{owner}: nu_dtype must be a floating-point dtype or '
-                     f'jnp.uint8 (8-bit blockwise), not {nu_dtype}.')
+  if (
+    nu_dtype is not None
+    and nu_dtype != jnp.uint8
+    and not jnp.issubdtype(nu_dtype, jnp.floating)
+  ):
+    raise ValueError(
+      f'{owner}: nu_dtype must be a floating-point dtype or '
+      f'jnp.uint8 (8-bit blockwise), not {nu_dtype}.'
+    )
   if stochastic_rounding and nu_dtype != jnp.bfloat16:
     raise ValueError(
-        f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
-        '(the 8-bit code always rounds stochastically).')
+      f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
+      '(the 8-bit code always rounds stochastically).'
+    )
   return nu_dtype
 
 
 def scale_by_rms(
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    eps_in_sqrt: bool = True,
-    bias_correction: bool = False,
-    *,
-    nu_dtype: Any | None = None,
-    stochastic_rounding: bool = False,
+  decay: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  eps_in_sqrt: bool = True,
+  bias_correction: bool = False,
+  *,
+  nu_dtype: Any | None = None,
+  stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescale updates by the root of the EMA of their squares.
 
@@ -151,28 +160,41 @@ def scale_by_rms(
     >>> tx = rmsprop_jax.scale_by_rms(decay=0.9)
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> u, state = tx.update({'w': jnp.array([1.0, -2.0])}, state)
-    >>> u['w']  # -> sign(g) / sqrt(1 - 0.9) at the first step
-    Array([ 3.1622763, -3.1622763], dtype=float32)
+    >>> u['w']  # about sign(g) / sqrt(1 - 0.9): eps is inside the root
+    Array([ 3.1622775, -3.1622777], dtype=float32)
   """
-  _validate('scale_by_rms', decay, eps, initial_scale,
-            eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
-            stochastic_rounding=stochastic_rounding)
+  _validate(
+    'scale_by_rms',
+    decay,
+    eps,
+    initial_scale,
+    eps_in_sqrt=eps_in_sqrt,
+    bias_correction=bias_correction,
+    stochastic_rounding=stochastic_rounding,
+  )
   return _scale_by_moments(
-      decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
-      centered=False, clamp_variance=False,
-      stochastic_rounding=stochastic_rounding)
+    decay,
+    eps,
+    initial_scale,
+    eps_in_sqrt,
+    bias_correction,
+    nu_dtype,
+    centered=False,
+    clamp_variance=False,
+    stochastic_rounding=stochastic_rounding,
+  )
 
 
 def scale_by_stddev(
-    decay: jax.typing.ArrayLike = 0.9,
-    eps: jax.typing.ArrayLike = 1e-8,
-    initial_scale: jax.typing.ArrayLike = 0.0,
-    eps_in_sqrt: bool = True,
-    bias_correction: bool = False,
-    *,
-    clamp_variance: bool = True,
-    nu_dtype: Any | None = None,
-    stochastic_rounding: bool = False,
+  decay: jax.typing.ArrayLike = 0.9,
+  eps: jax.typing.ArrayLike = 1e-8,
+  initial_scale: jax.typing.ArrayLike = 0.0,
+  eps_in_sqrt: bool = True,
+  bias_correction: bool = False,
+  *,
+  clamp_variance: bool = True,
+  nu_dtype: Any | None = None,
+  stochastic_rounding: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescale updates by the root of the centered EMA of their squares.
 
@@ -218,20 +240,49 @@ def scale_by_stddev(
   Returns:
     An ``optax.GradientTransformation``; its state is
     :class:`ScaleByRStdDevState` or :class:`ScaleByRStdDevWithCountState`.
+
+  Examples:
+    >>> import jax.numpy as jnp, rmsprop_jax
+    >>> tx = rmsprop_jax.scale_by_stddev(decay=0.9)
+    >>> state = tx.init({'w': jnp.zeros(2)})
+    >>> u, state = tx.update({'w': jnp.array([0.5, -4.0])}, state)
+    >>> u['w']  # g / sqrt(0.1 g^2 - (0.1 g)^2) = sign(g) / sqrt(0.09)
+    Array([ 3.3333325, -3.3333333], dtype=float32)
   """
-  _validate('scale_by_stddev', decay, eps, initial_scale,
-            eps_in_sqrt=eps_in_sqrt, bias_correction=bias_correction,
-            stochastic_rounding=stochastic_rounding,
-            clamp_variance=clamp_variance)
+  _validate(
+    'scale_by_stddev',
+    decay,
+    eps,
+    initial_scale,
+    eps_in_sqrt=eps_in_sqrt,
+    bias_correction=bias_correction,
+    stochastic_rounding=stochastic_rounding,
+    clamp_variance=clamp_variance,
+  )
   return _scale_by_moments(
-      decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
-      centered=True, clamp_variance=clamp_variance,
-      stochastic_rounding=stochastic_rounding)
+    decay,
+    eps,
+    initial_scale,
+    eps_in_sqrt,
+    bias_correction,
+    nu_dtype,
+    centered=True,
+    clamp_variance=clamp_variance,
+    stochastic_rounding=stochastic_rounding,
+  )
 
 
 def _scale_by_moments(
-    decay, eps, initial_scale, eps_in_sqrt, bias_correction, nu_dtype,
-    *, centered: bool, clamp_variance: bool, stochastic_rounding: bool,
+  decay,
+  eps,
+  initial_scale,
+  eps_in_sqrt,
+  bias_correction,
+  nu_dtype,
+  *,
+  centered: bool,
+  clamp_variance: bool,
+  stochastic_rounding: bool,
 ) -> optax.GradientTransformation:
   """Shared implementation of :func:`scale_by_rms` and :func:`scale_by_stddev`."""
   owner = 'scale_by_stddev' if centered else 'scale_by_rms'
@@ -252,16 +303,18 @@ def _scale_by_moments(
     return dtype
 
   def _updates_dtype(g_dtype, n_dtype):
-    return g_dtype if nu_dtype is not None else jnp.promote_types(g_dtype,
-                                                                  n_dtype)
+    return (
+      g_dtype if nu_dtype is not None else jnp.promote_types(g_dtype, n_dtype)
+    )
 
   def _compute_input(g, n):
     """The gradient as the moments take it: as given (optax), but widened
     to float32 if float16 or rounding stochastically, and to the stored
     moment's dtype where ``nu_dtype`` asks for a wider one."""
     g = jnp.asarray(g)
-    if g.dtype == jnp.float16 or (stochastic_rounding
-                                  and jnp.finfo(g.dtype).bits < 32):
+    if g.dtype == jnp.float16 or (
+      stochastic_rounding and jnp.finfo(g.dtype).bits < 32
+    ):
       g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
     if nu_dtype is not None:
       g = g.astype(jnp.promote_types(g.dtype, n.dtype))
@@ -272,22 +325,28 @@ def _scale_by_moments(
     if eight_bit:
       _serialization.register_with_flax()
       leaves, treedef = jax.tree.flatten(params)
-      nu = treedef.unflatten([
+      nu = jax.tree.unflatten(
+        treedef,
+        [
           quantization.quantize(
-              jnp.full(jnp.shape(p), initial_scale, jnp.float32), 0, i)
-          for i, p in enumerate(leaves)])
+            jnp.full(jnp.shape(p), initial_scale, jnp.float32), 0, i
+          )
+          for i, p in enumerate(leaves)
+        ],
+      )
     else:
       nu = jax.tree.map(
-          lambda p: jnp.full_like(p, initial_scale,
-                                  dtype=state_dtype(p, 'nu')),
-          params)
+        lambda p: jnp.full_like(p, initial_scale, dtype=state_dtype(p, 'nu')),
+        params,
+      )
     count = jnp.zeros([], jnp.int32)
     if not centered:
       if with_count:
         return ScaleByRmsWithCountState(count=count, nu=nu)
       return ScaleByRmsState(nu=nu)
-    mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=state_dtype(p, 'mu')),
-                      params)
+    mu = jax.tree.map(
+      lambda p: jnp.zeros_like(p, dtype=state_dtype(p, 'mu')), params
+    )
     if with_count:
       return ScaleByRStdDevWithCountState(count=count, mu=mu, nu=nu)
     return ScaleByRStdDevState(mu=mu, nu=nu)
@@ -295,8 +354,12 @@ def _scale_by_moments(
   def _check_layout(state):
     """A state from another variant (a step count, an 8-bit nu, or not)
     must be converted, not silently run or reshaped."""
-    coded = [isinstance(x, quantization.Blockwise8bit) for x in jax.tree.leaves(
-        state.nu, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit))]
+    coded = [
+      isinstance(x, quantization.Blockwise8bit)
+      for x in jax.tree.leaves(
+        state.nu, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit)
+      )
+    ]
     problem = None
     has_count = 'count' in getattr(state, '_fields', ())
     if has_count != with_count:
@@ -307,36 +370,43 @@ def _scale_by_moments(
       problem = 'has an 8-bit nu, where this optimizer keeps a float one'
     if problem:
       raise ValueError(
-          f'{owner}: the state ({type(state).__name__}) {problem}: it was made '
-          'by another variant (bias_correction, stochastic_rounding or '
-          'nu_dtype differ). Convert it once: '
-          '`rmsprop_jax.unpack_state(state)` gives the plain float layout, '
-          'and `rmsprop_jax.pack_state(state, tx, params)` the layout of '
-          '`tx`.')
+        f'{owner}: the state ({type(state).__name__}) {problem}: it was made '
+        'by another variant (bias_correction, stochastic_rounding or '
+        'nu_dtype differ). Convert it once: '
+        '`rmsprop_jax.unpack_state(state)` gives the plain float layout, '
+        'and `rmsprop_jax.pack_state(state, tx, params)` the layout of '
+        '`tx`.'
+      )
 
   def store(new_tree, old_tree, count, salt0):
     """Each new moment in its state's storage: a plain cast, a stochastic
     rounding to bfloat16 or the 8-bit code (the salt tells leaves apart)."""
     old_leaves = jax.tree.leaves(
-        old_tree, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit))
+      old_tree, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit)
+    )
     new_leaves, treedef = jax.tree.flatten(new_tree)
-    out = []
+    out: list[Any] = []
     for i, (new, old) in enumerate(zip(new_leaves, old_leaves)):
       if isinstance(old, quantization.Blockwise8bit):
         out.append(quantization.quantize(new, count, salt0 + i))
-      elif (stochastic_rounding and old.dtype == jnp.bfloat16
-            and new.dtype != jnp.bfloat16 and not jnp.iscomplexobj(new)):
+      elif (
+        stochastic_rounding
+        and old.dtype == jnp.bfloat16
+        and new.dtype != jnp.bfloat16
+        and not jnp.iscomplexobj(new)
+      ):
         out.append(quantization.stochastic_round_bf16(new, count, salt0 + i))
       else:
         out.append(new.astype(old.dtype))
-    return treedef.unflatten(out)
+    return jax.tree.unflatten(treedef, out)
 
   def update_fn(updates, state, params=None):
     del params
     _check_layout(state)
     old_nu = quantization.dequantize_tree(state.nu)
-    _validation.check_same_tree(owner, 'gradient', updates, 'optimizer state',
-                                old_nu)
+    _validation.check_same_tree(
+      owner, 'gradient', updates, 'optimizer state', old_nu
+    )
     _validation.check_float_leaves(owner, 'gradient', updates)
     # optax's arithmetic, in optax's order of operations and with JAX's
     # promotion of the gradient's and the stored moment's dtypes (so
@@ -350,38 +420,59 @@ def _scale_by_moments(
     grads = jax.tree.map(_compute_input, updates, old_nu)
     # (|g|**2 is real: a real nu is read into the gradient's real dtype.)
     new_nu = jax.tree.map(
-        lambda g, n: _ema(_abs_sq(g), n.astype(jnp.promote_types(
-            jnp.finfo(g.dtype).dtype if jnp.isrealobj(n) else g.dtype,
-            n.dtype)),
-                          decay), grads, old_nu)
-    new_mu = (jax.tree.map(
-        lambda g, m: _ema(g, m.astype(jnp.promote_types(g.dtype, m.dtype)),
-                          decay), grads, state.mu) if centered else None)
+      lambda g, n: _ema(
+        _abs_sq(g),
+        n.astype(
+          jnp.promote_types(
+            jnp.finfo(g.dtype).dtype if jnp.isrealobj(n) else g.dtype, n.dtype
+          )
+        ),
+        decay,
+      ),
+      grads,
+      old_nu,
+    )
+    new_mu = (
+      jax.tree.map(
+        lambda g, m: _ema(
+          g, m.astype(jnp.promote_types(g.dtype, m.dtype)), decay
+        ),
+        grads,
+        state.mu,
+      )
+      if centered
+      else None
+    )
     count = optax.safe_increment(state.count) if with_count else None
     if bias_correction:
       # optax's helper: the power is taken before the cast to the moment's
       # dtype, and the same XLA ops give the same bits as optax.
       nu_hat = otu.tree_bias_correction(new_nu, decay, count)
-      mu_hat = (otu.tree_bias_correction(new_mu, decay, count)
-                if centered else None)
+      mu_hat = (
+        otu.tree_bias_correction(new_mu, decay, count) if centered else None
+      )
     else:
       nu_hat, mu_hat = new_nu, new_mu
 
     if centered:
-      ms = jax.tree.map(lambda m, n: _variance(m, n, clamp_variance),
-                        mu_hat, nu_hat)
+      ms = jax.tree.map(
+        lambda m, n: _variance(m, n, clamp_variance), mu_hat, nu_hat
+      )
     else:
       ms = nu_hat
     new_updates = jax.tree.map(
-        lambda v, g: _inverse_rms(v, eps, eps_in_sqrt) * g, ms, grads)
+      lambda v, g: _inverse_rms(v, eps, eps_in_sqrt) * g, ms, grads
+    )
     # The updates' dtype: as in optax, the promotion of the gradient's and
     # the stored moment's, and the gradient's own with a ``nu_dtype``; never
     # that of a hyperparameter (a float32 ``eps`` or ``decay`` array must
     # not widen bfloat16 updates).
     new_updates = jax.tree.map(
-        lambda u, g, n: u.astype(_updates_dtype(jnp.asarray(g).dtype,
-                                                n.dtype)),
-        new_updates, updates, old_nu)
+      lambda u, g, n: u.astype(_updates_dtype(jnp.asarray(g).dtype, n.dtype)),
+      new_updates,
+      updates,
+      old_nu,
+    )
     new_nu = store(new_nu, state.nu, count, 0)
     if centered:
       # Other salts than nu's: the two moments get independent noise.
@@ -393,7 +484,8 @@ def _scale_by_moments(
       return new_updates, ScaleByRmsState(nu=new_nu)
     if with_count:
       return new_updates, ScaleByRStdDevWithCountState(
-          count=count, mu=new_mu, nu=new_nu)
+        count=count, mu=new_mu, nu=new_nu
+      )
     return new_updates, ScaleByRStdDevState(mu=new_mu, nu=new_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

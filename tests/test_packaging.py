@@ -21,19 +21,68 @@ def test_type_information_and_licence_ship():
 
 
 def test_the_changelog_has_this_version():
-  assert f'## [{rmsprop_jax.__version__}]' in (
-      ROOT / 'CHANGELOG.md').read_text()
+  assert (
+    f'## [{rmsprop_jax.__version__}]' in (ROOT / 'CHANGELOG.md').read_text()
+  )
+
+
+def _run(*args: str, timeout: int = 300):
+  import subprocess
+  import sys
+
+  return subprocess.run(
+    [sys.executable, '-m', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def test_the_tree_passes_its_lint():
   """ruff, configured in pyproject.toml (pyflakes, bugbear, pycodestyle
   errors, import order), over the package, tests, examples and benchmarks."""
-  import subprocess
-  import sys
-
   from conftest import require
+
   require('ruff')
-  result = subprocess.run([sys.executable, '-m', 'ruff', 'check', '.'],
-                          cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+  result = _run('ruff', 'check', '.')
   assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_tree_is_formatted():
+  from conftest import require
+
+  require('ruff')
+  result = _run('ruff', 'format', '--check', '.')
+  assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_package_type_checks():
+  """mypy, configured in pyproject.toml, over rmsprop_jax/."""
+  from conftest import require
+
+  require('mypy')
+  result = _run('mypy', timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:]
+  assert 'Success' in result.stdout
+
+
+def test_every_examples_block_is_a_doctest():
+  """pytest runs the package's doctests (--doctest-modules over
+  rmsprop_jax/); a docstring's Examples: section must hold one, or it
+  would show code that nothing runs."""
+  import doctest
+  import importlib
+  import pkgutil
+
+  config = (ROOT / 'pyproject.toml').read_text()
+  assert '--doctest-modules' in config and '"rmsprop_jax"' in config
+  finder = doctest.DocTestFinder()
+  blocks = 0
+  for info in pkgutil.iter_modules(rmsprop_jax.__path__, 'rmsprop_jax.'):
+    module = importlib.import_module(info.name)
+    for test in finder.find(module, module=module):
+      if test.docstring and 'Examples:' in test.docstring:
+        blocks += 1
+        assert test.examples, f'{test.name}: an Examples: block with no >>>'
+  assert blocks >= 15
