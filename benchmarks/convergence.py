@@ -347,7 +347,7 @@ def _low_memory_table(problems) -> str:
     'divided by that with float32 state, both at the float32 '
     "RMSprop's tuned learning rate (1.0000: the same). The project's "
     'target is 1.02 or less on digits_mlp and adding_gru; these 3-seed '
-    'runs do not show it (see the README\'s Convergence notes). "SR": '
+    'runs do not show it (see docs/benchmarks.md, Convergence). "SR": '
     'stochastic rounding.\n\n'
     + common.markdown_table(['nu storage'] + list(problems), rows)
   )

@@ -12,7 +12,7 @@ training continues.
 On a machine without 8 devices this simulates them on the CPU (it sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts).
 On several hosts, call ``jax.distributed.initialize()`` first and build the
-mesh from ``jax.devices()``; the rest is unchanged (see the README).
+mesh from ``jax.devices()``; the rest is unchanged (see docs/guides/sharding.md).
 
     python examples/sharded_training.py [--quick] [--out DIR]
 """

@@ -178,7 +178,7 @@ def rmsprop(
       small leaves (at most :data:`rmsprop_jax.packing.PACK_MAX_SIZE`
       elements) stacked, one stack per shape and dtype that several share,
       with the state kept stacked between steps: faster steps on trees of
-      many small leaves on a CPU (measured in the README). The updates
+      many small leaves on a CPU (measured in docs/benchmarks.md). The updates
       are the same bits when the gradients enter the jitted step as
       arguments (computed in the same ``jit``, XLA:CPU may round the last
       bit of some entries differently). The state is then not

@@ -10,7 +10,7 @@ model's repeated layers) in place of the leaves; its state (the moments and
 the momentum) stays stacked between steps. Each step stacks the small
 gradients (one copy) and slices the updates back out (one copy), so packing
 pays only below a leaf size: :data:`PACK_MAX_SIZE`, measured with
-``python -m benchmarks`` (see the README).
+``python -m benchmarks`` (see docs/benchmarks.md).
 
 Stacking keeps each leaf's shape, so XLA computes every element with the same
 code as on the separate leaf, and packing changes no bit. (Flattening would

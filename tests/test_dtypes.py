@@ -1,4 +1,4 @@
-"""The dtype policy of ``rmsprop`` (its docstring, and the README's table).
+"""The dtype policy of ``rmsprop`` (its docstring, and the table in docs/guides/dtypes.md).
 
 The four numbered cases come from public bug reports against optax and
 PyTorch; each is checked with its right value (closed forms, NumPy
