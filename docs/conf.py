@@ -42,7 +42,8 @@ html_theme_options = {
   'navigation_with_keys': False,
   'use_download_button': False,
 }
-html_static_path: list = []
+html_static_path = ['_static']
+html_css_files = ['custom.css']
 
 # Long signatures (rmsprop has 22 arguments) one argument per line.
 maximum_signature_line_length = 80
