@@ -52,6 +52,7 @@ def site(tmp_path_factory):
   require('sphinx')
   require('myst_parser')
   require('sphinx_book_theme')
+  require('sphinx-mathjax-offline')  # (its import name has hyphens)
   out = tmp_path_factory.mktemp('site')
   result = subprocess.run(
     [sys.executable, '-m', 'sphinx', '-W', '--keep-going', '-q', '-b',
