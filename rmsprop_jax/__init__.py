@@ -31,7 +31,7 @@ from rmsprop_jax.transform import (
   scale_by_stddev,
 )
 
-__version__ = '0.1.0'
+__version__ = '0.2.0.dev0'
 
 __all__ = [
   'ScaleByRStdDevState',

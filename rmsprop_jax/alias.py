@@ -110,7 +110,8 @@ def rmsprop(
     (PyTorch); :math:`\nu_0` = 0 (most) or 1 (TF1); the learning rate inside
     the momentum buffer (optax, Keras, TF1; differs from PyTorch only when
     :math:`\eta` changes over time); weight decay coupled into the gradient
-    (PyTorch) or decoupled (Keras). See the porting table in the README.
+    (PyTorch) or decoupled (Keras). See the porting table (README, and the
+    documentation's conventions guide).
 
   Args:
     learning_rate: :math:`\eta` >= 0, a scalar or an optax schedule
@@ -178,16 +179,16 @@ def rmsprop(
       small leaves (at most :data:`rmsprop_jax.packing.PACK_MAX_SIZE`
       elements) stacked, one stack per shape and dtype that several share,
       with the state kept stacked between steps: faster steps on trees of
-      many small leaves on a CPU (measured in docs/benchmarks.md). The updates
+      many small leaves on a CPU (see the benchmarks in the documentation). The updates
       are the same bits when the gradients enter the jitted step as
       arguments (computed in the same ``jit``, XLA:CPU may round the last
       bit of some entries differently). The state is then not
       ``optax.rmsprop``'s: its
       parameter-shaped parts are :class:`rmsprop_jax.packing.Packed` stacks
       inside a :class:`rmsprop_jax.packing.PackedState`.
-      :func:`rmsprop_jax.unpack_state` gives optax's layout back (to save a
+      :func:`rmsprop_jax.unpack_state <rmsprop_jax.packing.unpack_state>` gives optax's layout back (to save a
       checkpoint any optax user can restore) and
-      :func:`rmsprop_jax.pack_state` the packed layout from optax's (to
+      :func:`rmsprop_jax.pack_state <rmsprop_jax.packing.pack_state>` the packed layout from optax's (to
       continue from an optax checkpoint). ``optax.tree_map_params`` maps
       over the stacks; with extra parameter-shaped trees (shardings), unpack
       first. The packing depends only on the parameters' shapes and dtypes.

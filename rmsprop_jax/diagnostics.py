@@ -96,6 +96,11 @@ def effective_learning_rate(
     A tree like the parameters: the effective learning rate of each entry.
     Works under ``jax.jit``.
 
+  Raises:
+    ValueError: if ``state`` holds no RMSprop moment state, or if it has a
+      step count and neither ``decay`` nor ``bias_correction=False`` is
+      given.
+
   Examples:
     >>> import jax.numpy as jnp, rmsprop_jax
     >>> tx = rmsprop_jax.rmsprop(0.01)

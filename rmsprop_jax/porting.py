@@ -26,15 +26,14 @@ names.
 
 How each framework's state maps onto the presets' (optax's classes):
 
-==========  ==================  ==============  =====================  =======
-framework   second moment       centered mean   momentum buffer        count
-==========  ==================  ==============  =====================  =======
-PyTorch     ``square_avg``      ``grad_avg``    ``momentum_buffer``    ``step``
-timm        ``square_avg``      ``grad_avg``    ``momentum_buffer``    ``step``
-Keras 3     ``*_velocity``      ``*_average_    ``*_momentum``         ``itera
-                                gradient``                             tion``
-TF1         ``rms``             ``mg``          ``momentum``           (given)
-==========  ==================  ==============  =====================  =======
+=========  ===============  ===========================  ===================  =============
+framework  second moment    centered mean                momentum buffer      count
+=========  ===============  ===========================  ===================  =============
+PyTorch    ``square_avg``   ``grad_avg``                 ``momentum_buffer``  ``step``
+timm       ``square_avg``   ``grad_avg``                 ``momentum_buffer``  ``step``
+Keras 3    ``*_velocity``   ``*_average_gradient``       ``*_momentum``       ``iteration``
+TF1        ``rms``          ``mg``                       ``momentum``         (given)
+=========  ===============  ===========================  ===================  =============
 
 The momentum buffer holds ``sum(m^k * g/d)`` where the learning rate is
 applied after it (PyTorch, timm with ``lr_in_momentum=False``): optax's
@@ -106,6 +105,14 @@ def torch_to_flax_map(
   Raises:
     ValueError: naming the parameter, where no Flax leaf fits its name and
       shape.
+
+  The map cannot see a change of flattening order. PyTorch's
+  ``torch.flatten`` of an ``(N, C, H, W)`` feature map orders a following
+  ``Linear``'s inputs channel first, Flax's reshape of ``(N, H, W, C)``
+  channel last: where ``H * W > 1``, that layer's weight needs its input
+  axis reordered by hand, or the model must flatten a 1 x 1 map, as
+  ``examples/port_from_pytorch.py`` does. Compare the two models' outputs
+  on one batch after porting.
 
   Examples:
     >>> import jax.numpy as jnp, numpy as np

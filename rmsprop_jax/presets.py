@@ -107,9 +107,9 @@ def pytorch(
     \bar g &\leftarrow \alpha \bar g + (1-\alpha) g \ (\text{centered});
     \quad d = \sqrt{v - \bar g^2} + \epsilon \ \text{or}\ \sqrt{v} + \epsilon
 
-    b &\leftarrow \mu b + g/d; \quad \theta \leftarrow \theta - \eta_t b
-    \quad (\text{or } \theta \leftarrow \theta - \eta_t g/d \text{ without
-    momentum})
+    b &\leftarrow \gamma b + g/d; \quad \theta \leftarrow \theta - \eta_t b
+    \quad (\text{or } \theta \leftarrow \theta - \eta_t g/d
+    \text{ without momentum})
 
   :math:`\epsilon` is outside the square root, :math:`v_0 = 0`, the learning
   rate multiplies the momentum buffer (so a changing ``lr`` rescales past
@@ -119,7 +119,13 @@ def pytorch(
   ``params`` in ``update``. Complex parameters differ: PyTorch normalises
   real and imaginary parts separately, this uses :math:`|g|^2`.
 
-  Args: as ``torch.optim.RMSprop``; ``lr`` may also be an optax schedule.
+  The arguments are ``torch.optim.RMSprop``'s, with its defaults; ``lr``
+  may also be an optax schedule.
+
+  Raises:
+    TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
+      argument as this preset does (e.g. a negative or infinite learning
+      rate, a decay outside [0, 1)).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -180,7 +186,7 @@ def keras(
     i &= \eta_t g / \sqrt{v - \bar g^2 + \epsilon}
     \ \text{or}\ \eta_t g / \sqrt{v + \epsilon}
 
-    b &\leftarrow \mu b + i;\quad \theta \leftarrow \theta - b
+    b &\leftarrow \gamma b + i;\quad \theta \leftarrow \theta - b
     \quad (\text{or } \theta \leftarrow \theta - i \text{ without momentum})
 
   :math:`\epsilon` inside the square root (the Keras docstring's "epsilon
@@ -193,8 +199,13 @@ def keras(
   (``clipnorm`` and friends) is ``optax.chain(optax.clip_by_global_norm(c),
   presets.keras(...))``.
 
-  Args: as ``keras.optimizers.RMSprop``; ``learning_rate`` may be an optax
-    schedule.
+  The arguments are ``keras.optimizers.RMSprop``'s, with its defaults;
+  ``learning_rate`` may also be an optax schedule.
+
+  Raises:
+    TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
+      argument as this preset does (e.g. a negative or infinite learning
+      rate, a decay outside [0, 1)).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -244,7 +255,7 @@ def tf1(
     ms &\leftarrow ms + (g^2 - ms)(1-\rho); \quad
     mg \leftarrow mg + (g - mg)(1-\rho) \ (\text{centered})
 
-    mom &\leftarrow \mu\, mom + \eta_t g / \sqrt{ms - mg^2 + \epsilon}
+    mom &\leftarrow \gamma\, mom + \eta_t g / \sqrt{ms - mg^2 + \epsilon}
     \ \text{or}\ \eta_t g / \sqrt{ms + \epsilon}; \quad \theta \leftarrow
     \theta - mom
 
@@ -254,8 +265,14 @@ def tf1(
   changes no number, so none is kept here. Dopamine's "Nature DQN" config is
   ``tf1(2.5e-4, decay=0.95, epsilon=1e-5, centered=True)``.
 
-  Args: as ``RMSPropOptimizer`` (``use_locking`` and ``name`` have no
-    meaning here); ``learning_rate`` may be an optax schedule.
+  The arguments are ``RMSPropOptimizer``'s, with its defaults
+  (``use_locking`` and ``name`` have no meaning here); ``learning_rate``
+  may also be an optax schedule.
+
+  Raises:
+    TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
+      argument as this preset does (e.g. a negative or infinite learning
+      rate, a decay outside [0, 1)).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -311,18 +328,20 @@ def timm(
 
   .. math::
 
-    g &\leftarrow g + \lambda\theta \ \text{(coupled)}; \quad
-    \theta \leftarrow \theta(1 - \eta_t\lambda) \ \text{(decoupled\_decay,
-    before the step)}
+    g &\leftarrow g + \lambda\theta \ \text{(coupled)}, \ \text{or}\
+    \theta \leftarrow \theta(1 - \eta_t\lambda)
+    \ \text{(decoupled_decay, before the step)}
 
     v &\leftarrow v + (g^2 - v)(1-\alpha); \quad
-    \bar g \leftarrow \bar g + (g - \bar g)(1-\alpha) \ (\text{centered});
-    \quad d = \sqrt{v - \bar g^2 + \epsilon} \ \text{or}\
-    \sqrt{v + \epsilon}
+    \bar g \leftarrow \bar g + (g - \bar g)(1-\alpha) \ (\text{centered})
 
-    b &\leftarrow \mu b + \eta_t g/d;\ \theta \leftarrow \theta - b
-    \quad (\text{lr\_in\_momentum}) \qquad
-    b \leftarrow \mu b + g/d;\ \theta \leftarrow \theta - \eta_t b
+    d &= \sqrt{v - \bar g^2 + \epsilon} \ \text{(centered)}
+    \ \text{or}\ \sqrt{v + \epsilon}
+
+    b &\leftarrow \gamma b + \eta_t g/d;\ \theta \leftarrow \theta - b
+    \quad (\text{lr_in_momentum})
+
+    b &\leftarrow \gamma b + g/d;\ \theta \leftarrow \theta - \eta_t b
     \quad (\text{otherwise})
 
   and :math:`\theta \leftarrow \theta - \eta_t g/d` without momentum.
@@ -458,6 +477,16 @@ def hinton2012(
   ``tests/test_references.py``): :math:`v_0 = 0`, :math:`\epsilon` = 1e-8
   outside the square root, :math:`\eta` = 0.001, no momentum.
 
+  Args:
+    learning_rate: :math:`\eta`, a number or an optax schedule.
+    decay: :math:`\rho`, in [0, 1).
+    eps: :math:`\epsilon` >= 0, added outside the square root.
+
+  Raises:
+    TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
+      argument as this preset does (e.g. a negative or infinite learning
+      rate, a decay outside [0, 1)).
+
   References:
     Tieleman & Hinton, Lecture 6.5 - rmsprop: Divide the gradient by a
     running average of its recent magnitude, COURSERA: Neural Networks for
@@ -497,6 +526,17 @@ def graves2013(
   ``RMSpropGraves`` and MXNet's ``rmspropalex``). The learning rate is inside
   the momentum buffer.
 
+  Args:
+    learning_rate: :math:`\gimel`, a number or an optax schedule.
+    decay: :math:`\aleph`, in [0, 1).
+    momentum: :math:`\beth`, in [0, 1).
+    eps: :math:`\daleth` >= 0, inside the square root.
+
+  Raises:
+    TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
+      argument as this preset does (e.g. a negative or infinite learning
+      rate, a decay outside [0, 1)).
+
   References:
     Graves, Generating Sequences With Recurrent Neural Networks,
     arXiv:1308.0850, 2013, section 4.2.
@@ -530,9 +570,10 @@ def dqn2015(
 
   .. math::
 
-    g &\leftarrow 0.95 g + 0.05\,\nabla; \quad
-    g_2 \leftarrow 0.95 g_2 + 0.05\,\nabla^2; \quad
-    \theta \leftarrow \theta - \eta\,\nabla / \sqrt{g_2 - g^2 + 0.01}
+    g &\leftarrow 0.95 g + 0.05\,\nabla, \qquad
+    g_2 \leftarrow 0.95 g_2 + 0.05\,\nabla^2,
+
+    \theta &\leftarrow \theta - \eta\,\nabla / \sqrt{g_2 - g^2 + 0.01}
 
   Centered, :math:`\epsilon` = 0.01 inside the square root, both moving
   averages with decay 0.95, zeros initialisation and **no heavy-ball
@@ -542,6 +583,16 @@ def dqn2015(
   code feeds the ascent direction and adds the step; the result is the
   same). For Dopamine's TF1-based "Nature" config use
   ``presets.tf1(2.5e-4, decay=0.95, epsilon=1e-5, centered=True)``.
+
+  Args:
+    learning_rate: :math:`\eta`, a number or an optax schedule.
+    decay: the decay of both moving averages, in [0, 1).
+    eps: >= 0, inside the square root.
+
+  Raises:
+    TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
+      argument as this preset does (e.g. a negative or infinite learning
+      rate, a decay outside [0, 1)).
 
   References:
     Mnih et al., Human-level control through deep reinforcement learning,

@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCK_SIZE = 256
+"""Elements per block of the 8-bit code, each block with its own float32
+maximum (256: 1/64 byte of scale per element)."""
 _MANTISSA_BITS = 3
 _OCTAVES = 32
 # The float32 exponent of the smallest code: 2**-31 is exponent 127 - 31.
@@ -40,6 +42,11 @@ _DROPPED_BITS = 23 - _MANTISSA_BITS  # float32 mantissa bits below the code's.
 
 def hash_bits(shape, step, salt: int) -> jax.Array:
   """32 pseudo-random bits per element: a hash of (position, step, salt).
+
+  ``shape`` is the output's; ``step`` (an int32 scalar, traced or not) is
+  the optimizer's step count and ``salt`` (a Python int) tells leaves and
+  moments apart, so that every element, step and leaf gets its own bits.
+  Returns a uint32 array of ``shape``.
 
   ``lowbias32`` (C. Wellons' integer hash) of the element's flat index mixed
   with the step and the salt. Uses only uint32 adds, multiplies and shifts.
@@ -61,6 +68,8 @@ def hash_bits(shape, step, salt: int) -> jax.Array:
 def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
   """float32 -> bfloat16, rounding up with probability equal to the distance
   to the lower neighbour (in magnitude). Non-finite values round to nearest.
+  ``step`` and ``salt`` seed the random bits, as in :func:`hash_bits`; the
+  result has ``x``'s shape, in bfloat16.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -124,7 +133,10 @@ def _block(size: int) -> int:
 
 
 def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
-  """Stores non-negative ``x`` (negative values count as zero) in 8 bits.
+  """Stores non-negative ``x`` (negative values count as zero) in 8 bits,
+  rounding stochastically without bias; ``step`` and ``salt`` seed the
+  random bits, as in :func:`hash_bits`. Blocks of :data:`BLOCK_SIZE`
+  elements of the flattened array (fewer if it is smaller) share a scale.
 
   Examples:
     >>> import jax.numpy as jnp

@@ -95,6 +95,13 @@ def state_shardings(
     ``out_shardings`` (``jax.jit(tx.init, out_shardings=...)``) or
     ``jax.device_put``.
 
+  Raises:
+    ValueError: if a parameter has no sharding (neither a ``jax.Array`` nor
+      a ``jax.ShapeDtypeStruct`` with one), if the state is packed or holds
+      an 8-bit ``nu``, if the parameters' shardings are not
+      ``NamedSharding`` on a concrete mesh (or replicated), or if
+      ``zero1_axis`` is not an axis of that mesh.
+
   Examples:
     >>> import jax, jax.numpy as jnp, rmsprop_jax
     >>> tx = rmsprop_jax.rmsprop(1e-3, momentum=0.9)

@@ -110,9 +110,9 @@ def scale_by_rms(
   .. math::
 
     \nu_t = \rho\,\nu_{t-1} + (1-\rho)\,g_t^2, \qquad
-    \hat\nu_t = \nu_t / (1-\rho^t) \text{ if bias\_correction else } \nu_t,
+    \hat\nu_t = \nu_t / (1-\rho^t) \text{ if bias_correction else } \nu_t,
 
-    u_t = g_t / \sqrt{\hat\nu_t + \epsilon} \quad (\texttt{eps\_in\_sqrt})
+    u_t = g_t / \sqrt{\hat\nu_t + \epsilon} \quad (\texttt{eps_in_sqrt})
     \qquad\text{or}\qquad u_t = g_t / (\sqrt{\hat\nu_t} + \epsilon),
 
   with :math:`\nu_0` = ``initial_scale``. For complex gradients
@@ -205,10 +205,10 @@ def scale_by_stddev(
     \mu_t = \rho\,\mu_{t-1} + (1-\rho)\,g_t, \qquad
     \nu_t = \rho\,\nu_{t-1} + (1-\rho)\,g_t^2,
 
-    \sigma^2_t = \hat\nu_t - \hat\mu_t^2 \quad(\text{clamped at 0 if
-    clamp\_variance}),
+    \sigma^2_t = \hat\nu_t - \hat\mu_t^2
+    \quad(\text{clamped at 0 if clamp_variance}),
 
-    u_t = g_t / \sqrt{\sigma^2_t + \epsilon} \quad (\texttt{eps\_in\_sqrt})
+    u_t = g_t / \sqrt{\sigma^2_t + \epsilon} \quad (\texttt{eps_in_sqrt})
     \qquad\text{or}\qquad u_t = g_t / (\sqrt{\sigma^2_t} + \epsilon),
 
   with :math:`\mu_0 = 0`, :math:`\nu_0` = ``initial_scale`` and hats meaning

@@ -21,9 +21,21 @@ def test_type_information_and_licence_ship():
 
 
 def test_the_changelog_has_this_version():
-  assert (
-    f'## [{rmsprop_jax.__version__}]' in (ROOT / 'CHANGELOG.md').read_text()
-  )
+  """A release has its dated section; a development version (``.dev``)
+  lists its changes under Unreleased."""
+  import re
+
+  changelog = (ROOT / 'CHANGELOG.md').read_text()
+  version = rmsprop_jax.__version__
+  if '.dev' in version:
+    assert '## [Unreleased]' in changelog
+  else:
+    assert re.search(
+      rf'^## \[{re.escape(version)}\] - \d{{4}}-\d\d-\d\d$', changelog, re.M
+    )
+  # Every release section is dated.
+  for line in re.findall(r'^## \[(?!Unreleased).*$', changelog, re.M):
+    assert re.search(r' - \d{4}-\d\d-\d\d$', line), line
 
 
 def _run(*args: str, timeout: int = 300):
@@ -69,20 +81,27 @@ def test_the_package_type_checks():
 
 def test_every_examples_block_is_a_doctest():
   """pytest runs the package's doctests (--doctest-modules over
-  rmsprop_jax/); a docstring's Examples: section must hold one, or it
-  would show code that nothing runs."""
+  rmsprop_jax/); a docstring's Example: or Examples: section (both render
+  as examples) must hold one, or it would show code that nothing runs."""
   import doctest
   import importlib
   import pkgutil
+  import re
 
   config = (ROOT / 'pyproject.toml').read_text()
   assert '--doctest-modules' in config and '"rmsprop_jax"' in config
+  header = re.compile(r'^( *)Examples?:[ \t]*$', re.M)
   finder = doctest.DocTestFinder()
   blocks = 0
   for info in pkgutil.iter_modules(rmsprop_jax.__path__, 'rmsprop_jax.'):
     module = importlib.import_module(info.name)
     for test in finder.find(module, module=module):
-      if test.docstring and 'Examples:' in test.docstring:
+      for match in header.finditer(test.docstring or ''):
         blocks += 1
-        assert test.examples, f'{test.name}: an Examples: block with no >>>'
+        # The section runs to the next line indented as little as its header.
+        rest = test.docstring[match.end() :]
+        end = re.search(rf'^ {{0,{len(match.group(1))}}}\S', rest, re.M)
+        section = rest[: end.start() if end else None]
+        assert '>>>' in section, f'{test.name}: an example that never runs'
+        assert test.examples, test.name
   assert blocks >= 15
