@@ -40,6 +40,16 @@ _LOWEST_EXPONENT = 127 - (_OCTAVES - 1)
 _DROPPED_BITS = 23 - _MANTISSA_BITS  # float32 mantissa bits below the code's.
 
 
+def _lowbias32(h: jax.Array) -> jax.Array:
+  """C. Wellons' ``lowbias32`` integer hash (uint32 in, uint32 out)."""
+  u32 = lambda v: jnp.asarray(v, jnp.uint32)
+  h = h ^ (h >> 16)
+  h = h * u32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * u32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
 def hash_bits(shape, step, salt: int) -> jax.Array:
   """32 pseudo-random bits per element: a hash of (position, step, salt).
 
@@ -48,28 +58,34 @@ def hash_bits(shape, step, salt: int) -> jax.Array:
   moments apart, so that every element, step and leaf gets its own bits.
   Returns a uint32 array of ``shape``.
 
-  ``lowbias32`` (C. Wellons' integer hash) of the element's flat index mixed
-  with the step and the salt. Uses only uint32 adds, multiplies and shifts.
+  The step and the salt are mixed once, on the scalar, by ``lowbias32``
+  (C. Wellons' integer hash) into a seed ``s``; each element's flat index
+  ``i`` then costs one multiply and one xor-shift: ``h = (i ^ s) *
+  0x9E3779B1``, ``h ^ (h >> 16)``. The bits only drive rounding (never
+  anything a user reads as random numbers), and this is the cheapest hash
+  whose low bits are still evenly spread: a full hash per element made the
+  low-memory step compute-bound on a CPU.
   """
   u32 = lambda v: jnp.asarray(v, jnp.uint32)
-  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
-  h = (
-    index * u32(0x9E3779B1)
-    + jnp.asarray(step).astype(jnp.uint32) * u32(0x85EBCA77)
+  seed = _lowbias32(
+    jnp.asarray(step).astype(jnp.uint32) * u32(0x85EBCA77)
     + u32((salt * 0xC2B2AE3D) & 0xFFFFFFFF)
   )
-  h = h ^ (h >> 16)
-  h = h * u32(0x7FEB352D)
-  h = h ^ (h >> 15)
-  h = h * u32(0x846CA68B)
+  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+  h = (index ^ seed) * u32(0x9E3779B1)
   return h ^ (h >> 16)
 
 
 def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
   """float32 -> bfloat16, rounding up with probability equal to the distance
-  to the lower neighbour (in magnitude). Non-finite values round to nearest.
-  ``step`` and ``salt`` seed the random bits, as in :func:`hash_bits`; the
-  result has ``x``'s shape, in bfloat16.
+  to the lower neighbour (in magnitude). Infinities stay infinite and NaN
+  stays NaN. ``step`` and ``salt`` seed the random bits, as in
+  :func:`hash_bits`; the result has ``x``'s shape, in bfloat16.
+
+  Integer work only: 16 random bits are added below bfloat16's last
+  mantissa bit and the top half of the float32 is kept (a carry moves the
+  value up to the next bfloat16, or from the largest finite one to
+  infinity, as rounding up should).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -81,11 +97,14 @@ def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
     >>> bool(abs(r.astype(jnp.float32).mean() - x.mean()) < 1e-4)  # unbiased
     True
   """
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  x = x.astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   noise = hash_bits(x.shape, step, salt) & jnp.uint32(0xFFFF)
-  rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
-  y = jax.lax.bitcast_convert_type(rounded, jnp.float32).astype(jnp.bfloat16)
-  return jnp.where(jnp.isfinite(x), y, x.astype(jnp.bfloat16))
+  top = (bits + noise) >> 16
+  # A NaN whose payload lies in the dropped bits would truncate to an
+  # infinity: keep it a (quiet) NaN.
+  top = jnp.where(jnp.isnan(x), jnp.uint32(0x7FC0), top)
+  return jax.lax.bitcast_convert_type(top.astype(jnp.uint16), jnp.bfloat16)
 
 
 @jax.tree_util.register_pytree_with_keys_class

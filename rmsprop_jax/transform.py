@@ -444,6 +444,22 @@ def _scale_by_moments(
       else None
     )
     count = optax.safe_increment(state.count) if with_count else None
+    stored_nu = store(new_nu, state.nu, count, 0)
+    # Other salts than nu's: the two moments get independent noise.
+    stored_mu = store(new_mu, state.mu, count, 1 << 20) if centered else None
+    if nu_dtype is not None and not (stochastic_rounding or eight_bit):
+      # With a storage dtype of its own rounded to nearest (bfloat16, or a
+      # wider float), the step divides by the moments as stored, the values
+      # the next step reads: one pass writes them and the parameter update
+      # reads them back, as optax's float32 state does. Recomputing them in
+      # both passes from the old state made XLA:CPU copy that state first,
+      # and ran at half optax's speed. (With stochastic rounding or the
+      # 8-bit code XLA recomputes the rounding in both passes instead, which
+      # is slower still, so those divide by the unrounded float32 moments.)
+      read = lambda stored, new: stored.astype(new.dtype)
+      new_nu = jax.tree.map(read, stored_nu, new_nu)
+      if centered:
+        new_mu = jax.tree.map(read, stored_mu, new_mu)
     if bias_correction:
       # optax's helper: the power is taken before the cast to the moment's
       # dtype, and the same XLA ops give the same bits as optax.
@@ -473,10 +489,7 @@ def _scale_by_moments(
       updates,
       old_nu,
     )
-    new_nu = store(new_nu, state.nu, count, 0)
-    if centered:
-      # Other salts than nu's: the two moments get independent noise.
-      new_mu = store(new_mu, state.mu, count, 1 << 20)
+    new_nu, new_mu = stored_nu, stored_mu
 
     if not centered:
       if with_count:

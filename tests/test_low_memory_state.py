@@ -22,17 +22,22 @@ M32 = 0xFFFFFFFF
 # --- NumPy references -----------------------------------------------------------
 
 
+def np_lowbias32(h):
+  h ^= h >> 16
+  h = (h * 0x7FEB352D) & M32
+  h ^= h >> 15
+  h = (h * 0x846CA68B) & M32
+  return h ^ (h >> 16)
+
+
 def np_hash(size, step, salt):
-  """lowbias32 of index * golden + step * c2 + salt * c3, in Python ints."""
+  """The seed lowbias32(step * c2 + salt * c3), then per element
+  h = (index ^ seed) * golden, h ^ (h >> 16): in Python ints."""
+  seed = np_lowbias32((step * 0x85EBCA77 + salt * 0xC2B2AE3D) & M32)
   out = np.empty(size, np.uint64)
   for i in range(size):
-    h = (i * 0x9E3779B1 + step * 0x85EBCA77 + salt * 0xC2B2AE3D) & M32
-    h ^= h >> 16
-    h = (h * 0x7FEB352D) & M32
-    h ^= h >> 15
-    h = (h * 0x846CA68B) & M32
-    h ^= h >> 16
-    out[i] = h
+    h = ((i ^ seed) * 0x9E3779B1) & M32
+    out[i] = h ^ (h >> 16)
   return out
 
 
@@ -270,3 +275,24 @@ def test_bad_storage_arguments_are_refused():
     rmsprop_jax.rmsprop(0.1, stochastic_rounding=True)
   with pytest.raises(ValueError, match='nu_dtype must be'):
     rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.int32)
+
+
+def test_stochastic_bf16_keeps_infinities_and_nans():
+  """Adding noise below bfloat16's last bit must not turn an infinity or a
+  NaN into something else, whatever the random bits: not even a NaN whose
+  payload lies only in the dropped bits (it would truncate to an infinity)."""
+  low_payload_nan = np.array([0x7F800001, 0xFF800001], np.uint32)
+  x = np.concatenate(
+    [
+      np.array([np.inf, -np.inf, np.nan], np.float32),
+      low_payload_nan.view(np.float32),
+    ]
+  )
+  x = np.tile(x, 64)
+  for step in range(4):
+    r = np.asarray(
+      quantization.stochastic_round_bf16(jnp.asarray(x), step, 7)
+    ).astype(np.float32)
+    np.testing.assert_array_equal(np.isnan(r), np.isnan(x))
+    finite_or_inf = ~np.isnan(x)
+    np.testing.assert_array_equal(r[finite_or_inf], x[finite_or_inf])
