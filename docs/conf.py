@@ -42,7 +42,8 @@ napoleon_use_rtype = False
 nitpicky = True
 nitpick_ignore_regex = [
   ('py:class', r'(jax|jaxlib|numpy|optax|flax)\..*'),
-  ('py:class', r'(ArrayTree|ParamMap|MaskOrFn|_Slot)'),
+  # MaskOrFn is weight_decay_mask's type, described there; _Slot is private.
+  ('py:class', r'(ArrayTree|MaskOrFn|_Slot|ParamMap)'),
 ]
 # Signatures show the annotations as written, not their expansions
 # (jax.typing.ArrayLike is a union of eight types).

@@ -66,6 +66,7 @@ __all__ = [
   'export_tf1_slots',
 ]
 
+# The parameter map: source name -> (JAX path, axis permutation or None).
 ParamMap = Mapping[str, tuple[tuple, Sequence[int] | None]]
 
 # The optax state fields a port fills: the per-parameter moments, and counts.

@@ -520,7 +520,8 @@ def graves2013(
     \Delta &\leftarrow \beth \Delta - \gimel\, \epsilon_i / \sqrt{n - g^2 +
     \daleth}; \quad w \leftarrow w + \Delta
 
-  with :math:`\aleph` = ``decay`` = 0.95, :math:`\beth` = ``momentum`` = 0.9,
+  in Graves' notation: :math:`\epsilon_i` is the gradient, and
+  :math:`\aleph` = ``decay`` = 0.95, :math:`\beth` = ``momentum`` = 0.9,
   :math:`\gimel` = ``learning_rate`` = 1e-4, :math:`\daleth` = ``eps`` = 1e-4
   (inside the square root), all state starting at zero (as Chainer's
   ``RMSpropGraves`` and MXNet's ``rmspropalex``). The learning rate is inside

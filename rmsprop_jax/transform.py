@@ -368,6 +368,22 @@ def _scale_by_moments(
       problem = 'has a float nu, where this optimizer keeps an 8-bit one'
     elif not eight_bit and any(coded):
       problem = 'has an 8-bit nu, where this optimizer keeps a float one'
+    elif nu_dtype is not None and not eight_bit:
+      # A restored state of another float dtype would run on in it, and the
+      # memory saving (or the wider moments) would silently never happen.
+      moments = [('nu', x) for x in jax.tree.leaves(state.nu)]
+      if centered:
+        moments += [('mu', x) for x in jax.tree.leaves(state.mu)]
+      wrong = [
+        (name, x.dtype)
+        for name, x in moments
+        if jnp.finfo(x.dtype).dtype != nu_dtype
+      ]
+      if wrong:
+        problem = (
+          f'keeps {wrong[0][0]} in {jnp.dtype(wrong[0][1]).name}, where this '
+          f'optimizer keeps it in {jnp.dtype(nu_dtype).name} (nu_dtype)'
+        )
     if problem:
       raise ValueError(
         f'{owner}: the state ({type(state).__name__}) {problem}: it was made '

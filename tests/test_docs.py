@@ -151,3 +151,23 @@ def test_the_code_on_the_page_runs(page):
   assert blocks
   for block in blocks:
     exec(compile(block, page, 'exec'), {})
+
+
+def test_every_relative_link_and_image_resolves():
+  """The README is not part of the Sphinx build, and GitHub shows the
+  Markdown sources as they are: every relative link and image in them must
+  point at a file that exists."""
+  import re
+
+  pages = [ROOT / 'README.md', ROOT / 'CHANGELOG.md']
+  pages += [p for p in (ROOT / 'docs').rglob('*.md') if '_build' not in p.parts]
+  targets = re.compile(r'\]\(([^)\s]+)\)|<img src="([^"]+)"')
+  broken = []
+  for page in pages:
+    for match in targets.finditer(page.read_text()):
+      target = (match.group(1) or match.group(2)).split('#')[0]
+      if not target or re.match(r'[a-z]+:', target):
+        continue  # An anchor on the same page, or a URL.
+      if not (page.parent / target).exists():
+        broken.append(f'{page.relative_to(ROOT)}: {target}')
+  assert not broken, broken

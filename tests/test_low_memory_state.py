@@ -296,3 +296,25 @@ def test_stochastic_bf16_keeps_infinities_and_nans():
     np.testing.assert_array_equal(np.isnan(r), np.isnan(x))
     finite_or_inf = ~np.isnan(x)
     np.testing.assert_array_equal(r[finite_or_inf], x[finite_or_inf])
+
+
+@pytest.mark.parametrize('centered', [False, True])
+def test_a_state_of_another_float_dtype_is_refused_not_run_on(centered):
+  """A float32 checkpoint restored into an optimizer that keeps its moments
+  in bfloat16 (or the reverse) would otherwise run on in the old dtype, and
+  the memory saving would silently never happen."""
+  params = {'w': jnp.ones(8), 'b': jnp.zeros(3)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  narrow = rmsprop_jax.rmsprop(1e-3, nu_dtype=jnp.bfloat16, centered=centered)
+  wide = rmsprop_jax.rmsprop(1e-3, nu_dtype=jnp.float32, centered=centered)
+  plain = optax.rmsprop(1e-3, centered=centered).init(params)
+  with pytest.raises(ValueError, match='keeps (nu|mu) in float32.*bfloat16'):
+    narrow.update(grads, plain, params)
+  with pytest.raises(ValueError, match='keeps (nu|mu) in bfloat16.*float32'):
+    wide.update(grads, narrow.init(params), params)
+  # Converted once, it runs, and stays in bfloat16.
+  state = rmsprop_jax.pack_state(plain, narrow, params)
+  _, state = narrow.update(grads, state, params)
+  assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, 'nu'))} == {
+    jnp.dtype(jnp.bfloat16)
+  }

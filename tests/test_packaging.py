@@ -90,7 +90,7 @@ def test_every_examples_block_is_a_doctest():
 
   config = (ROOT / 'pyproject.toml').read_text()
   assert '--doctest-modules' in config and '"rmsprop_jax"' in config
-  header = re.compile(r'^( *)Examples?:[ \t]*$', re.M)
+  header = re.compile(r'^( *)Examples?[ \t]*::?[ \t]*$', re.M)
   finder = doctest.DocTestFinder()
   blocks = 0
   for info in pkgutil.iter_modules(rmsprop_jax.__path__, 'rmsprop_jax.'):
