@@ -1,8 +1,9 @@
-"""``python -m benchmarks [--quick] [--suites step,compile,convergence] [--out DIR]``.
+"""``python -m benchmarks [--quick] [--suites step,compile,convergence,low_memory] [--out DIR]``.
 
-Runs the step-speed-and-memory suite, the compile-time suite and the
-convergence suite and writes JSON, a Markdown table (and PNG plots for step
-and convergence) for each to ``--out``
+Runs the step-speed-and-memory suite, the compile-time suite, the
+convergence suite and the low-memory state's paired convergence study, and
+writes JSON, a Markdown table (and PNG plots for step, convergence and
+low_memory) for each to ``--out``
 (``benchmarks/results/``; ``benchmarks/results/quick/`` with ``--quick``).
 Runs unchanged on CPU, GPU and TPU: it measures whatever ``jax`` runs on.
 """
@@ -10,26 +11,26 @@ Runs unchanged on CPU, GPU and TPU: it measures whatever ``jax`` runs on.
 import argparse
 import pathlib
 
-from benchmarks import common, compile_time, convergence, step
+from benchmarks import common, compile_time, convergence, low_memory, step
 from rmsprop_jax.__main__ import _check_out, _refuse
 
-SUITES = ('step', 'compile', 'convergence')
+SUITES = ('step', 'compile', 'convergence', 'low_memory')
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
     prog='python -m benchmarks',
     description='Runs the step-speed-and-memory, compile-time and '
-    'convergence suites side by side with optax (and PyTorch), '
-    'and writes JSON, a Markdown table and (step, convergence) '
-    'a PNG figure for each to --out. Runs unchanged on CPU, GPU '
-    'and TPU.',
+    'convergence suites side by side with optax (and PyTorch), and the '
+    "low-memory state's paired convergence study, and writes JSON, a "
+    'Markdown table and (step, convergence, low_memory) a PNG figure for '
+    'each to --out. Runs unchanged on CPU, GPU and TPU.',
   )
   parser.add_argument(
     '--quick',
     action='store_true',
     help='small trees and problems, few repetitions: a '
-    'smoke run of about two minutes on a quiet 2-core '
+    'smoke run of about 3.5 minutes on a quiet 2-core '
     'machine (measured)',
   )
   parser.add_argument(
@@ -122,6 +123,8 @@ def main(argv=None):
     results['convergence'] = convergence.run(
       out, quick=args.quick, problems=split(args.problems)
     )
+  if 'low_memory' in suites:
+    results['low_memory'] = low_memory.run(out, quick=args.quick)
   print(f'wrote results to {out}/')
   return results
 

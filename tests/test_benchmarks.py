@@ -15,7 +15,7 @@ import pytest
 
 from conftest import require
 
-SUITES = ('step', 'compile', 'convergence')
+SUITES = ('step', 'compile', 'convergence', 'low_memory')
 
 
 @pytest.fixture(scope='module')
@@ -237,3 +237,37 @@ def test_disturbed_timings_are_flagged(quick_results):
   )
   cells = [c.strip() for c in line.split('|')]
   assert cells[9].endswith('†') and not cells[5].endswith('†')
+
+
+def test_low_memory_study_pairs_seeds_and_its_intervals_are_right(
+  quick_results,
+):
+  """Every narrow state is compared on the same seeds as float32 state,
+  and the intervals agree with independent computations: a constant ratio
+  has a zero-width bootstrap interval, and the t-interval is scipy's."""
+  from scipy import stats
+
+  from benchmarks import low_memory
+
+  _, get = quick_results
+  payload = get('low_memory')
+  for name, r in payload['problems'].items():
+    assert set(r['runs']) == set(low_memory.STATES), name
+    for state in low_memory.NARROW:
+      for metric, c in r['comparisons'][state].items():
+        narrow = np.asarray(r['runs'][state][metric])
+        base = np.asarray(r['runs']['float32'][metric])
+        assert len(narrow) == len(base) == len(r['seeds'])
+        assert np.isclose(c['ratio'], narrow.mean() / base.mean())
+        assert c['low'] <= c['ratio'] <= c['high']
+  base = np.array([1.0, 2.0, 0.5, 4.0])
+  assert low_memory.paired_interval(1.01 * base, base) == pytest.approx(
+    (1.01, 1.01, 1.01)
+  )
+  rng = np.random.default_rng(0)
+  narrow = base * np.exp(rng.normal(0.01, 0.02, 4))
+  ratio, low, high = low_memory.log_t_interval(narrow, base)
+  test = stats.ttest_1samp(np.log(narrow / base), 0.0)
+  ci = test.confidence_interval(0.95)
+  assert (low, high) == pytest.approx((np.exp(ci.low), np.exp(ci.high)))
+  assert ratio == pytest.approx(np.exp(np.log(narrow / base).mean()))
