@@ -358,8 +358,10 @@ def run(out, *, quick, problems=None, log=print) -> dict:
     start = time.perf_counter()
     # float32 RMSprop's learning rate, tuned on its own seeds.
     tuning = train(problem, {}, lrs, np.arange(3), steps)
-    primary = next(iter(tuning))
-    sign = -1 if primary.endswith('accuracy') else 1
+    # Tuned on the first loss the problem reports (not on accuracy, which
+    # ties between learning rates that classify the same examples).
+    primary = next(k for k in tuning if not k.endswith('accuracy'))
+    sign = 1
     score = np.median(
       np.where(np.isfinite(tuning[primary]), tuning[primary], np.inf) * sign, 1
     )
@@ -415,12 +417,13 @@ def run(out, *, quick, problems=None, log=print) -> dict:
 
 
 def _verdict(metric: str, c: dict) -> str:
-  """Whether the interval meets the target: a loss at most 2 % above
-  float32 state's (upper end <= 1.02), an accuracy at most 2 % below (lower
-  end >= 0.98)."""
+  """Whether both intervals meet the target: a loss at most 2 % above
+  float32 state's (upper ends <= 1.02), an accuracy at most 2 % below
+  (lower ends >= 0.98). Both, because with 10 seeds a percentile bootstrap
+  runs narrow, and its end moves with the resampling seed."""
   if metric.endswith('accuracy'):
-    return 'yes' if c['low'] >= 2 - TARGET else 'no'
-  return 'yes' if c['high'] <= TARGET else 'no'
+    return 'yes' if min(c['low'], c['geo_low']) >= 2 - TARGET else 'no'
+  return 'yes' if max(c['high'], c['geo_high']) <= TARGET else 'no'
 
 
 def markdown(payload) -> str:
@@ -441,8 +444,8 @@ def markdown(payload) -> str:
     'a 95 % paired bootstrap interval (10,000 resamples of the seeds); '
     '"geometric" is the geometric mean of the per-seed ratios with a 95 % '
     "t-interval. The target: a loss at most 2 % above float32 state's "
-    '(interval upper end <= 1.02), an accuracy at most 2 % below (lower '
-    'end >= 0.98).',
+    "(both intervals' upper ends <= 1.02), an accuracy at most 2 % below "
+    '(lower ends >= 0.98).',
     '',
     '| problem | metric | state | ratio [95 % CI] | geometric [95 % CI] | '
     'meets 2 % |',

@@ -374,10 +374,17 @@ def _scale_by_moments(
       moments = [('nu', x) for x in jax.tree.leaves(state.nu)]
       if centered:
         moments += [('mu', x) for x in jax.tree.leaves(state.mu)]
+      # nu is real; a complex parameter's mu is complex, of nu_dtype's
+      # precision (state_dtype above).
+      expect = lambda name, x: (
+        jnp.promote_types(nu_dtype, jnp.complex64)
+        if name == 'mu' and jnp.iscomplexobj(x)
+        else nu_dtype
+      )
       wrong = [
         (name, x.dtype)
         for name, x in moments
-        if jnp.finfo(x.dtype).dtype != nu_dtype
+        if jnp.dtype(x.dtype) != jnp.dtype(expect(name, x))
       ]
       if wrong:
         problem = (

@@ -208,7 +208,7 @@ def test_command_line_error_through_a_subprocess(tmp_path):
   assert result.returncode == 2 and result.stdout == ''
   assert result.stderr.strip() == (
     "python -m benchmarks: error: --suites: unknown 'compiles'; choose "
-    'from step, compile, convergence'
+    'from step, compile, convergence, low_memory'
   )
 
 
