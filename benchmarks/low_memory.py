@@ -245,6 +245,11 @@ def _char_transformer():
   )
 
 
+TITLES = {
+  'digits_mlp': 'digits MLP',
+  'adding_gru': 'GRU, adding problem',
+  'char_transformer': 'character transformer',
+}
 PROBLEMS = {
   'digits_mlp': _digits_mlp,
   'adding_gru': _adding_gru,
@@ -529,14 +534,24 @@ def plot(payload, path):
     highs = [r['comparisons'][s][metric]['high'] for s in NARROW]
     span = max(max(highs) - 1, 1 - min(lows), 0.03) * 1.4
     ax.set_ylim(1 - span, 1 + span)
-    ax.set_title(f'{name}\n{metric}', fontsize=10)
+    shown = [np.asarray(r['runs'][st][metric]) / base for st in NARROW]
+    off = sum(int(np.sum(np.abs(x - 1) > span)) for x in shown)
+    ax.set_title(
+      f'{TITLES.get(name, name)}: {metric}\n{len(base)} seeds'
+      + (
+        f', {off} of {len(base) * len(NARROW)} dots off the scale'
+        if off
+        else ''
+      ),
+      fontsize=9,
+    )
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel('narrow state / float32 state')
   axes[0][0].legend(loc='lower left', fontsize=8)
   fig.suptitle(
     'Narrow second moments against float32 state, paired seeds: the ratio '
-    'of the means with its 95 % bootstrap interval\n(dots: single seeds, '
-    'some off the scale; red: the 2 % target)',
+    'of the means with its 95 % bootstrap interval\n(dots: single seeds; '
+    'red: the 2 % target)',
     fontsize=10,
   )
   fig.tight_layout()
