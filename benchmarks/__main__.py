@@ -67,6 +67,12 @@ def main(argv=None):
     help='convergence suite: comma-separated, from '
     f'{", ".join(convergence.PROBLEMS)}',
   )
+  parser.add_argument(
+    '--low-memory-problems',
+    default=None,
+    help='low_memory suite: comma-separated, from '
+    f'{", ".join(low_memory.PROBLEMS)}',
+  )
   args = parser.parse_args(argv)
   split = lambda s: s.split(',') if s else None
   suites = split(args.suites)
@@ -78,6 +84,7 @@ def main(argv=None):
     ('--variants', args.variants),
     ('--dtypes', args.dtypes),
     ('--problems', args.problems),
+    ('--low-memory-problems', args.low_memory_problems),
   ):
     if value is not None and not value.strip(' ,'):
       fail(f'{option} is empty: name at least one, or leave the option out')
@@ -91,6 +98,11 @@ def main(argv=None):
     ('--variants', split(args.variants), step.VARIANTS),
     ('--dtypes', split(args.dtypes), step.DTYPES),
     ('--problems', split(args.problems), convergence.PROBLEMS),
+    (
+      '--low-memory-problems',
+      split(args.low_memory_problems),
+      low_memory.PROBLEMS,
+    ),
   ):
     unknown = [n for n in names or () if n not in known]
     if unknown:
@@ -124,7 +136,9 @@ def main(argv=None):
       out, quick=args.quick, problems=split(args.problems)
     )
   if 'low_memory' in suites:
-    results['low_memory'] = low_memory.run(out, quick=args.quick)
+    results['low_memory'] = low_memory.run(
+      out, quick=args.quick, problems=split(args.low_memory_problems)
+    )
   print(f'wrote results to {out}/')
   return results
 

@@ -171,6 +171,10 @@ def test_convergence_grid_cell_equals_a_plain_optax_run():
     (['--variants', 'plain,nesterov'], "--variants: unknown 'nesterov'"),
     (['--dtypes', 'float16'], "--dtypes: unknown 'float16'"),
     (['--problems', 'mnist'], "--problems: unknown 'mnist'"),
+    (
+      ['--low-memory-problems', 'mnist'],
+      "--low-memory-problems: unknown 'mnist'",
+    ),
     (['--out', 'FILE'], 'exists and is not a folder'),
     (['--suites', ''], '--suites is empty'),
     (['--trees', ','], '--trees is empty'),
