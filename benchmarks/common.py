@@ -44,6 +44,20 @@ def environment() -> dict:
   return env
 
 
+def from_examples(name: str):
+  """The module ``examples/<name>.py``, whose models and data the
+  benchmarks reuse (``examples/`` is not a package)."""
+  import importlib
+  import sys
+
+  folder = str(pathlib.Path(__file__).resolve().parent.parent / 'examples')
+  sys.path.insert(0, folder)
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(folder)
+
+
 def calibrate(call: Callable[[], None], target_s: float) -> int:
   """How many back-to-back calls take about ``target_s`` (after warm-up)."""
   call()

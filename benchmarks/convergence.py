@@ -14,8 +14,6 @@ problem, a fixed evaluation set's), every ``record_every`` steps.
 
 from __future__ import annotations
 
-import pathlib
-import sys
 from typing import Callable, NamedTuple
 
 import jax
@@ -157,12 +155,8 @@ def _digits_mlp():
 
 def _adding_gru():
   # The recurrent task of examples/adding_gru.py, shorter and smaller.
-  examples = str(pathlib.Path(__file__).resolve().parent.parent / 'examples')
-  sys.path.insert(0, examples)
-  try:
-    from adding_gru import GRURegressor, adding_batch
-  finally:
-    sys.path.remove(examples)
+  adding = common.from_examples('adding_gru')
+  GRURegressor, adding_batch = adding.GRURegressor, adding.adding_batch
   length, model = 20, GRURegressor(16)
 
   def init(key):

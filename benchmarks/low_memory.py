@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -110,12 +109,8 @@ def _digits_mlp():
 
 
 def _adding_gru():
-  examples = str(pathlib.Path(__file__).resolve().parent.parent / 'examples')
-  sys.path.insert(0, examples)
-  try:
-    from adding_gru import GRURegressor, adding_batch
-  finally:
-    sys.path.remove(examples)
+  adding = common.from_examples('adding_gru')
+  GRURegressor, adding_batch = adding.GRURegressor, adding.adding_batch
   length, model = 20, GRURegressor(16)
 
   def init(key):
