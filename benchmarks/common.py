@@ -41,6 +41,14 @@ def environment() -> dict:
     env['torch'] = torch.__version__
   except ImportError:
     env['torch'] = None
+  # Settings of the C allocator and of XLA change the timings (glibc's
+  # MALLOC_* tunables decide whether XLA's temporary buffers are mapped
+  # afresh at every step): recorded when set.
+  settings = {
+    k: v for k, v in os.environ.items() if k.startswith(('MALLOC_', 'XLA_'))
+  }
+  if settings:
+    env['settings'] = settings
   return env
 
 
@@ -117,7 +125,9 @@ def environment_markdown(env: dict) -> str:
     f'Machine: {env["backend"]} ({devices}'
     f', {env["cpu_count"]} host cores); jax {env["jax"]}, optax '
     f'{env["optax"]}, torch {env["torch"]}, Python {env["python"]}; '
-    f'{env["date"]}.\n'
+    f'{env["date"]}.'
+    + ''.join(f' With `{k}={v}`.' for k, v in env.get('settings', {}).items())
+    + '\n'
   )
 
 

@@ -318,3 +318,72 @@ def test_a_state_of_another_float_dtype_is_refused_not_run_on(centered):
   assert {x.dtype for x in jax.tree.leaves(optax.tree.get(state, 'nu'))} == {
     jnp.dtype(jnp.bfloat16)
   }
+
+
+def test_each_leaf_and_moment_rounds_with_its_own_bits():
+  """The stored moments of an optimizer run are the NumPy rounding of the
+  unrounded float32 moments, with the step count and a salt per leaf (0, 1,
+  ...) and per moment (``nu`` from 0, ``mu`` from 2**20): two leaves with
+  the same gradients are rounded with different bits."""
+  g = jax.random.normal(jax.random.PRNGKey(3), (2, 500)) * 1e-2
+  grads = {'a': g[0], 'b': g[0], 'c': g[1]}
+  params = jax.tree.map(jnp.zeros_like, grads)
+  wide = rmsprop_jax.scale_by_stddev(decay=0.9, bias_correction=True)
+  narrow = rmsprop_jax.scale_by_stddev(
+    decay=0.9,
+    bias_correction=True,
+    nu_dtype=jnp.bfloat16,
+    stochastic_rounding=True,
+  )
+  narrow_state = narrow.init(params)
+  for step in (1, 2):
+    # The float32 transformation from the narrow state, widened: its moments
+    # are the narrow step's before rounding.
+    wide_state = jax.tree.map(
+      lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x,
+      narrow_state,
+    )
+    _, wide_state = wide.update(grads, wide_state)
+    _, narrow_state = narrow.update(grads, narrow_state)
+    assert int(narrow_state.count) == step
+    for salt0, moment in ((0, 'nu'), (1 << 20, 'mu')):
+      got = getattr(narrow_state, moment)
+      unrounded = getattr(wide_state, moment)
+      for i, leaf in enumerate(('a', 'b', 'c')):
+        np.testing.assert_array_equal(
+          np.asarray(got[leaf].astype(jnp.float32)),
+          np_stochastic_bf16(np.asarray(unrounded[leaf]), step, salt0 + i),
+          err_msg=f'{moment}[{leaf!r}] at step {step}',
+        )
+  # Equal inputs, other bits: 'a' and 'b' round differently somewhere.
+  assert not np.array_equal(
+    np.asarray(narrow_state.nu['a']), np.asarray(narrow_state.nu['b'])
+  )
+
+
+def test_each_8bit_leaf_codes_with_its_own_bits():
+  """As above for the 8-bit ``nu``: each leaf's codes are the NumPy coding
+  of its unrounded float32 moment, with the step count and salt ``i``."""
+  g = jax.random.normal(jax.random.PRNGKey(4), (2, 700)) * 1e-2
+  grads = {'a': g[0], 'b': g[0], 'c': g[1]}
+  params = jax.tree.map(jnp.zeros_like, grads)
+  wide = rmsprop_jax.scale_by_rms(decay=0.9, bias_correction=True)
+  narrow = rmsprop_jax.scale_by_rms(
+    decay=0.9, bias_correction=True, nu_dtype=jnp.uint8
+  )
+  state = narrow.init(params)
+  for step in (1, 2):
+    _, wide_state = wide.update(
+      grads,
+      wide.init(params)._replace(
+        count=state.count, nu=quantization.dequantize_tree(state.nu)
+      ),
+    )
+    _, state = narrow.update(grads, state)
+    for i, leaf in enumerate(('a', 'b', 'c')):
+      codes, scale = np_quantize(np.asarray(wide_state.nu[leaf]), step, i)
+      np.testing.assert_array_equal(np.asarray(state.nu[leaf].scale), scale)
+      np.testing.assert_array_equal(
+        np.asarray(state.nu[leaf].codes), codes, err_msg=f'{leaf} {step}'
+      )
+  assert not np.array_equal(state.nu['a'].codes, state.nu['b'].codes)
