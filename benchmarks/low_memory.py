@@ -102,7 +102,7 @@ def _digits_mlp():
     600,
     100,
     (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    40,
+    400,
     'MLP 64-128-10 on scikit-learn digits: 1257 to train (batch 64), '
     '540 held out',
   )
@@ -135,7 +135,7 @@ def _adding_gru():
     (1e-3, 3e-3, 1e-2, 3e-2),
     # The GRU's held-out error varies most from seed to seed (the adding
     # problem is learnt suddenly, at a different step for each seed).
-    120,
+    480,
     'GRU 16 on the adding problem, length 20, batch 32; 1024 held-out '
     'sequences',
   )
@@ -232,7 +232,7 @@ def _char_transformer():
     1000,
     60,
     (3e-4, 1e-3, 3e-3),
-    10,
+    20,
     f'character-level transformer ({LAYERS} layers, width {WIDTH}, '
     f'{HEADS} heads, context {CONTEXT}), batch {BATCH}, on the first '
     f"{len(data):,} characters of the standard library's top-level .py "
@@ -419,8 +419,10 @@ def run(out, *, quick, problems=None, log=print) -> dict:
 def _verdict(metric: str, c: dict) -> str:
   """Whether both intervals meet the target: a loss at most 2 % above
   float32 state's (upper ends <= 1.02), an accuracy at most 2 % below
-  (lower ends >= 0.98). Both, because with 10 seeds a percentile bootstrap
-  runs narrow, and its end moves with the resampling seed."""
+  (lower ends >= 0.98). Both, because with few seeds (the transformer's
+  20) a percentile bootstrap runs narrow and its end moves with the
+  resampling seed, while over many seeds a handful of outlying ones can
+  widen the ratio of the means' interval alone."""
   if metric.endswith('accuracy'):
     return 'yes' if min(c['low'], c['geo_low']) >= 2 - TARGET else 'no'
   return 'yes' if max(c['high'], c['geo_high']) <= TARGET else 'no'
