@@ -224,7 +224,8 @@ def rmsprop(
       gradient); if a hyperparameter is an array of another shape than
       ``()``; if ``decay``, ``eps``, ``initial_scale`` or ``momentum`` is a
       schedule; if ``nu_dtype`` or ``accumulator_dtype`` is not a dtype, or
-      not a float dtype (or uint8 for ``nu_dtype``); if one of our options
+      not a float dtype (or uint8 for ``nu_dtype``), or a float of fewer
+      than 16 bits for ``nu_dtype``; if one of our options
       could not change a number (``weight_decay_mask`` or
       ``decoupled_weight_decay=True`` without a ``weight_decay``,
       ``accumulator_dtype``, ``lr_in_momentum=False`` or ``caution`` without

@@ -14,6 +14,7 @@ drop-in replacements. They add keyword-only options that optax lacks:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -87,6 +88,22 @@ def _check_nu_options(owner, nu_dtype, stochastic_rounding):
       f'{owner}: nu_dtype must be a floating-point dtype or '
       f'jnp.uint8 (8-bit blockwise), not {nu_dtype}.'
     )
+  if nu_dtype is not None and nu_dtype != jnp.uint8:
+    if jnp.finfo(nu_dtype).bits < 16:
+      raise ValueError(
+        f'{owner}: nu_dtype {nu_dtype} has fewer than 16 bits; for an '
+        '8-bit state use nu_dtype=jnp.uint8 (the blockwise code).'
+      )
+    # float64 without x64 is float32, as JAX makes it (with its warning):
+    # the state's dtype, which the update checks, is then the requested one.
+    wide = jax.dtypes.canonicalize_dtype(nu_dtype)
+    if wide != nu_dtype:
+      warnings.warn(
+        f'{owner}: nu_dtype {nu_dtype} is not available without '
+        f'jax_enable_x64; the state is kept in {wide}.',
+        stacklevel=3,
+      )
+      nu_dtype = wide
   if stochastic_rounding and nu_dtype != jnp.bfloat16:
     raise ValueError(
       f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
@@ -143,7 +160,9 @@ def scale_by_rms(
       :mod:`rmsprop_jax.quantization`; it never stores a positive value as
       zero, and rounds stochastically). For complex parameters a real
       ``nu_dtype`` gives a real ``nu`` (``|g|**2`` is real) and a complex
-      ``mu`` of the same precision.
+      ``mu`` of at least complex64. A float of fewer than 16 bits raises
+      ``ValueError``; float64 without ``jax_enable_x64`` becomes float32,
+      with a warning, as JAX makes it.
     stochastic_rounding: with ``nu_dtype=jnp.bfloat16``, compute the
       moment in (at least) float32 and round it to bfloat16 up or down at
       random, in proportion to its distance to each neighbour, instead of

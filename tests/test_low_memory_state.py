@@ -275,6 +275,24 @@ def test_bad_storage_arguments_are_refused():
     rmsprop_jax.rmsprop(0.1, stochastic_rounding=True)
   with pytest.raises(ValueError, match='nu_dtype must be'):
     rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.int32)
+  # An 8-bit float would fail later, in the update, with JAX's promotion
+  # error: refused at once, pointing at the 8-bit code.
+  for narrow in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    with pytest.raises(ValueError, match='fewer than 16 bits.*jnp.uint8'):
+      rmsprop_jax.scale_by_stddev(nu_dtype=narrow)
+
+
+@pytest.mark.skipif(jax.config.jax_enable_x64, reason='float64 is available')
+def test_float64_state_without_x64_is_float32_with_a_warning():
+  """As JAX makes a float64 request float32 without x64: the optimizer
+  says so once, and its own state then passes its layout check (it was
+  refused as 'made by another variant')."""
+  with pytest.warns(UserWarning, match='float64 is not available'):
+    tx = rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.float64)
+  params = {'w': jnp.ones(3)}
+  state = tx.init(params)
+  _, state = tx.update(params, state, params)
+  assert optax.tree.get(state, 'nu')['w'].dtype == jnp.float32
 
 
 def test_stochastic_bf16_keeps_infinities_and_nans():
