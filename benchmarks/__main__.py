@@ -42,8 +42,9 @@ def main(argv=None):
     '--out',
     default=None,
     metavar='DIR',
-    help='output folder (default: benchmarks/results, or '
-    'benchmarks/results/quick with --quick)',
+    help='output folder (default: benchmarks/results, the committed '
+    'results, which a partial run overwrites; benchmarks/results/quick '
+    'with --quick)',
   )
   parser.add_argument(
     '--trees',

@@ -437,6 +437,14 @@ def markdown(payload) -> str:
     f'cores); jax {env["jax"]}, optax {env["optax"]}; {env["date"]}.'
     + (f' {payload["note"]}.' if payload.get('note') else ''),
     '',
+  ]
+  if payload.get('quick'):
+    lines += [
+      '**A smoke run (`--quick`): 3 seeds and short training. Its intervals '
+      'and verdicts show that the study runs, not how the states compare.**',
+      '',
+    ]
+  lines += [
     'Each seed fixes the initialisation and the minibatch order; the same '
     'seeds train with float32 state and with each narrow state, all at '
     "float32 RMSprop's learning rate tuned on its own seeds (decay "

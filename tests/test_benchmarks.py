@@ -253,8 +253,11 @@ def test_low_memory_study_pairs_seeds_and_its_intervals_are_right(
 
   from benchmarks import low_memory
 
-  _, get = quick_results
+  out, get = quick_results
   payload = get('low_memory')
+  # A smoke run's verdicts must not pass for results.
+  assert 'A smoke run' in (out / 'low_memory.md').read_text()
+  assert 'A smoke run' not in low_memory.markdown({**payload, 'quick': False})
   for name, r in payload['problems'].items():
     assert set(r['runs']) == set(low_memory.STATES), name
     for state in low_memory.NARROW:
