@@ -8,7 +8,8 @@ bfloat16's resolution (0.4 %), and it stops following the gradients.
 Stochastic rounding (round up with probability equal to the distance to the
 lower neighbour) is unbiased, so the EMA follows them on average. Its random
 bits are a cheap integer hash of the element's position, the step and the
-leaf, not ``jax.random``: no key to carry, and nearly free.
+leaf, not ``jax.random``: no key to carry, and nearly free (and the same for
+every member of a ``vmap``).
 
 The 8-bit code (:class:`Blockwise8bit`) stores, per block of
 :data:`BLOCK_SIZE` elements, the block's maximum in float32 and, per element,
@@ -56,7 +57,9 @@ def hash_bits(shape, step, salt: int) -> jax.Array:
   ``shape`` is the output's; ``step`` (an int32 scalar, traced or not) is
   the optimizer's step count and ``salt`` (a Python int) tells leaves and
   moments apart, so that every element, step and leaf gets its own bits.
-  Returns a uint32 array of ``shape``.
+  The bits do not depend on the values or on any seed: the members of a
+  ``vmap`` (an ensemble, or seeds trained side by side) round with the same
+  bits, each still without bias. Returns a uint32 array of ``shape``.
 
   The step and the salt are mixed once, on the scalar, by ``lowbias32``
   (C. Wellons' integer hash) into a seed ``s``; each element's flat index
