@@ -14,7 +14,6 @@ drop-in replacements. They add keyword-only options that optax lacks:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import jax
@@ -94,16 +93,6 @@ def _check_nu_options(owner, nu_dtype, stochastic_rounding):
         f'{owner}: nu_dtype {nu_dtype} has fewer than 16 bits; for an '
         '8-bit state use nu_dtype=jnp.uint8 (the blockwise code).'
       )
-    # float64 without x64 is float32, as JAX makes it (with its warning):
-    # the state's dtype, which the update checks, is then the requested one.
-    wide = jax.dtypes.canonicalize_dtype(nu_dtype)
-    if wide != nu_dtype:
-      warnings.warn(
-        f'{owner}: nu_dtype {nu_dtype} is not available without '
-        f'jax_enable_x64; the state is kept in {wide}.',
-        stacklevel=3,
-      )
-      nu_dtype = wide
   if stochastic_rounding and nu_dtype != jnp.bfloat16:
     raise ValueError(
       f'{owner}: stochastic_rounding applies to nu_dtype=jnp.bfloat16 '
@@ -161,8 +150,8 @@ def scale_by_rms(
       zero, and rounds stochastically). For complex parameters a real
       ``nu_dtype`` gives a real ``nu`` (``|g|**2`` is real) and a complex
       ``mu`` of at least complex64. A float of fewer than 16 bits raises
-      ``ValueError``; float64 without ``jax_enable_x64`` becomes float32,
-      with a warning, as JAX makes it.
+      ``ValueError``; float64 without ``jax_enable_x64`` is float32, as JAX
+      makes it (``init`` warns).
     stochastic_rounding: with ``nu_dtype=jnp.bfloat16``, compute the
       moment in (at least) float32 and round it to bfloat16 up or down at
       random, in proportion to its distance to each neighbour, instead of
@@ -395,7 +384,9 @@ def _scale_by_moments(
         moments += [('mu', x) for x in jax.tree.leaves(state.mu)]
       # nu is real; a complex parameter's mu is complex, of nu_dtype's
       # precision (state_dtype above).
-      expect = lambda name, x: (
+      # Without x64, JAX makes a float64 state float32 (init warns): the
+      # dtype expected is the one JAX gives now, where the update is traced.
+      expect = lambda name, x: jax.dtypes.canonicalize_dtype(
         jnp.promote_types(nu_dtype, jnp.complex64)
         if name == 'mu' and jnp.iscomplexobj(x)
         else nu_dtype
