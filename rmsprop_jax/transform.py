@@ -382,8 +382,8 @@ def _scale_by_moments(
       moments = [('nu', x) for x in jax.tree.leaves(state.nu)]
       if centered:
         moments += [('mu', x) for x in jax.tree.leaves(state.mu)]
-      # nu is real; a complex parameter's mu is complex, of nu_dtype's
-      # precision (state_dtype above).
+      # nu is real; a complex parameter's mu is complex, the promotion of
+      # nu_dtype and complex64 (state_dtype above).
       # Without x64, JAX makes a float64 state float32 (init warns): the
       # dtype expected is the one JAX gives now, where the update is traced.
       expect = lambda name, x: jax.dtypes.canonicalize_dtype(
