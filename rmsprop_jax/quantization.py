@@ -15,7 +15,7 @@ The 8-bit code (:class:`Blockwise8bit`) stores, per block of
 :data:`BLOCK_SIZE` elements, the block's maximum in float32 and, per element,
 a tiny unsigned float relative to it: 5 exponent bits ``e`` and 3 mantissa
 bits ``m`` (code ``8 * e + m``) standing for ``max * 2**(e - 31) * (1 + m/8)``.
-The code book spans 32 octaves below the block maximum, 6 to 12.5 % apart,
+The code book spans 32 octaves below the block maximum, 6.7 to 12.5 % apart,
 and has no zero, so a positive second moment is never rounded to zero (which
 would blow up ``1 / sqrt(nu)``); values below the smallest code round up to
 it, and only a block that is entirely zero stores zero. Coding is integer
