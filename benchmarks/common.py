@@ -66,6 +66,29 @@ def from_examples(name: str):
     sys.path.remove(folder)
 
 
+def adding_gru(length: int = 20, hidden: int = 16):
+  """The recurrent task of ``examples/adding_gru.py``, shorter and smaller,
+  as the convergence suite and the low-memory study train it: ``init(key)``,
+  ``loss(params, key, batch_size=32)`` (the MSE on a fresh batch),
+  ``mse(params, x, y)`` and ``batch(key, n)``."""
+  adding = from_examples('adding_gru')
+  model = adding.GRURegressor(hidden)
+
+  def init(key):
+    return model.init(key, jax.numpy.zeros((1, length, 2)))
+
+  def mse(params, x, y):
+    return jax.numpy.mean((model.apply(params, x) - y) ** 2)
+
+  def batch(key, n):
+    return adding.adding_batch(key, n, length)
+
+  def loss(params, key, batch_size=32):
+    return mse(params, *batch(key, batch_size))
+
+  return init, loss, mse, batch
+
+
 def calibrate(call: Callable[[], None], target_s: float) -> int:
   """How many back-to-back calls take about ``target_s`` (after warm-up)."""
   call()

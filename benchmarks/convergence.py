@@ -155,17 +155,7 @@ def _digits_mlp():
 
 def _adding_gru():
   # The recurrent task of examples/adding_gru.py, shorter and smaller.
-  adding = common.from_examples('adding_gru')
-  GRURegressor, adding_batch = adding.GRURegressor, adding.adding_batch
-  length, model = 20, GRURegressor(16)
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, length, 2)))
-
-  def loss(p, key, batch=32):
-    x, y = adding_batch(key, batch, length)
-    return jnp.mean((model.apply(p, x) - y) ** 2)
-
+  init, loss, _, _ = common.adding_gru()
   evaluate = lambda p: loss(p, jax.random.PRNGKey(12345), 256)
   return Problem(
     init,

@@ -109,22 +109,11 @@ def _digits_mlp():
 
 
 def _adding_gru():
-  adding = common.from_examples('adding_gru')
-  GRURegressor, adding_batch = adding.GRURegressor, adding.adding_batch
-  length, model = 20, GRURegressor(16)
-
-  def init(key):
-    return model.init(key, jnp.zeros((1, length, 2)))
-
-  def loss(p, key):
-    x, y = adding_batch(key, 32, length)
-    return jnp.mean((model.apply(p, x) - y) ** 2)
-
-  held_out = adding_batch(jax.random.PRNGKey(2**31 - 1), 1024, length)
+  init, loss, mse, batch = common.adding_gru()
+  held_out = batch(jax.random.PRNGKey(2**31 - 1), 1024)
 
   def metrics(p):
-    x, y = held_out
-    return {'held-out MSE': jnp.mean((model.apply(p, x) - y) ** 2)}
+    return {'held-out MSE': mse(p, *held_out)}
 
   return Problem(
     init,
