@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import jax
+
 _registered = False
 _PACKED_KEY = 'packed_small_leaves'
 
@@ -29,7 +31,26 @@ def register_with_flax() -> None:
     quantization,  # pylint: disable=g-import-not-at-top
   )
 
+  def check_restored(target, state):
+    """Raises if every array in ``state`` is the target's own: the
+    checkpoint held nothing for this part, and the restore (Flax's
+    Orbax-backed ``restore_checkpoint`` fills keys missing from the
+    checkpoint with the target's values) would hand back a fresh state."""
+    own = {id(x) for x in jax.tree.leaves(target)}
+    leaves = jax.tree.leaves(state)
+    if leaves and all(id(x) in own for x in leaves):
+      raise ValueError(
+        f'rmsprop_jax: the checkpoint holds nothing for the packed or 8-bit '
+        f'optimizer state at {serialization.current_path()} (it was saved '
+        'in another layout, e.g. by optax.rmsprop or by this optimizer '
+        'with packing=False or another nu_dtype); restoring would leave '
+        'the fresh state there. Restore it into the state of the optimizer '
+        'that saved it, then convert: '
+        '`rmsprop_jax.pack_state(state, tx, params)`.'
+      )
+
   def restore_packed_state(target, state):
+    check_restored(target, state)
     if not isinstance(state, dict) or set(state) != {_PACKED_KEY}:
       raise ValueError(
         f'rmsprop_jax: cannot restore a plain (optax-layout) optimizer '
@@ -46,6 +67,7 @@ def register_with_flax() -> None:
     )
 
   def restore_children(state, names, children, rebuild):
+    check_restored(children, state)
     if not isinstance(state, dict) or set(state) != set(names):
       raise ValueError(
         f'rmsprop_jax: the checkpoint at {serialization.current_path()} '

@@ -179,6 +179,46 @@ def same_structure(a: Any, b: Any) -> bool:
   return bool(structure == jax.tree.structure(b))
 
 
+def _children(x: Any) -> list | None:
+  """``x``'s children as (key, child) pairs, or None for a leaf."""
+  flat = jax.tree_util.tree_flatten_with_path(x, is_leaf=lambda y: y is not x)[
+    0
+  ]
+  if len(flat) == 1 and flat[0][0] == () and flat[0][1] is x:
+    return None
+  return [(p[0], c) for p, c in flat]
+
+
+def _kind(x: Any) -> str:
+  if hasattr(x, 'shape') and _children(x) is None:
+    return f'an array of shape {tuple(np.shape(x))}'
+  return f'a {type(x).__name__}'
+
+
+def first_difference(a: Any, b: Any) -> str:
+  """Where two trees' structures first differ, in a few words (a path and
+  the two node kinds or keys), never a whole tree definition."""
+  queue = [((), a, b)]
+  while queue:
+    path, x, y = queue.pop(0)
+    kx, ky = _children(x), _children(y)
+    where = jax.tree_util.keystr(path) or '(the root)'
+    if kx is None and ky is None:
+      continue
+    if kx is None or ky is None or type(x) is not type(y):
+      return f'at {where}: {_kind(x)} against {_kind(y)}'
+    keys_x = [jax.tree_util.keystr((k,)) for k, _ in kx]
+    keys_y = [jax.tree_util.keystr((k,)) for k, _ in ky]
+    if keys_x != keys_y:
+      return (
+        f'at {where}: {type(x).__name__} with children '
+        f'{", ".join(keys_x[:4]) or "none"} against '
+        f'{", ".join(keys_y[:4]) or "none"}'
+      )
+    queue += [((*path, k), cx, cy) for (k, cx), (_, cy) in zip(kx, ky)]
+  return 'in their static data (e.g. a recorded shape or layout)'
+
+
 def check_same_tree(
   owner: str, what: str, tree: Any, ref_what: str, ref: Any
 ) -> None:
@@ -198,7 +238,7 @@ def check_same_tree(
         f'not in the {ref_what}: {", ".join(extra)}' if extra else '',
       )
       if part
-    ) or (f'{jax.tree.structure(tree)} != {jax.tree.structure(ref)}')
+    ) or first_difference(tree, ref)
     raise ValueError(
       f'{owner}: the {what} tree does not match the {ref_what} tree ({detail}).'
     )

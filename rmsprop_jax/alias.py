@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _validation, transform
+from rmsprop_jax import _validation, quantization, transform
 from rmsprop_jax import packing as packing_lib
 
 MaskOrFn = Any | Callable[[optax.Params], Any] | None
@@ -473,7 +473,8 @@ def _keep_dtypes(
   def cast(new, old):
     if old is None or not hasattr(new, 'astype'):
       return new
-    return new.astype(jnp.result_type(old))
+    # A narrower buffer (float16 momentum) saturates rather than store inf.
+    return quantization.saturating_cast(new, jnp.result_type(old))
 
   def update(updates, state, params=None):
     new_updates, new_state = tx.update(updates, state, params)

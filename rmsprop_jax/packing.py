@@ -226,7 +226,7 @@ def is_packed(state: Any) -> bool:
   )
 
 
-def unpack_state(state: Any) -> Any:
+def unpack_state(state: Any, params: Any = None) -> Any:
   """``state`` in ``optax.rmsprop``'s layout: every :class:`PackedState`
   replaced by the state it wraps, with its small leaves unstacked, and every
   8-bit moment (:class:`rmsprop_jax.quantization.Blockwise8bit`) as a
@@ -236,6 +236,12 @@ def unpack_state(state: Any) -> Any:
   state ``optax.rmsprop`` would hold (to save as a checkpoint any optax user
   can restore). Works under ``jit`` and on ``vmap``-ed states; a state with
   nothing packed is returned as it is. :func:`pack_state` is the inverse.
+
+  ``params`` (the parameters, or a tree of their shapes) is needed only
+  for an 8-bit state that its container wrote back as plain mappings
+  (``flax.nnx.Optimizer`` rebuilds each coded moment as an ``nnx.State``
+  of ``codes`` and ``scale``, which does not record the shape); without
+  it such a state raises ``ValueError``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
@@ -247,6 +253,9 @@ def unpack_state(state: Any) -> Any:
     ...     optax.rmsprop(0.1).init(params))
     True
   """
+  if params is not None:
+    state = quantization.rebuild_tree(state, params)
+  quantization.check_not_rebuilt(state, 'unpack_state')
   state = quantization.dequantize_tree(state)
 
   def visit(x):
@@ -300,7 +309,7 @@ def pack_state(
     True
   """
   target = jax.eval_shape(tx.init, params)
-  return _convert(unpack_state(state), target, '')
+  return _convert(unpack_state(state, params), target, '')
 
 
 def _convert(src: Any, tgt: Any, path: str) -> Any:
@@ -367,13 +376,43 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
     return {k: _convert(src[k], t, f'{path}[{k!r}]') for k, t in tgt.items()}
   if tgt is None or not jax.tree.leaves(tgt):
     return tgt  # EmptyState, MaskedNode, None and the like: nothing to move.
-  # Any other node (e.g. a Flax variable): same structure, leaf by leaf.
-  if not _validation.same_structure(src, tgt):
+  # Any other node (a FrozenDict, an nnx.State, a Flax variable): the same
+  # nodes down to tgt's arrays and our own layout nodes (an 8-bit moment
+  # stands where the source has an array), converted one by one.
+  ours = lambda x: isinstance(
+    x, (PackedState, Packed, quantization.Blockwise8bit)
+  )
+  parts = jax.tree_util.tree_flatten_with_path(tgt, is_leaf=ours)[0]
+  structure = jax.tree.structure(tgt, is_leaf=ours)
+  try:
+    src_parts = structure.flatten_up_to(src)
+  except (ValueError, TypeError):
     raise ValueError(
-      f'pack_state: the state at {where} has structure '
-      f'{jax.tree.structure(src)}, not {jax.tree.structure(tgt)}.'
-    )
-  return jax.tree.map(lambda x, t: _convert(x, t, path), src, tgt)
+      f'pack_state: the state at {where} is not laid out like the '
+      'parameters, '
+      + _validation.first_difference(src, tree_of_arrays(tgt, ours))
+      + ': it comes from another optimizer, variant or model.'
+    ) from None
+  return structure.unflatten(
+    [
+      _convert(x, t, path + jax.tree_util.keystr(p))
+      for x, (p, t) in zip(src_parts, parts)
+    ]
+  )
+
+
+def tree_of_arrays(tree: Any, is_node: Any) -> Any:
+  """``tree`` with each node that ``is_node`` selects (an 8-bit moment, a
+  stack) shown as the one array it stands for (for error messages)."""
+  return jax.tree.map(
+    lambda x: (
+      jax.ShapeDtypeStruct(getattr(x, 'shape', ()), jnp.float32)
+      if is_node(x)
+      else x
+    ),
+    tree,
+    is_leaf=is_node,
+  )
 
 
 def _describe(x: Any) -> str:

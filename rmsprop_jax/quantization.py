@@ -26,6 +26,7 @@ table), and rounds stochastically, without bias, like the bfloat16 state.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -81,14 +82,14 @@ def hash_bits(shape, step, salt: int) -> jax.Array:
 
 def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
   """float32 -> bfloat16, rounding up with probability equal to the distance
-  to the lower neighbour (in magnitude). Infinities stay infinite and NaN
-  stays NaN. ``step`` and ``salt`` seed the random bits, as in
+  to the lower neighbour (in magnitude). Infinities stay infinite, NaN
+  stays NaN, and a finite value never becomes infinite (past the largest
+  finite bfloat16 it saturates there). ``step`` and ``salt`` seed the random bits, as in
   :func:`hash_bits`; the result has ``x``'s shape, in bfloat16.
 
   Integer work only: 16 random bits are added below bfloat16's last
   mantissa bit and the top half of the float32 is kept (a carry moves the
-  value up to the next bfloat16, or from the largest finite one to
-  infinity, as rounding up should).
+  value up to the next bfloat16).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -105,9 +106,45 @@ def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
   noise = hash_bits(x.shape, step, salt) & jnp.uint32(0xFFFF)
   top = (bits + noise) >> 16
   # A NaN whose payload lies in the dropped bits would truncate to an
-  # infinity: keep it a (quiet) NaN.
+  # infinity: keep it a (quiet) NaN. A finite value that a carry would take
+  # past the largest finite bfloat16 saturates there (top - 1), as
+  # :func:`saturating_cast` does: a finite moment is never stored as inf.
+  finite = (bits & jnp.uint32(0x7F800000)) != jnp.uint32(0x7F800000)
+  overflow = finite & ((top & jnp.uint32(0x7FFF)) == jnp.uint32(0x7F80))
+  top = jnp.where(overflow, top - jnp.uint32(1), top)
   top = jnp.where(jnp.isnan(x), jnp.uint32(0x7FC0), top)
   return jax.lax.bitcast_convert_type(top.astype(jnp.uint16), jnp.bfloat16)
+
+
+def saturating_cast(x: jax.Array, dtype) -> jax.Array:
+  """``x.astype(dtype)``, except that a finite value beyond ``dtype``'s
+  range is stored as ``dtype``'s largest finite value of the same sign,
+  not as an infinity. Infinities and NaN are kept as they are.
+
+  This is how every moment and momentum buffer is stored in a narrower
+  float than it is computed in (a float16 ``nu`` computed in float32): an
+  infinite ``nu`` would turn ``decay * nu`` into NaN at ``decay=0`` and
+  stop that entry for good, where the maths has a finite answer. Casts
+  to a dtype at least as wide, and non-float casts, are plain ``astype``
+  (the same program as optax's).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from rmsprop_jax import quantization
+    >>> x = jnp.array([300.0**2, -1e9, jnp.inf, 2.0])
+    >>> quantization.saturating_cast(x, jnp.float16)
+    Array([ 65504., -65504.,     inf,      2.], dtype=float16)
+  """
+  x = jnp.asarray(x)
+  dtype = jnp.dtype(dtype)
+  if not (
+    jnp.issubdtype(dtype, jnp.floating)
+    and jnp.issubdtype(x.dtype, jnp.floating)
+    and jnp.finfo(dtype).max < jnp.finfo(x.dtype).max
+  ):
+    return x.astype(dtype)
+  big = jnp.asarray(jnp.finfo(dtype).max, x.dtype)
+  return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -212,6 +249,80 @@ def dequantize(q: Blockwise8bit) -> jax.Array:
   size = math.prod(q.shape)
   flat = values.reshape(batch + (-1,))[..., :size]
   return flat.reshape(batch + q.shape)
+
+
+def _is_rebuilt(x) -> bool:
+  """Whether ``x`` is a :class:`Blockwise8bit` that a container rebuilt as
+  a plain mapping of its two arrays (``flax.nnx`` writes an optimizer state
+  back as ``nnx.State`` mappings; Flax state dicts and ``FrozenDict`` do
+  the same). The mapping has lost the static ``shape``."""
+  return (
+    isinstance(x, Mapping)
+    and set(x.keys()) == {'codes', 'scale'}
+    and getattr(x['codes'], 'dtype', None) == jnp.uint8
+  )
+
+
+def rebuild(tree, like):
+  """``tree`` (an 8-bit moment: a tree like ``like``, the gradients or the
+  parameters, whose leaves are :class:`Blockwise8bit`) with every leaf that
+  a container rebuilt as a ``{'codes', 'scale'}`` mapping made a
+  :class:`Blockwise8bit` again, its shape taken from ``like``'s leaf there.
+  A tree that does not match ``like``'s structure is returned as it is
+  (the caller's structure check names the difference)."""
+  refs, treedef = jax.tree.flatten(like)
+  try:
+    parts = treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    return tree
+  if not any(_is_rebuilt(x) for x in parts):
+    return tree
+  return treedef.unflatten(
+    [
+      Blockwise8bit(x['codes'], x['scale'], tuple(np.shape(ref)))
+      if _is_rebuilt(x)
+      else x
+      for x, ref in zip(parts, refs)
+    ]
+  )
+
+
+def rebuild_tree(state, params):
+  """``state`` with every parameter-shaped part in it passed through
+  :func:`rebuild` with ``params``' shapes."""
+  treedef = jax.tree.structure(params)
+
+  def like_params(x) -> bool:
+    try:
+      treedef.flatten_up_to(x)
+    except (ValueError, TypeError):
+      return False
+    return True
+
+  if treedef.num_leaves == 1 and treedef.num_nodes == 1:
+    like_params = _is_rebuilt  # A single array: only its own mapping.
+  return jax.tree.map(
+    lambda x: rebuild(x, params) if like_params(x) else x,
+    state,
+    is_leaf=like_params,
+  )
+
+
+def check_not_rebuilt(tree, owner: str) -> None:
+  """Raises ``ValueError`` if ``tree`` holds an 8-bit moment rebuilt as a
+  plain ``{'codes', 'scale'}`` mapping (see :func:`rebuild`): its shape
+  cannot be known without the parameters."""
+  for path, x in jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=_is_rebuilt
+  )[0]:
+    if _is_rebuilt(x):
+      raise ValueError(
+        f'{owner}: the 8-bit moment at {jax.tree_util.keystr(path)} is a '
+        'plain mapping of codes and scale (its container, e.g. '
+        'flax.nnx.Optimizer, rebuilt it), which does not record the '
+        "parameter's shape: pass the parameters too, "
+        f'`{owner}(state, params)`.'
+      )
 
 
 def dequantize_tree(tree):

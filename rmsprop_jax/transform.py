@@ -60,6 +60,19 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   return 1 / (jnp.sqrt(ms) + eps)
 
 
+def _fresh_full(shape, fill_value: Any, dtype) -> jax.Array:
+  """``jnp.full(shape, fill_value, dtype)`` in a buffer of its own.
+
+  ``jnp.full`` (and ``full_like``, ``lax.full``) hand back ``fill_value``
+  itself when it is already an array of that shape and dtype (an
+  ``initial_scale`` injected by ``optax.inject_hyperparams``, for a scalar
+  parameter): the state would then hold one buffer twice, and donating it
+  to ``jit`` fails ("Attempt to donate the same buffer twice").
+  """
+  x = jnp.full(shape, fill_value, dtype)
+  return jnp.array(x, copy=True) if x is fill_value else x
+
+
 def _validate(owner, decay, eps, initial_scale, **flags):
   """Type and range checks, named after the function the user called;
   ``flags`` must each be True or False."""
@@ -344,7 +357,9 @@ def _scale_by_moments(
       )
     else:
       nu = jax.tree.map(
-        lambda p: jnp.full_like(p, initial_scale, dtype=state_dtype(p, 'nu')),
+        lambda p: _fresh_full(
+          jnp.shape(p), initial_scale, state_dtype(p, 'nu')
+        ),
         params,
       )
     count = jnp.zeros([], jnp.int32)
@@ -430,11 +445,17 @@ def _scale_by_moments(
       ):
         out.append(quantization.stochastic_round_bf16(new, count, salt0 + i))
       else:
-        out.append(new.astype(old.dtype))
+        # A finite moment beyond a narrower storage dtype's range (a float16
+        # nu computed in float32) saturates instead of becoming inf.
+        out.append(quantization.saturating_cast(new, old.dtype))
     return jax.tree.unflatten(treedef, out)
 
   def update_fn(updates, state, params=None):
     del params
+    if eight_bit:
+      # A container that writes the state back (flax.nnx.Optimizer) may
+      # have rebuilt each 8-bit moment as a plain {codes, scale} mapping.
+      state = state._replace(nu=quantization.rebuild(state.nu, updates))
     _check_layout(state)
     old_nu = quantization.dequantize_tree(state.nu)
     _validation.check_same_tree(

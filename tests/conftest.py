@@ -3,17 +3,64 @@
 Comparisons against PyTorch and Keras skip when those are not installed,
 except in CI (``CI=true``), where a missing peer is an error: CI must run
 them.
+
+Hypothesis draws fresh examples on every run, in CI as on a new user's
+machine: the run's seed is drawn at random (or taken from
+``pytest --hypothesis-seed=N``), printed in the header and again after a
+failure, and rerunning with that seed reproduces the failure. No example
+database is kept, so a clone's result never depends on its history.
 """
 
 import functools
 import importlib
 import os
+import secrets
 
 # Keras must pick its backend before it is first imported.
 os.environ.setdefault('KERAS_BACKEND', 'jax')
 
+import hypothesis
 import jax
 import pytest
+from hypothesis import core as hypothesis_core
+
+hypothesis.settings.register_profile(
+  'rmsprop',
+  deadline=None,
+  max_examples=25,
+  derandomize=False,
+  database=None,
+  print_blob=True,
+)
+hypothesis.settings.load_profile('rmsprop')
+
+
+def pytest_configure(config):
+  """Draws the run's Hypothesis seed, unless ``--hypothesis-seed`` gave it."""
+  seed = config.getoption('--hypothesis-seed', default=None)
+  seed = int(seed) if seed is not None else secrets.randbits(32)
+  hypothesis_core.global_force_seed = seed
+  config.stash[_SEED] = seed
+
+
+_SEED = pytest.StashKey[int]()
+
+
+def _seed_line(config) -> str:
+  seed = config.stash[_SEED]
+  return (
+    f'Hypothesis seed: {seed} (rerun the same examples with '
+    f'`pytest --hypothesis-seed={seed}`)'
+  )
+
+
+def pytest_report_header(config):
+  return _seed_line(config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  if exitstatus != 0:
+    terminalreporter.write_line(_seed_line(config))
 
 
 def require(module: str):

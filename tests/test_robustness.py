@@ -5,7 +5,6 @@ Property tests use Hypothesis; the references are optax itself, the same
 computation in a wider dtype, or exact identities of the update rule.
 """
 
-import os
 import pickle
 import subprocess
 import sys
@@ -15,21 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import rmsprop_jax
 
 from helpers import assert_trees_equal
 
-settings.register_profile(
-  'rmsprop',
-  deadline=None,
-  max_examples=25,
-  # CI runs the same examples every time; locally Hypothesis explores.
-  derandomize=os.environ.get('CI', '').lower() == 'true',
-)
-settings.load_profile('rmsprop')
+# Hypothesis' profile (fresh examples every run, the seed printed, no
+# example database) is set in conftest.py.
 
 DTYPES = {
   'float32': jnp.float32,
