@@ -198,7 +198,7 @@ def _kind(x: Any) -> str:
 def first_difference(a: Any, b: Any) -> str:
   """Where two trees' structures first differ, in a few words (a path and
   the two node kinds or keys), never a whole tree definition."""
-  queue = [((), a, b)]
+  queue: list[tuple[tuple, Any, Any]] = [((), a, b)]
   while queue:
     path, x, y = queue.pop(0)
     kx, ky = _children(x), _children(y)

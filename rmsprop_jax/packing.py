@@ -383,7 +383,7 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
     x, (PackedState, Packed, quantization.Blockwise8bit)
   )
   parts = jax.tree_util.tree_flatten_with_path(tgt, is_leaf=ours)[0]
-  structure = jax.tree.structure(tgt, is_leaf=ours)
+  structure: Any = jax.tree.structure(tgt, is_leaf=ours)
   try:
     src_parts = structure.flatten_up_to(src)
   except (ValueError, TypeError):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -270,7 +271,9 @@ def rebuild(tree, like):
   :class:`Blockwise8bit` again, its shape taken from ``like``'s leaf there.
   A tree that does not match ``like``'s structure is returned as it is
   (the caller's structure check names the difference)."""
-  refs, treedef = jax.tree.flatten(like)
+  refs = jax.tree.leaves(like)
+  # Typed Any: jaxlib's stub for PyTreeDef declares none of its methods.
+  treedef: Any = jax.tree.structure(like)
   try:
     parts = treedef.flatten_up_to(tree)
   except (ValueError, TypeError):
@@ -290,7 +293,7 @@ def rebuild(tree, like):
 def rebuild_tree(state, params):
   """``state`` with every parameter-shaped part in it passed through
   :func:`rebuild` with ``params``' shapes."""
-  treedef = jax.tree.structure(params)
+  treedef: Any = jax.tree.structure(params)
 
   def like_params(x) -> bool:
     try:
