@@ -29,6 +29,7 @@ backend or the number of devices.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -241,7 +242,9 @@ def unpack_state(state: Any, params: Any = None) -> Any:
   for an 8-bit state that its container wrote back as plain mappings
   (``flax.nnx.Optimizer`` rebuilds each coded moment as an ``nnx.State``
   of ``codes`` and ``scale``, which does not record the shape); without
-  it such a state raises ``ValueError``.
+  it such a state raises ``ValueError``. Flax NNX variables (the
+  ``OptVariable`` wrappers of an ``nnx.Optimizer``'s ``opt_state``, the
+  ``Param`` of its parameters) are read as their values.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, rmsprop_jax
@@ -253,8 +256,9 @@ def unpack_state(state: Any, params: Any = None) -> Any:
     ...     optax.rmsprop(0.1).init(params))
     True
   """
+  state = _values(state)
   if params is not None:
-    state = quantization.rebuild_tree(state, params)
+    state = quantization.rebuild_tree(state, _values(params))
   quantization.check_not_rebuilt(state, 'unpack_state')
   state = quantization.dequantize_tree(state)
 
@@ -265,6 +269,20 @@ def unpack_state(state: Any, params: Any = None) -> Any:
 
   return jax.tree.map(
     visit, state, is_leaf=lambda x: isinstance(x, (PackedState, Packed))
+  )
+
+
+def _values(tree: Any) -> Any:
+  """``tree`` with each Flax NNX variable (an ``nnx.Optimizer``'s
+  ``opt_state`` holds ``OptVariable`` and ``OptArray`` wrappers, its
+  parameters ``Param``) replaced by its value: unpacking slices arrays.
+  Without ``flax.nnx`` imported there are none."""
+  nnx = sys.modules.get('flax.nnx')
+  if nnx is None:
+    return tree
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(
+    lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
   )
 
 
@@ -331,6 +349,11 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
     )
     return jax.tree.map(lambda x, t: _convert(x, t, path), packed, tgt)
   if isinstance(tgt, quantization.Blockwise8bit):
+    if isinstance(src, (tuple, list, dict)) or np.shape(src) != tgt.shape:
+      raise ValueError(
+        f'pack_state: the state at {where} should be an array of shape '
+        f'{tgt.shape}, not {_describe(src)}.'
+      )
     return quantization.quantize(jnp.asarray(src, jnp.float32), 0, 0)
   if isinstance(tgt, jax.ShapeDtypeStruct):
     if isinstance(src, (tuple, list, dict)) or np.shape(src) != tgt.shape:
