@@ -258,8 +258,8 @@ def unpack_state(state: Any, params: Any = None) -> Any:
   """
   state = _values(state)
   if params is not None:
-    state = quantization.rebuild_tree(state, _values(params))
-  quantization.check_not_rebuilt(state, 'unpack_state')
+    state = quantization._rebuild_tree(state, _values(params))
+  quantization._check_not_rebuilt(state, 'unpack_state')
   state = quantization.dequantize_tree(state)
 
   def visit(x):
@@ -413,7 +413,7 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
     raise ValueError(
       f'pack_state: the state at {where} is not laid out like the '
       'parameters, '
-      + _validation.first_difference(src, tree_of_arrays(tgt, ours))
+      + _validation.first_difference(src, _tree_of_arrays(tgt, ours))
       + ': it comes from another optimizer, variant or model.'
     ) from None
   return structure.unflatten(
@@ -424,7 +424,7 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
   )
 
 
-def tree_of_arrays(tree: Any, is_node: Any) -> Any:
+def _tree_of_arrays(tree: Any, is_node: Any) -> Any:
   """``tree`` with each node that ``is_node`` selects (an 8-bit moment, a
   stack) shown as the one array it stands for (for error messages)."""
   return jax.tree.map(

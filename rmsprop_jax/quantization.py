@@ -132,9 +132,9 @@ def saturating_cast(x: jax.Array, dtype) -> jax.Array:
   Examples:
     >>> import jax.numpy as jnp
     >>> from rmsprop_jax import quantization
-    >>> x = jnp.array([300.0**2, -1e9, jnp.inf, 2.0])
-    >>> quantization.saturating_cast(x, jnp.float16)
-    Array([ 65504., -65504.,     inf,      2.], dtype=float16)
+    >>> x = jnp.array([300.0**2, -1e9, jnp.inf])
+    >>> quantization.saturating_cast(x, jnp.float16).tolist()
+    [65504.0, -65504.0, inf]
   """
   x = jnp.asarray(x)
   dtype = jnp.dtype(dtype)
@@ -264,7 +264,7 @@ def _is_rebuilt(x) -> bool:
   )
 
 
-def rebuild(tree, like):
+def _rebuild(tree, like):
   """``tree`` (an 8-bit moment: a tree like ``like``, the gradients or the
   parameters, whose leaves are :class:`Blockwise8bit`) with every leaf that
   a container rebuilt as a ``{'codes', 'scale'}`` mapping made a
@@ -290,9 +290,9 @@ def rebuild(tree, like):
   )
 
 
-def rebuild_tree(state, params):
+def _rebuild_tree(state, params):
   """``state`` with every parameter-shaped part in it passed through
-  :func:`rebuild` with ``params``' shapes."""
+  ``_rebuild`` with ``params``' shapes."""
   treedef: Any = jax.tree.structure(params)
 
   def like_params(x) -> bool:
@@ -305,15 +305,15 @@ def rebuild_tree(state, params):
   if treedef.num_leaves == 1 and treedef.num_nodes == 1:
     like_params = _is_rebuilt  # A single array: only its own mapping.
   return jax.tree.map(
-    lambda x: rebuild(x, params) if like_params(x) else x,
+    lambda x: _rebuild(x, params) if like_params(x) else x,
     state,
     is_leaf=like_params,
   )
 
 
-def check_not_rebuilt(tree, owner: str) -> None:
+def _check_not_rebuilt(tree, owner: str) -> None:
   """Raises ``ValueError`` if ``tree`` holds an 8-bit moment rebuilt as a
-  plain ``{'codes', 'scale'}`` mapping (see :func:`rebuild`): its shape
+  plain ``{'codes', 'scale'}`` mapping (see ``_rebuild``): its shape
   cannot be known without the parameters."""
   for path, x in jax.tree_util.tree_flatten_with_path(
     tree, is_leaf=_is_rebuilt

@@ -60,16 +60,17 @@ def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   return 1 / (jnp.sqrt(ms) + eps)
 
 
-def _fresh_full(shape, fill_value: Any, dtype) -> jax.Array:
-  """``jnp.full(shape, fill_value, dtype)`` in a buffer of its own.
+def _fresh_full(like, fill_value: Any, dtype) -> jax.Array:
+  """``jnp.full_like(like, fill_value, dtype)`` (with ``like``'s sharding)
+  in a buffer of its own.
 
-  ``jnp.full`` (and ``full_like``, ``lax.full``) hand back ``fill_value``
-  itself when it is already an array of that shape and dtype (an
-  ``initial_scale`` injected by ``optax.inject_hyperparams``, for a scalar
-  parameter): the state would then hold one buffer twice, and donating it
-  to ``jit`` fails ("Attempt to donate the same buffer twice").
+  ``full_like`` hands back ``fill_value`` itself when it is already an
+  array of that shape and dtype (an ``initial_scale`` injected by
+  ``optax.inject_hyperparams``, for a scalar parameter): the state would
+  then hold one buffer twice, and donating it to ``jit`` fails ("Attempt
+  to donate the same buffer twice").
   """
-  x = jnp.full(shape, fill_value, dtype)
+  x = jnp.full_like(like, fill_value, dtype=dtype)
   return jnp.array(x, copy=True) if x is fill_value else x
 
 
@@ -178,11 +179,11 @@ def scale_by_rms(
 
   Examples:
     >>> import jax.numpy as jnp, rmsprop_jax
-    >>> tx = rmsprop_jax.scale_by_rms(decay=0.9)
+    >>> tx = rmsprop_jax.scale_by_rms(decay=0.75)
     >>> state = tx.init({'w': jnp.zeros(2)})
     >>> u, state = tx.update({'w': jnp.array([1.0, -2.0])}, state)
-    >>> u['w']  # about sign(g) / sqrt(1 - 0.9): eps is inside the root
-    Array([ 3.1622775, -3.1622777], dtype=float32)
+    >>> u['w']  # sign(g) / sqrt(1 - 0.75), to float32's precision
+    Array([ 2., -2.], dtype=float32)
   """
   _validate(
     'scale_by_rms',
@@ -357,9 +358,7 @@ def _scale_by_moments(
       )
     else:
       nu = jax.tree.map(
-        lambda p: _fresh_full(
-          jnp.shape(p), initial_scale, state_dtype(p, 'nu')
-        ),
+        lambda p: _fresh_full(p, initial_scale, state_dtype(p, 'nu')),
         params,
       )
     count = jnp.zeros([], jnp.int32)
@@ -455,7 +454,7 @@ def _scale_by_moments(
     if eight_bit:
       # A container that writes the state back (flax.nnx.Optimizer) may
       # have rebuilt each 8-bit moment as a plain {codes, scale} mapping.
-      state = state._replace(nu=quantization.rebuild(state.nu, updates))
+      state = state._replace(nu=quantization._rebuild(state.nu, updates))
     _check_layout(state)
     old_nu = quantization.dequantize_tree(state.nu)
     _validation.check_same_tree(
