@@ -59,6 +59,7 @@ def effective_learning_rate(
   decay: jax.typing.ArrayLike | None = None,
   clamp_variance: bool = True,
   bias_correction: bool | None = None,
+  params: Any = None,
 ) -> optax.Updates:
   r"""Per-parameter effective learning rate: :math:`\eta/\sqrt{s+\epsilon}`
   or :math:`\eta/(\sqrt{s}+\epsilon)`.
@@ -91,6 +92,9 @@ def effective_learning_rate(
       the state has a step count, which ``bias_correction=True`` adds, but
       so do stochastic rounding and the 8-bit ``nu``: for those, pass
       ``False``.
+    params: the parameters; needed only for an 8-bit state that
+      ``flax.nnx.Optimizer`` wrote back (see
+      :func:`rmsprop_jax.unpack_state <rmsprop_jax.packing.unpack_state>`).
 
   Returns:
     A tree like the parameters: the effective learning rate of each entry.
@@ -111,7 +115,7 @@ def effective_learning_rate(
     >>> rmsprop_jax.effective_learning_rate(state, 0.01)['w']
     Array([0.06324553, 0.00790569], dtype=float32)
   """
-  moments = _moment_state(packing.unpack_state(state))
+  moments = _moment_state(packing.unpack_state(state, params))
   nu = moments.nu
   mu = getattr(moments, 'mu', None)
   if bias_correction is None:

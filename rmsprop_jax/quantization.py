@@ -324,7 +324,7 @@ def _check_not_rebuilt(tree, owner: str) -> None:
         'plain mapping of codes and scale (its container, e.g. '
         'flax.nnx.Optimizer, rebuilt it), which does not record the '
         "parameter's shape: pass the parameters too, "
-        f'`{owner}(state, params)`.'
+        f'`{owner}(state, params)` (or `params=` where it is a keyword).'
       )
 
 

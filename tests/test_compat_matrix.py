@@ -716,6 +716,18 @@ def test_case1_nnx_optimizer_with_8bit_state(jit):
     strict=False,
     params=_unwrap(nnx.state(model, nnx.Param)),
   )
+  # The diagnostics read the written-back state given the parameters, and
+  # without them say what to pass.
+  eff = lambda state, **kw: rmsprop_jax.effective_learning_rate(
+    state, 1e-3, bias_correction=False, **kw
+  )
+  assert_same_leaves(
+    eff(optimizer.opt_state, params=nnx.state(model, nnx.Param)),
+    eff(ref_state),
+    'effective learning rate',
+  )
+  with pytest.raises(ValueError, match='pass the parameters'):
+    eff(optimizer.opt_state)
 
 
 def test_case2_donating_a_fresh_injected_state():
