@@ -8,11 +8,20 @@ value implies.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def is_nnx_variable(x: Any) -> bool:
+  """Whether ``x`` is a Flax NNX variable (``nnx.Param``, an
+  ``nnx.Optimizer``'s ``OptVariable``); never, without ``flax.nnx``
+  imported."""
+  nnx = sys.modules.get('flax.nnx')
+  return nnx is not None and isinstance(x, nnx.Variable)
 
 
 def concrete(value: Any) -> np.ndarray | None:

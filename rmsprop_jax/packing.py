@@ -29,7 +29,7 @@ backend or the number of devices.
 from __future__ import annotations
 
 import math
-import sys
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -277,10 +277,7 @@ def _values(tree: Any) -> Any:
   ``opt_state`` holds ``OptVariable`` and ``OptArray`` wrappers, its
   parameters ``Param``) replaced by its value: unpacking slices arrays.
   Without ``flax.nnx`` imported there are none."""
-  nnx = sys.modules.get('flax.nnx')
-  if nnx is None:
-    return tree
-  is_variable = lambda x: isinstance(x, nnx.Variable)
+  is_variable = _validation.is_nnx_variable
   return jax.tree.map(
     lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
   )
@@ -326,7 +323,9 @@ def pack_state(
     >>> jax.tree.structure(state) == jax.tree.structure(tx.init(params))
     True
   """
-  target = jax.eval_shape(tx.init, params)
+  # Flax NNX variables (an nnx.State of Params) are read as their values:
+  # the result holds arrays, as unpack_state's does.
+  target = jax.eval_shape(tx.init, _values(params))
   return _convert(unpack_state(state, params), target, '')
 
 
@@ -362,6 +361,21 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
         f'{tgt.shape}, not {_describe(src)}.'
       )
     return jnp.asarray(src).astype(tgt.dtype)
+  # skip_nonfinite wraps the state in optax's ApplyIfFiniteState: a plain
+  # state is wrapped (no step skipped yet), a wrapped one unwrapped.
+  if isinstance(tgt, optax.ApplyIfFiniteState) and not isinstance(
+    src, optax.ApplyIfFiniteState
+  ):
+    return optax.ApplyIfFiniteState(
+      notfinite_count=jnp.zeros(tgt.notfinite_count.shape, jnp.int32),
+      last_finite=jnp.ones(tgt.last_finite.shape, jnp.bool_),
+      total_notfinite=jnp.zeros(tgt.total_notfinite.shape, jnp.int32),
+      inner_state=_convert(src, tgt.inner_state, path + '.inner_state'),
+    )
+  if isinstance(src, optax.ApplyIfFiniteState) and not isinstance(
+    tgt, optax.ApplyIfFiniteState
+  ):
+    return _convert(src.inner_state, tgt, path)
   if hasattr(tgt, '_fields'):  # A NamedTuple state; match fields by name.
     fields = getattr(src, '_fields', ())
     missing = [f for f in tgt._fields if f not in fields and f != 'count']
@@ -390,13 +404,19 @@ def _convert(src: Any, tgt: Any, path: str) -> Any:
     return type(tgt)(
       _convert(x, t, f'{path}[{i}]') for i, (x, t) in enumerate(zip(src, tgt))
     )
-  if isinstance(tgt, dict):
-    if not isinstance(src, dict) or set(src) != set(tgt):
+  if isinstance(tgt, Mapping) and (
+    isinstance(tgt, dict) or type(src) is not type(tgt)
+  ):
+    # A dict, or another kind of mapping than the source's (a state built
+    # from dict parameters, converted for FrozenDict ones): key by key.
+    if not isinstance(src, Mapping) or set(src) != set(tgt):
       raise ValueError(
-        f'pack_state: the state at {where} should be a dict with keys '
-        f'{sorted(tgt)}, not {_describe(src)}.'
+        f'pack_state: the state at {where} should be a mapping with keys '
+        f'{sorted(tgt)[:6]}, not {_describe(src)}.'
       )
-    return {k: _convert(src[k], t, f'{path}[{k!r}]') for k, t in tgt.items()}
+    converted = {k: _convert(src[k], tgt[k], f'{path}[{k!r}]') for k in tgt}
+    rebuild: Any = type(tgt)
+    return converted if isinstance(tgt, dict) else rebuild(converted)
   if tgt is None or not jax.tree.leaves(tgt):
     return tgt  # EmptyState, MaskedNode, None and the like: nothing to move.
   # Any other node (a FrozenDict, an nnx.State, a Flax variable): the same
@@ -443,6 +463,10 @@ def _describe(x: Any) -> str:
     return f'a {type(x).__name__} with fields {x._fields}'
   if hasattr(x, 'shape'):
     return f'an array of shape {tuple(x.shape)}'
+  if isinstance(x, (tuple, list)):
+    return f'a {type(x).__name__} of {len(x)}'
+  if isinstance(x, Mapping):
+    return f'a {type(x).__name__} with keys {sorted(map(str, x))[:6]}'
   return f'a {type(x).__name__}'
 
 

@@ -53,6 +53,26 @@ def _variance(mu: jax.Array, nu: jax.Array, clamp: bool) -> jax.Array:
   return var
 
 
+def _unknown_where_saturated(var: jax.Array, stored: jax.Array) -> jax.Array:
+  """The centered variance, infinite (a step of 0, as optax takes for an
+  infinite ``nu``) where the stored ``nu`` had saturated at the largest
+  value of a storage dtype narrower than the arithmetic (a float16 ``nu``).
+
+  A saturated ``nu`` is only a lower bound, and ``nu - mu**2`` from it can
+  be far too small (clamped to 0: a step of ``g / sqrt(eps)``). Where the
+  storage is as wide as the arithmetic (optax's arguments on float32
+  parameters) this adds nothing to the program.
+  """
+  if not (
+    jnp.issubdtype(stored.dtype, jnp.floating)
+    and jnp.issubdtype(var.dtype, jnp.floating)
+    and jnp.finfo(stored.dtype).max < jnp.finfo(var.dtype).max
+  ):
+    return var
+  top = jnp.asarray(jnp.finfo(stored.dtype).max, stored.dtype)
+  return jnp.where(stored >= top, jnp.asarray(jnp.inf, var.dtype), var)
+
+
 def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   """``1 / sqrt(ms + eps)`` or ``1 / (sqrt(ms) + eps)``, as optax computes it."""
   if eps_in_sqrt:
@@ -346,7 +366,13 @@ def _scale_by_moments(
     _validation.check_float_leaves(owner, 'parameter', params)
     if eight_bit:
       _serialization.register_with_flax()
-      leaves, treedef = jax.tree.flatten(params)
+      # Each code replaces its parameter's variable too (a Flax NNX Param),
+      # not just the array inside it: NNX updates nodes outside variables
+      # in place, but rebuilds a variable's value as an nnx.State, and the
+      # state would then change form after the first update.
+      leaves, treedef = jax.tree.flatten(
+        params, is_leaf=_validation.is_nnx_variable
+      )
       nu = jax.tree.unflatten(
         treedef,
         [
@@ -527,6 +553,7 @@ def _scale_by_moments(
       ms = jax.tree.map(
         lambda m, n: _variance(m, n, clamp_variance), mu_hat, nu_hat
       )
+      ms = jax.tree.map(_unknown_where_saturated, ms, old_nu)
     else:
       ms = nu_hat
     new_updates = jax.tree.map(

@@ -125,6 +125,10 @@ OPTIONS = {
     R,
     dict(learning_rate=1e-2, packing=True, nu_dtype=jnp.uint8),
   ),
+  'uint8_skip_nonfinite': (
+    R,
+    dict(learning_rate=1e-2, nu_dtype=jnp.uint8, skip_nonfinite=True),
+  ),
   'pytorch': (
     presets.pytorch,
     dict(lr=1e-2, momentum=0.9, weight_decay=1e-4, centered=True),
@@ -155,6 +159,10 @@ OPTAX_EQUIVALENT = {
   'bias_correction': lambda: optax.rmsprop(1e-2, bias_correction=True),
   'skip_nonfinite': lambda: optax.apply_if_finite(
     optax.rmsprop(1e-2), max_consecutive_errors=2**30
+  ),
+  # (optax's wrapper around our 8-bit optimizer: what skip_nonfinite is.)
+  'uint8_skip_nonfinite': lambda: optax.apply_if_finite(
+    R(1e-2, nu_dtype=jnp.uint8), max_consecutive_errors=2**30
   ),
 }
 
@@ -203,7 +211,7 @@ def make_grads(option, params, seed=0, nan=True):
       )
       for i, x in enumerate(leaves)
     ]
-    if nan and option == 'skip_nonfinite' and t == NAN_STEP:
+    if nan and 'skip_nonfinite' in option and t == NAN_STEP:
       i = next(i for i, x in enumerate(g) if x.size > 1)
       g[i] = g[i].reshape(-1).at[0].set(jnp.nan).reshape(g[i].shape)
     grads.append(jax.tree.unflatten(treedef, g))
@@ -557,7 +565,7 @@ def place_vmap(option, tmp_path):
   step = jax.jit(jax.vmap(train_step(tx)))
   for g in grads:
     params, state = step(params, state, g)
-  if option in ('bias_correction', 'skip_nonfinite'):
+  if option in ('bias_correction', 'skip_nonfinite', 'uint8_skip_nonfinite'):
     # Compiled otherwise under vmap (see the module's docstring): optax's
     # own program in the same vmap gives the same bits.
     optax_tx = OPTAX_EQUIVALENT[option]()
@@ -921,3 +929,168 @@ def test_case5_float16_decay_zero_forgets_an_overflow(name):
   for u in updates[1:]:
     assert u['w'].dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(u['w']), want)
+
+
+# -- From the fresh review: where NNX, Flax and optax wrappers hold the
+# state ------------------------------------------------------------------
+
+
+def _linear_loss(model):
+  return jnp.mean(model(jnp.linspace(-1.0, 1.0, 4 * 300).reshape(4, 300)) ** 2)
+
+
+WRAPPED_8BIT = {
+  'skip_nonfinite': lambda: R(1e-3, nu_dtype=jnp.uint8, skip_nonfinite=True),
+  'skip_packing': lambda: R(
+    1e-3, nu_dtype=jnp.uint8, skip_nonfinite=True, packing=True
+  ),
+  'apply_if_finite': lambda: optax.apply_if_finite(
+    R(1e-3, nu_dtype=jnp.uint8), 3
+  ),
+  'multisteps': lambda: optax.MultiSteps(R(1e-3, nu_dtype=jnp.uint8), 2),
+}
+
+
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'nnx_jit'])
+@pytest.mark.parametrize('name', list(WRAPPED_8BIT))
+def test_8bit_state_in_nnx_under_optax_wrappers(name, jit):
+  """The 8-bit state keeps its form through NNX's write-back, so optax's
+  conditional wrappers (whose two branches must agree) run in
+  ``nnx.Optimizer``; the result is the plain loop's."""
+  model = nnx.Linear(300, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, WRAPPED_8BIT[name](), wrt=nnx.Param)
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tx = WRAPPED_8BIT[name]()
+  state = tx.init(pure)
+  grad = jax.jit(jax.grad(lambda p: _linear_loss(nnx.merge(graphdef, p))))
+  graphdef = nnx.graphdef(model)
+  update = lambda model, opt, grads: opt.update(model, grads)
+  if jit:
+    update = nnx.jit(update)
+  ref_update = jax.jit(tx.update) if jit else tx.update
+  for _ in range(4):
+    g = grad(nnx.state(model, nnx.Param))
+    before = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    want, state = ref_update(nnx.to_pure_dict(g), state, before)
+    assert_same_leaves(update(model, optimizer, g), want, 'updates')
+  assert_same_state(
+    optimizer.opt_state, state, strict=False, params=nnx.state(model)
+  )
+
+
+def test_8bit_nnx_optimizer_in_fori_loop_from_fresh():
+  """A fresh 8-bit ``nnx.Optimizer`` as an ``nnx.fori_loop`` carry: the
+  state has the same form before and after an update."""
+  model = nnx.Linear(300, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, R(1e-3, nu_dtype=jnp.uint8), wrt=nnx.Param)
+  fresh = jax.tree.structure(nnx.as_pure(nnx.state(optimizer)))
+
+  @nnx.jit
+  def run(model, optimizer):
+    def body(i, carry):
+      model, optimizer = carry
+      optimizer.update(model, nnx.grad(_linear_loss)(model))
+      return model, optimizer
+
+    return nnx.fori_loop(0, 3, body, (model, optimizer))
+
+  run(model, optimizer)
+  assert int(optimizer.step[...]) == 3
+  assert jax.tree.structure(nnx.as_pure(nnx.state(optimizer))) == fresh
+
+
+def test_8bit_nnx_pure_dict_checkpoint():
+  """Flax NNX's pure-dict checkpoint idiom (``to_pure_dict`` /
+  ``replace_by_pure_dict``) restores an 8-bit optimizer, which continues
+  as the one saved."""
+  make = lambda seed: nnx.Linear(300, 2, rngs=nnx.Rngs(seed))
+  tx = lambda: R(1e-3, nu_dtype=jnp.uint8)
+  model = make(0)
+  optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
+  for _ in range(2):
+    optimizer.update(model, nnx.grad(_linear_loss)(model))
+  saved = nnx.to_pure_dict(nnx.state((model, optimizer)))
+  other = make(1)
+  restored = nnx.Optimizer(other, tx(), wrt=nnx.Param)
+  state = nnx.state((other, restored))
+  nnx.replace_by_pure_dict(state, saved)
+  nnx.update((other, restored), state)
+  for m, o in ((model, optimizer), (other, restored)):
+    o.update(m, nnx.grad(_linear_loss)(m))
+  assert_same_leaves(nnx.state(other), nnx.state(model), 'model')
+  assert_same_state(
+    restored.opt_state, optimizer.opt_state, strict=False, params=None
+  )
+
+
+@pytest.mark.parametrize('name', ['uint8', 'bf16_sr', 'packing'])
+def test_pack_state_with_nnx_state_params(name):
+  """``pack_state`` takes an ``nnx.State`` of Params, with an optax state
+  built from it or from its pure dict, and converts as for the pure dict."""
+  kwargs = {k: v for k, v in OPTIONS[name][1].items() if k != 'learning_rate'}
+  model = nnx.Linear(300, 2, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  grads = [jax.tree.map(lambda p, i=i: jnp.cos(p * i), pure) for i in (1, 2)]
+  plain = plain_loop(optax.rmsprop(1e-2), pure, grads)[1]
+  tx = R(1e-2, **kwargs)
+  leaves = lambda tree: jax.tree.leaves(_unwrap(tree))
+  for source, pure_source in (
+    (plain, plain),
+    (optax.rmsprop(1e-2).init(params), optax.rmsprop(1e-2).init(pure)),
+  ):
+    got = leaves(rmsprop_jax.pack_state(source, tx, params))
+    want = leaves(rmsprop_jax.pack_state(pure_source, tx, pure))
+    assert len(got) == len(want) == len(leaves(tx.init(pure)))
+    for x, y in zip(got, want):
+      assert x.dtype == y.dtype
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize('name', ['skip_nonfinite', 'uint8_skip_nonfinite'])
+def test_pack_state_wraps_and_unwraps_skip_nonfinite(name):
+  """An optax checkpoint converts into ``skip_nonfinite``'s state (no step
+  skipped yet) and back into optax's, and trains on as the unconverted
+  optimizer would."""
+  tx = build(name)
+  params = make_params()
+  grads = make_grads(name, params, nan=False)
+  plain_tx = optax.rmsprop(1e-2)
+  plain = plain_loop(plain_tx, params, grads[:2])[1]
+  state = rmsprop_jax.pack_state(plain, tx, params)
+  assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+  assert int(optax.tree.get(state, 'total_notfinite')) == 0
+  back = rmsprop_jax.pack_state(state, plain_tx, params)
+  assert jax.tree.structure(back) == jax.tree.structure(plain)
+  if name == 'skip_nonfinite':
+    # Lossless, and the converted state is optax.apply_if_finite's: optax
+    # continues from it as we do (its step runs in the same lax.cond).
+    assert_trees_equal(back, plain)
+    theirs = OPTAX_EQUIVALENT[name]()
+    assert_same_leaves(
+      plain_loop(tx, params, grads[2:], state=state)[0][-1],
+      plain_loop(theirs, params, grads[2:], state=state)[0][-1],
+      'params',
+    )
+
+
+@pytest.mark.parametrize('decay', [0.9, 0.0])
+def test_float16_centered_overflow_never_gives_inf_or_nan(decay):
+  """float16 parameters, centered, a steady gradient whose square
+  overflows float16: once ``nu`` has saturated its variance is unknown,
+  and the entry takes steps of 0 (optax's for its infinite ``nu``), never a
+  step of ``g / sqrt(eps)`` from a clamped variance (-inf parameters)."""
+  tx = R(1e-3, decay=decay, centered=True, eps=1e-2)
+  params = jnp.zeros(2, jnp.float16)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  g = jnp.array([300.0, 0.5], jnp.float16)
+  for _ in range(20):
+    saturated = np.asarray(optax.tree.get(state, 'nu')) == 65504
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    for x in jax.tree.leaves((u, state, params)):
+      assert np.all(np.isfinite(np.asarray(x, np.float32))), x
+    assert np.all(np.asarray(u)[saturated] == 0)
+  assert saturated[0] and not saturated[1]
+  assert float(params[1]) < 0  # The other entry kept moving.
