@@ -724,18 +724,44 @@ def test_case1_nnx_optimizer_with_8bit_state(jit):
     strict=False,
     params=_unwrap(nnx.state(model, nnx.Param)),
   )
-  # The diagnostics read the written-back state given the parameters, and
-  # without them say what to pass.
+  # The diagnostics read the optimizer's own state, with or without the
+  # parameters.
   eff = lambda state, **kw: rmsprop_jax.effective_learning_rate(
     state, 1e-3, bias_correction=False, **kw
   )
-  assert_same_leaves(
-    eff(optimizer.opt_state, params=nnx.state(model, nnx.Param)),
-    eff(ref_state),
-    'effective learning rate',
+  for kwargs in ({}, {'params': nnx.state(model, nnx.Param)}):
+    assert_same_leaves(
+      eff(optimizer.opt_state, **kwargs),
+      eff(ref_state),
+      'effective learning rate',
+    )
+
+
+def test_8bit_moment_rebuilt_as_a_mapping():
+  """A container that rebuilds an 8-bit moment as a plain mapping of its
+  two arrays (a Flax state dict, or NNX before the code replaced the
+  variable): ``update`` takes it (the shape comes from the gradients),
+  ``unpack_state`` and the diagnostics need the parameters and say so."""
+  tx = R(1e-2, nu_dtype=jnp.uint8)
+  params = make_params()
+  grads = make_grads('uint8', params)
+  trajectory, ref_state = plain_loop(tx, params, grads[:SPLIT])
+  mapped = ref_state[0]._replace(
+    nu=jax.tree.map(
+      lambda q: {'codes': q.codes, 'scale': q.scale},
+      ref_state[0].nu,
+      is_leaf=lambda x: isinstance(x, rmsprop_jax.quantization.Blockwise8bit),
+    )
   )
+  state = (mapped, *ref_state[1:])
+  want = plain_loop(tx, trajectory[-1], grads[SPLIT:], state=ref_state)
+  got = plain_loop(tx, trajectory[-1], grads[SPLIT:], state=state)
+  assert_same_leaves(got[0][-1], want[0][-1], 'params')
+  assert_same_state(rmsprop_jax.unpack_state(state, params), ref_state)
   with pytest.raises(ValueError, match='pass the parameters'):
-    eff(optimizer.opt_state)
+    rmsprop_jax.unpack_state(state)
+  with pytest.raises(ValueError, match='pass the parameters'):
+    rmsprop_jax.effective_learning_rate(state, 1e-2, bias_correction=False)
 
 
 def test_case2_donating_a_fresh_injected_state():
