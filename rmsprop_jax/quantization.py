@@ -311,6 +311,38 @@ def _rebuild_tree(state, params):
   )
 
 
+def _check_codes(tree, like, owner: str) -> None:
+  """Raises ``ValueError`` where an 8-bit moment in ``tree`` (a tree like
+  ``like``, the gradients) does not hold the code of its own leaf: codes
+  and scales of another number of blocks than its shape has (a checkpoint
+  of another model restored into it), or another shape than the gradient's.
+  Runs in Python while tracing."""
+  treedef: Any = jax.tree.structure(like)
+  try:
+    parts = treedef.flatten_up_to(tree)
+  except (ValueError, TypeError):
+    return  # The structure check that follows names the difference.
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]]
+  for path, q, g in zip(paths, parts, jax.tree.leaves(like)):
+    if not isinstance(q, Blockwise8bit):
+      continue
+    size = math.prod(q.shape)
+    block = _block(size)
+    blocks = (-(-size // block), block)
+    if (
+      tuple(np.shape(q.codes))[-2:] != blocks
+      or tuple(np.shape(q.scale))[-1:] != blocks[:1]
+      or tuple(np.shape(g)) != tuple(q.shape)
+    ):
+      raise ValueError(
+        f'{owner}: the 8-bit nu at {jax.tree_util.keystr(path)} holds '
+        f'codes of shape {tuple(np.shape(q.codes))}, where a leaf of shape '
+        f'{tuple(np.shape(g))} needs {blocks}: it was restored from the '
+        'optimizer state of another model. Restore the state saved with '
+        'these parameters, or start this leaf afresh with tx.init.'
+      )
+
+
 def _check_not_rebuilt(tree, owner: str) -> None:
   """Raises ``ValueError`` if ``tree`` holds an 8-bit moment rebuilt as a
   plain ``{'codes', 'scale'}`` mapping (see ``_rebuild``): its shape

@@ -53,24 +53,38 @@ def _variance(mu: jax.Array, nu: jax.Array, clamp: bool) -> jax.Array:
   return var
 
 
-def _unknown_where_saturated(var: jax.Array, stored: jax.Array) -> jax.Array:
-  """The centered variance, infinite (a step of 0, as optax takes for an
-  infinite ``nu``) where the stored ``nu`` had saturated at the largest
-  value of a storage dtype narrower than the arithmetic (a float16 ``nu``).
+def _narrower(stored_dtype, compute_dtype) -> bool:
+  """Whether a real float moment computed in ``compute_dtype`` is stored in
+  a float of smaller range (a float16 ``nu`` computed in float32)."""
+  return (
+    jnp.issubdtype(stored_dtype, jnp.floating)
+    and jnp.issubdtype(compute_dtype, jnp.floating)
+    and jnp.finfo(stored_dtype).max < jnp.finfo(compute_dtype).max
+  )
 
-  A saturated ``nu`` is only a lower bound, and ``nu - mu**2`` from it can
-  be far too small (clamped to 0: a step of ``g / sqrt(eps)``). Where the
-  storage is as wide as the arithmetic (optax's arguments on float32
-  parameters) this adds nothing to the program.
-  """
-  if not (
-    jnp.issubdtype(stored.dtype, jnp.floating)
-    and jnp.issubdtype(var.dtype, jnp.floating)
-    and jnp.finfo(stored.dtype).max < jnp.finfo(var.dtype).max
+
+def _fit_to_storage(nu: jax.Array, stored: Any) -> tuple[Any, Any]:
+  """``nu`` (non-negative) made to fit a narrower storage dtype: a factor
+  ``c`` that brings a finite ``nu`` past the dtype's largest value down to
+  it (1 elsewhere), and the smallest positive value the arithmetic reads
+  back as normal (float16's smallest subnormal) for a positive ``nu`` that
+  would round to 0. Returns (the fitted ``nu``, ``c``), or (``nu``, None)
+  where the storage is as wide as the arithmetic."""
+  if isinstance(stored, quantization.Blockwise8bit) or not _narrower(
+    stored.dtype, nu.dtype
   ):
-    return var
-  top = jnp.asarray(jnp.finfo(stored.dtype).max, stored.dtype)
-  return jnp.where(stored >= top, jnp.asarray(jnp.inf, var.dtype), var)
+    return nu, None
+  top = jnp.asarray(jnp.finfo(stored.dtype).max, nu.dtype)
+  floor = jnp.asarray(
+    max(
+      float(jnp.finfo(stored.dtype).smallest_subnormal),
+      float(jnp.finfo(nu.dtype).tiny),
+    ),
+    nu.dtype,
+  )
+  c = jnp.where(jnp.isfinite(nu) & (nu > top), top / nu, 1)
+  fitted = jnp.where((nu > 0) & (nu < floor), floor, nu * c)
+  return fitted, c
 
 
 def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
@@ -481,6 +495,7 @@ def _scale_by_moments(
       # A container that writes the state back (flax.nnx.Optimizer) may
       # have rebuilt each 8-bit moment as a plain {codes, scale} mapping.
       state = state._replace(nu=quantization._rebuild(state.nu, updates))
+      quantization._check_codes(state.nu, updates, owner)
     _check_layout(state)
     old_nu = quantization.dequantize_tree(state.nu)
     _validation.check_same_tree(
@@ -523,9 +538,38 @@ def _scale_by_moments(
       else None
     )
     count = optax.safe_increment(state.count) if with_count else None
-    stored_nu = store(new_nu, state.nu, count, 0)
+    # A moment stored in a narrower float than it is computed in (a float16
+    # nu) saturates at the dtype's largest value, and a positive nu never
+    # rounds to 0; centered, mu is scaled with nu (by sqrt(c)), so that the
+    # stored variance nu - mu**2 keeps its sign and its ratio to nu (a
+    # saturated nu alone would make it negative, clamped to 0: a step of
+    # g / sqrt(eps)). Nothing changes where the storage is as wide.
+    fitted = [
+      _fit_to_storage(n, o)
+      for n, o in zip(
+        jax.tree.leaves(new_nu),
+        jax.tree.leaves(
+          state.nu,
+          is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
+        ),
+      )
+    ]
+    to_store_nu = jax.tree.unflatten(
+      jax.tree.structure(new_nu), [f for f, _ in fitted]
+    )
+    stored_nu = store(to_store_nu, state.nu, count, 0)
+    if centered:
+      to_store_mu = jax.tree.unflatten(
+        jax.tree.structure(new_mu),
+        [
+          m if c is None else m * jnp.sqrt(c).astype(m.dtype)
+          for m, (_, c) in zip(jax.tree.leaves(new_mu), fitted)
+        ],
+      )
     # Other salts than nu's: the two moments get independent noise.
-    stored_mu = store(new_mu, state.mu, count, 1 << 20) if centered else None
+    stored_mu = (
+      store(to_store_mu, state.mu, count, 1 << 20) if centered else None
+    )
     if nu_dtype is not None and not (stochastic_rounding or eight_bit):
       # With a storage dtype of its own rounded to nearest (bfloat16, or a
       # wider float), the step divides by the moments as stored, the values
@@ -553,7 +597,6 @@ def _scale_by_moments(
       ms = jax.tree.map(
         lambda m, n: _variance(m, n, clamp_variance), mu_hat, nu_hat
       )
-      ms = jax.tree.map(_unknown_where_saturated, ms, old_nu)
     else:
       ms = nu_hat
     new_updates = jax.tree.map(
