@@ -36,6 +36,11 @@ import numpy as np
 BLOCK_SIZE = 256
 """Elements per block of the 8-bit code, each block with its own float32
 maximum (256: 1/64 byte of scale per element)."""
+CEILING = 2.0**125
+"""The largest value the 8-bit code stores (about 4.3e37): larger values,
++inf included, are stored as it. Below float32's largest value, so that the
+block's scale has a normal float32 reciprocal (XLA:CPU divides by
+multiplying with it, and a subnormal one is flushed to zero)."""
 _MANTISSA_BITS = 3
 _OCTAVES = 32
 # The float32 exponent of the smallest code: 2**-31 is exponent 127 - 31.
@@ -193,7 +198,8 @@ def _block(size: int) -> int:
 
 
 def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
-  """Stores non-negative ``x`` (negative values count as zero) in 8 bits,
+  """Stores non-negative ``x`` (negative values count as zero, values
+  above :data:`CEILING` and +inf as it, NaN stays NaN) in 8 bits,
   rounding stochastically without bias; ``step`` and ``salt`` seed the
   random bits, as in :func:`hash_bits`. Blocks of :data:`BLOCK_SIZE`
   elements of the flattened array (fewer if it is smaller) share a scale.
@@ -212,7 +218,12 @@ def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
   block = _block(size)
   n_blocks = -(-size // block)
   flat = jnp.pad(jnp.ravel(x).astype(jnp.float32), (0, n_blocks * block - size))
-  blocks = jnp.maximum(flat.reshape(n_blocks, block), 0)
+  # An infinite value (a finite gradient whose square overflows float32)
+  # saturates at CEILING: an infinite block maximum would decode every
+  # element of the block as inf and stop all of them for good.
+  blocks = jnp.minimum(
+    jnp.maximum(flat.reshape(n_blocks, block), 0), jnp.float32(CEILING)
+  )
   scale = jnp.max(blocks, axis=1)
   ratio = blocks / jnp.where(scale > 0, scale, 1)[:, None]  # In [0, 1].
   # Stochastic rounding to 3 mantissa bits: add random bits below them and

@@ -46,6 +46,9 @@ def np_stochastic_bf16(x, step, salt):
   bits = x.astype(np.float32).view(np.uint32).astype(np.uint64)
   noise = np_hash(x.size, step, salt) & 0xFFFF
   rounded = ((bits + noise) & 0xFFFF0000).astype(np.uint32)
+  # A finite value never rounds up to inf: it stays at the largest bfloat16.
+  overflow = np.isfinite(x) & np.isinf(rounded.view(np.float32))
+  rounded = np.where(overflow, rounded - 0x10000, rounded).astype(np.uint32)
   return rounded.view(np.float32)
 
 
@@ -54,6 +57,7 @@ def np_quantize(x, step, salt, block=256):
   added below its top 3 mantissa bits, then the code 8 * (exponent + 31) +
   mantissa (0 below 2**-31)."""
   x = np.maximum(x.astype(np.float32).ravel(), 0)
+  x = np.minimum(x, np.float32(2.0**125))  # +inf saturates; NaN stays.
   block = min(block, x.size)
   n_blocks = -(-x.size // block)
   x = np.pad(x, (0, n_blocks * block - x.size)).reshape(n_blocks, block)
@@ -405,3 +409,41 @@ def test_each_8bit_leaf_codes_with_its_own_bits():
         np.asarray(state.nu[leaf].codes), codes, err_msg=f'{leaf} {step}'
       )
   assert not np.array_equal(state.nu['a'].codes, state.nu['b'].codes)
+
+
+def test_stochastic_bf16_never_rounds_a_finite_value_to_inf():
+  """Just below float32's largest value a carry would pass the largest
+  bfloat16: the value stays there (the NumPy transcription says so)."""
+  top = np.finfo(np.float32).max
+  x = np.float32(top) * np.float32(1 - 2.0**-20) ** np.arange(
+    64, dtype=np.float32
+  )
+  got = np.asarray(
+    quantization.stochastic_round_bf16(jnp.asarray(x), 3, 1).astype(jnp.float32)
+  )
+  assert np.all(np.isfinite(got))
+  np.testing.assert_array_equal(got, np_stochastic_bf16(x, 3, 1))
+
+
+def test_8bit_block_survives_a_finite_gradient_whose_square_overflows():
+  """A finite gradient of 3e19 (its square overflows float32): the block's
+  scale saturates instead of becoming inf, every parameter of the block
+  keeps moving (no update of exactly 0, none inf), and once the moment has
+  decayed the steps are the undisturbed run's again, within the code's
+  rounding."""
+  tx = rmsprop_jax.rmsprop(1e-2, decay=0.5, nu_dtype=jnp.uint8)
+  params = jnp.zeros(256)
+  g = jnp.linspace(0.5, 1.5, 256)
+  spike = g.at[7].set(3e19)
+  state, calm_state = tx.init(params), tx.init(params)
+  update = jax.jit(tx.update)
+  u, state = update(spike, state, params)
+  assert np.all(np.isfinite(np.asarray(u)))
+  nu = np.asarray(rmsprop_jax.unpack_state(state)[0].nu)
+  assert np.all(np.isfinite(nu)) and nu[7] == np.float32(2.0**125)
+  for step in range(200):
+    u, state = update(g, state, params)
+    v, calm_state = update(g, calm_state, params)
+    assert np.all(np.isfinite(np.asarray(u)))
+    assert np.all(np.asarray(u) != 0), step
+  np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0.15)
