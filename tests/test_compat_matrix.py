@@ -440,8 +440,9 @@ def place_linen_checkpoint(option, tmp_path):
   assert_same_state(restored.opt_state, reference(option)[1], strict=False)
 
 
-def _resume(option, tmp_path, save_and_restore):
-  """Two jitted steps, a save and restore of (params, state), two more."""
+def _first_steps(option):
+  """The transformation, its jitted step, the gradients, and the
+  parameters and state after the first ``SPLIT`` steps."""
   tx = build(option)
   params = make_params()
   grads = make_grads(option, params)
@@ -449,6 +450,12 @@ def _resume(option, tmp_path, save_and_restore):
   state = tx.init(params)
   for g in grads[:SPLIT]:
     params, state = step(params, state, g)
+  return tx, step, grads, params, state
+
+
+def _resume(option, tmp_path, save_and_restore):
+  """Two jitted steps, a save and restore of (params, state), two more."""
+  tx, step, grads, params, state = _first_steps(option)
   target = (make_params(), tx.init(make_params()))
   restored = save_and_restore((params, state), target, tmp_path)
   assert jax.tree.structure(restored) == jax.tree.structure(target)
@@ -610,13 +617,7 @@ MOMENT_FIELDS = ('nu', 'mu', 'trace')
 
 
 def place_tree_map_params(option, tmp_path):
-  tx = build(option)
-  params = make_params()
-  grads = make_grads(option, params)
-  step = jax.jit(train_step(tx))
-  state = tx.init(params)
-  for g in grads[:SPLIT]:
-    params, state = step(params, state, g)
+  tx, step, grads, params, state = _first_steps(option)
   # Zeroing: exactly the parameter-shaped parts (the moments and the
   # momentum buffer, stacked or not) change, and they become zeros.
   zeroed = optax.tree_map_params(tx, jnp.zeros_like, state)
