@@ -37,10 +37,10 @@ BLOCK_SIZE = 256
 """Elements per block of the 8-bit code, each block with its own float32
 maximum (256: 1/64 byte of scale per element)."""
 CEILING = 2.0**125
-"""The largest value the 8-bit code stores (about 4.3e37): larger values,
-+inf included, are stored as it. Below float32's largest value, so that the
-block's scale has a normal float32 reciprocal (XLA:CPU divides by
-multiplying with it, and a subnormal one is flushed to zero)."""
+"""The 8-bit code's largest stored value, 2**125, about 4.3e37. Larger
+values, +inf included, are stored as it. It lies below float32's largest
+value so that the block's scale has a normal float32 reciprocal: XLA:CPU
+divides by multiplying with it, and flushes a subnormal one to zero."""
 _MANTISSA_BITS = 3
 _OCTAVES = 32
 # The float32 exponent of the smallest code: 2**-31 is exponent 127 - 31.
