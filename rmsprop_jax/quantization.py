@@ -122,6 +122,16 @@ def stochastic_round_bf16(x: jax.Array, step, salt: int) -> jax.Array:
   return jax.lax.bitcast_convert_type(top.astype(jnp.uint16), jnp.bfloat16)
 
 
+def _narrower(stored_dtype, compute_dtype) -> bool:
+  """Whether a real float computed in ``compute_dtype`` is stored in a
+  float of smaller range (a float16 ``nu`` computed in float32)."""
+  return bool(
+    jnp.issubdtype(stored_dtype, jnp.floating)
+    and jnp.issubdtype(compute_dtype, jnp.floating)
+    and jnp.finfo(stored_dtype).max < jnp.finfo(compute_dtype).max
+  )
+
+
 def saturating_cast(x: jax.Array, dtype) -> jax.Array:
   """``x.astype(dtype)``, except that a finite value beyond ``dtype``'s
   range is stored as ``dtype``'s largest finite value of the same sign,
@@ -143,11 +153,7 @@ def saturating_cast(x: jax.Array, dtype) -> jax.Array:
   """
   x = jnp.asarray(x)
   dtype = jnp.dtype(dtype)
-  if not (
-    jnp.issubdtype(dtype, jnp.floating)
-    and jnp.issubdtype(x.dtype, jnp.floating)
-    and jnp.finfo(dtype).max < jnp.finfo(x.dtype).max
-  ):
+  if not _narrower(dtype, x.dtype):
     return x.astype(dtype)
   big = jnp.asarray(jnp.finfo(dtype).max, x.dtype)
   return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)

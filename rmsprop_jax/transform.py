@@ -53,16 +53,6 @@ def _variance(mu: jax.Array, nu: jax.Array, clamp: bool) -> jax.Array:
   return var
 
 
-def _narrower(stored_dtype, compute_dtype) -> bool:
-  """Whether a real float moment computed in ``compute_dtype`` is stored in
-  a float of smaller range (a float16 ``nu`` computed in float32)."""
-  return (
-    jnp.issubdtype(stored_dtype, jnp.floating)
-    and jnp.issubdtype(compute_dtype, jnp.floating)
-    and jnp.finfo(stored_dtype).max < jnp.finfo(compute_dtype).max
-  )
-
-
 def _fit_to_storage(nu: jax.Array, stored: Any) -> tuple[Any, Any]:
   """``nu`` (non-negative) made to fit a narrower storage dtype: a factor
   ``c`` that brings a finite ``nu`` past the dtype's largest value down to
@@ -70,9 +60,9 @@ def _fit_to_storage(nu: jax.Array, stored: Any) -> tuple[Any, Any]:
   back as normal (float16's smallest subnormal) for a positive ``nu`` that
   would round to 0. Returns (the fitted ``nu``, ``c``), or (``nu``, None)
   where the storage is as wide as the arithmetic."""
-  if isinstance(stored, quantization.Blockwise8bit) or not _narrower(
-    stored.dtype, nu.dtype
-  ):
+  if isinstance(
+    stored, quantization.Blockwise8bit
+  ) or not quantization._narrower(stored.dtype, nu.dtype):
     return nu, None
   top = jnp.asarray(jnp.finfo(stored.dtype).max, nu.dtype)
   floor = jnp.asarray(
