@@ -15,6 +15,11 @@ The 8-bit code (:class:`Blockwise8bit`) stores, per block of
 :data:`BLOCK_SIZE` elements, the block's maximum in float32 and, per element,
 a tiny unsigned float relative to it: 5 exponent bits ``e`` and 3 mantissa
 bits ``m`` (code ``8 * e + m``) standing for ``max * 2**(e - 31) * (1 + m/8)``.
+The codes have the parameter's own shape, and the blocks run along its
+trailing axes (see :func:`block_layout`), so that a block lies within one
+shard wherever the parameter is sharded on its leading axes, or on its last
+axis in whole blocks: the codes then take the parameter's sharding and the
+update needs no communication (:func:`rmsprop_jax.state_shardings`).
 The code book spans 32 octaves below the block maximum, 6.7 to 12.5 % apart,
 and has no zero, so a positive second moment is never rounded to zero (which
 would blow up ``1 / sqrt(nu)``); values below the smallest code round up to
@@ -159,12 +164,50 @@ def saturating_cast(x: jax.Array, dtype) -> jax.Array:
   return jnp.where(jnp.isfinite(x), jnp.clip(x, -big, big), x).astype(dtype)
 
 
+def block_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+  """Where the 8-bit code's blocks lie in an array of ``shape``.
+
+  The blocks run along the trailing axes ``shape[k:]``, with ``k`` the
+  largest index for which those axes hold at least :data:`BLOCK_SIZE`
+  elements (``k = 0`` for a smaller array): each of the ``shape[:k]``
+  slabs of ``m = prod(shape[k:])`` elements is cut, in row-major order,
+  into ``ceil(m / b)`` blocks of ``b = min(BLOCK_SIZE, m)`` elements (its
+  last block shorter where ``b`` does not divide ``m``). The block scales
+  then have shape ``shape[:k] + (ceil(m / b),)``.
+
+  A (1024, 4096) kernel has 16 blocks per row, (4096, 16) 256 blocks of
+  16 rows each, (300,) two blocks (256 and 44 elements), a scalar one.
+
+  Returns:
+    ``(k, m, b)``.
+
+  Examples:
+    >>> from rmsprop_jax import quantization
+    >>> quantization.block_layout((1024, 4096)), quantization.block_layout((4096, 16))
+    ((1, 4096, 256), (0, 65536, 256))
+  """
+  shape = tuple(shape)
+  k = len(shape)
+  while k > 0 and math.prod(shape[k:]) < BLOCK_SIZE:
+    k -= 1
+  m = math.prod(shape[k:])
+  return k, m, max(1, min(BLOCK_SIZE, m))
+
+
+def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of the block scales of an 8-bit code of an array of
+  ``shape`` (see :func:`block_layout`)."""
+  k, m, b = block_layout(shape)
+  return tuple(shape[:k]) + (-(-m // b),)
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class Blockwise8bit:
   """A non-negative float32 array in 8 bits per element plus one float32 per
-  block: ``codes`` (uint8, ``(..., n_blocks, block)``) and ``scale``
-  (float32 block maxima, ``(..., n_blocks)``); ``shape`` is the array's own
-  (static). :func:`dequantize` gives the float32 array back."""
+  block: ``codes`` (uint8, the array's own ``shape``) and ``scale``
+  (float32 block maxima, :func:`scale_shape` of it), each with any leading
+  ``vmap`` axes; ``shape`` is the array's own (static).
+  :func:`dequantize` gives the float32 array back."""
 
   def __init__(self, codes, scale, shape: tuple[int, ...]):
     self.codes = codes
@@ -199,39 +242,56 @@ class Blockwise8bit:
     return f'Blockwise8bit(shape={self.shape})'
 
 
-def _block(size: int) -> int:
-  return max(1, min(BLOCK_SIZE, size))
+def _to_blocks(x: jax.Array, shape: tuple[int, ...], fill) -> jax.Array:
+  """``x`` (``batch + shape``) as ``batch + shape[:k] + (n_blocks, b)``,
+  a short last block filled with ``fill``."""
+  k, m, b = block_layout(shape)
+  n_blocks = -(-m // b)
+  batch = x.shape[: x.ndim - len(shape)]
+  x = x.reshape(batch + tuple(shape[:k]) + (m,))
+  if n_blocks * b != m:
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * b - m)]
+    x = jnp.pad(x, pad, constant_values=fill)
+  return x.reshape(batch + tuple(shape[:k]) + (n_blocks, b))
+
+
+def _from_blocks(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """The inverse of :func:`_to_blocks`."""
+  k, m, b = block_layout(shape)
+  batch = x.shape[: x.ndim - k - 2]
+  x = x.reshape(batch + tuple(shape[:k]) + (-1,))
+  if x.shape[-1] != m:
+    x = x[..., :m]
+  return x.reshape(batch + tuple(shape))
 
 
 def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
   """Stores non-negative ``x`` (negative values count as zero, values
   above :data:`CEILING` and +inf as it, NaN stays NaN) in 8 bits,
   rounding stochastically without bias; ``step`` and ``salt`` seed the
-  random bits, as in :func:`hash_bits`. Blocks of :data:`BLOCK_SIZE`
-  elements of the flattened array (fewer if it is smaller) share a scale.
+  random bits, as in :func:`hash_bits`. The blocks that share a scale are
+  :func:`block_layout`'s.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from rmsprop_jax import quantization
     >>> q = quantization.quantize(jnp.array([1e-6, 0.5, 2.0]), 0, 0)
     >>> q.codes.dtype, q.codes.shape, q.scale  # one block, its maximum
-    (dtype('uint8'), (1, 3), Array([2.], dtype=float32))
+    (dtype('uint8'), (3,), Array([2.], dtype=float32))
     >>> quantization.dequantize(q)
     Array([9.536743e-07, 5.000000e-01, 2.000000e+00], dtype=float32)
   """
   shape = tuple(x.shape)
-  size = math.prod(shape)
-  block = _block(size)
-  n_blocks = -(-size // block)
-  flat = jnp.pad(jnp.ravel(x).astype(jnp.float32), (0, n_blocks * block - size))
   # An infinite value (a finite gradient whose square overflows float32)
   # saturates at CEILING: an infinite block maximum would decode every
   # element of the block as inf and stop all of them for good.
-  blocks = jnp.minimum(
-    jnp.maximum(flat.reshape(n_blocks, block), 0), jnp.float32(CEILING)
+  blocks = _to_blocks(
+    jnp.minimum(jnp.maximum(x.astype(jnp.float32), 0), jnp.float32(CEILING)),
+    shape,
+    0,
   )
-  scale = jnp.max(blocks, axis=1)
-  ratio = blocks / jnp.where(scale > 0, scale, 1)[:, None]  # In [0, 1].
+  scale = jnp.max(blocks, axis=-1)
+  ratio = blocks / jnp.where(scale > 0, scale, 1)[..., None]  # In [0, 1].
   # Stochastic rounding to 3 mantissa bits: add random bits below them and
   # truncate (a carry moves up to the next octave, as it should).
   bits = jax.lax.bitcast_convert_type(ratio, jnp.uint32)
@@ -242,7 +302,25 @@ def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
   exponent = (bits >> 23).astype(jnp.int32) - _LOWEST_EXPONENT
   mantissa = ((bits >> _DROPPED_BITS) & jnp.uint32(7)).astype(jnp.int32)
   codes = jnp.where(exponent < 0, 0, (exponent << _MANTISSA_BITS) | mantissa)
-  return Blockwise8bit(codes.astype(jnp.uint8), scale, shape)
+  return Blockwise8bit(
+    _from_blocks(codes.astype(jnp.uint8), shape), scale, shape
+  )
+
+
+def _decode(codes: jax.Array, scale: jax.Array) -> jax.Array:
+  """float32 values of ``codes`` (``(..., n_blocks, b)``) in blocks of
+  ``scale`` (``(..., n_blocks)``)."""
+  codes = codes.astype(jnp.uint32)
+  bits = (((codes >> _MANTISSA_BITS) + jnp.uint32(_LOWEST_EXPONENT)) << 23) | (
+    (codes & jnp.uint32(7)) << _DROPPED_BITS
+  )
+  scale = scale[..., None]
+  values = scale * jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return jnp.where(
+    scale > 0,
+    jnp.maximum(values, jnp.float32(np.finfo(np.float32).tiny)),
+    values,
+  )
 
 
 def dequantize(q: Blockwise8bit) -> jax.Array:
@@ -252,21 +330,9 @@ def dequantize(q: Blockwise8bit) -> jax.Array:
   flushes subnormals to zero): it is never zero, even where
   ``scale * code`` would underflow.
   """
-  codes = q.codes.astype(jnp.uint32)
-  bits = (((codes >> _MANTISSA_BITS) + jnp.uint32(_LOWEST_EXPONENT)) << 23) | (
-    (codes & jnp.uint32(7)) << _DROPPED_BITS
+  return _from_blocks(
+    _decode(_to_blocks(q.codes, q.shape, 0), q.scale), q.shape
   )
-  scale = q.scale[..., None]
-  values = scale * jax.lax.bitcast_convert_type(bits, jnp.float32)
-  values = jnp.where(
-    scale > 0,
-    jnp.maximum(values, jnp.float32(np.finfo(np.float32).tiny)),
-    values,
-  )
-  batch = q.codes.shape[:-2]
-  size = math.prod(q.shape)
-  flat = values.reshape(batch + (-1,))[..., :size]
-  return flat.reshape(batch + q.shape)
 
 
 def _is_rebuilt(x) -> bool:
@@ -328,12 +394,37 @@ def _rebuild_tree(state, params):
   )
 
 
+def _legacy_blocks(shape: tuple[int, ...]) -> tuple[int, int]:
+  """The (n_blocks, block) of rmsprop_jax 0.1.0's 8-bit code of an array of
+  ``shape``: blocks of 256 over the flattened array, the last one padded."""
+  size = math.prod(shape)
+  block = max(1, min(BLOCK_SIZE, size))
+  return -(-size // block), block
+
+
+def _is_legacy(q: Blockwise8bit) -> bool:
+  """Whether ``q`` (no ``vmap`` axes) holds 0.1.0's layout. No shape of
+  this version's layout has 0.1.0's shapes with another meaning: where
+  both codes and scale shapes coincide (a single row of up to 256
+  elements), so do the blocks."""
+  n_blocks, block = _legacy_blocks(q.shape)
+  return (
+    tuple(np.shape(q.codes)) == (n_blocks, block)
+    and tuple(np.shape(q.scale)) == (n_blocks,)
+    and (
+      tuple(np.shape(q.codes)) != tuple(q.shape)
+      or tuple(np.shape(q.scale)) != scale_shape(q.shape)
+    )
+  )
+
+
 def _check_codes(tree, like, owner: str) -> None:
   """Raises ``ValueError`` where an 8-bit moment in ``tree`` (a tree like
-  ``like``, the gradients) does not hold the code of its own leaf: codes
-  and scales of another number of blocks than its shape has (a checkpoint
-  of another model restored into it), or another shape than the gradient's.
-  Runs in Python while tracing."""
+  ``like``, the gradients) does not hold the code of its own leaf in this
+  version's layout: 0.1.0's layout (restored from its checkpoint; the
+  message names :func:`upgrade_state`), codes and scales of another shape
+  (a checkpoint of another model restored into it), or another shape than
+  the gradient's. Runs in Python while tracing."""
   treedef: Any = jax.tree.structure(like)
   try:
     parts = treedef.flatten_up_to(tree)
@@ -343,21 +434,82 @@ def _check_codes(tree, like, owner: str) -> None:
   for path, q, g in zip(paths, parts, jax.tree.leaves(like)):
     if not isinstance(q, Blockwise8bit):
       continue
-    size = math.prod(q.shape)
-    block = _block(size)
-    blocks = (-(-size // block), block)
-    if (
-      tuple(np.shape(q.codes))[-2:] != blocks
-      or tuple(np.shape(q.scale))[-1:] != blocks[:1]
-      or tuple(np.shape(g)) != tuple(q.shape)
-    ):
+    where = jax.tree_util.keystr(path)
+    if _is_legacy(q):
       raise ValueError(
-        f'{owner}: the 8-bit nu at {jax.tree_util.keystr(path)} holds '
-        f'codes of shape {tuple(np.shape(q.codes))}, where a leaf of shape '
-        f'{tuple(np.shape(g))} needs {blocks}: it was restored from the '
+        f'{owner}: the 8-bit nu at {where} is in the layout of '
+        'rmsprop_jax 0.1.0 (blocks over the flattened array), which this '
+        'version replaced by blocks along the trailing axes (they follow '
+        "the parameter's sharding). Convert the restored state once: "
+        '`state = rmsprop_jax.quantization.upgrade_state(state, params)`.'
+      )
+    want = (tuple(q.shape), scale_shape(q.shape))
+    got = (tuple(np.shape(q.codes)), tuple(np.shape(q.scale)))
+    if got != want or tuple(np.shape(g)) != tuple(q.shape):
+      raise ValueError(
+        f'{owner}: the 8-bit nu at {where} holds codes of shape {got[0]} '
+        f'and scales of shape {got[1]}, where a leaf of shape '
+        f'{tuple(np.shape(g))} needs {tuple(np.shape(g))} and '
+        f'{scale_shape(tuple(np.shape(g)))}: it was restored from the '
         'optimizer state of another model. Restore the state saved with '
         'these parameters, or start this leaf afresh with tx.init.'
       )
+
+
+def upgrade_state(state, params):
+  """``state`` with every 8-bit moment saved by rmsprop_jax 0.1.0 converted
+  to this version's layout; everything else is returned as it is.
+
+  0.1.0 cut the flattened array into blocks of 256 and stored ``codes`` as
+  ``(n_blocks, 256)`` and ``scale`` as ``(n_blocks,)``; this version keeps
+  the codes in the parameter's shape, with blocks along its trailing axes
+  (:func:`block_layout`), so that they follow its sharding. Each moment is
+  decoded and coded again: where the blocks are the same (a leaf whose
+  trailing axes hold a multiple of 256 elements) the codes are the same,
+  bit for bit; elsewhere the values are coded afresh in the new blocks
+  (each of them rounded without bias). ``update`` refuses the old layout
+  with a message naming this function.
+
+  Args:
+    state: an optimizer state as restored (with :class:`Blockwise8bit`
+      moments, or with the ``{'codes', 'scale'}`` mappings a container such
+      as ``flax.nnx.Optimizer`` or a state dict rebuilds them as).
+    params: the parameters (arrays, or anything with their shapes), whose
+      shapes the moments take.
+
+  Returns:
+    The state, with the same structure, in this version's layout.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from rmsprop_jax import quantization
+    >>> params = {'w': jnp.ones((3, 100))}  # 300 elements: 2 blocks in 0.1.0
+    >>> old = {'w': quantization.Blockwise8bit(
+    ...   np.full((2, 256), 248, np.uint8), np.ones(2, np.float32), (3, 100))}
+    >>> new = quantization.upgrade_state(old, params)
+    >>> new['w'].codes.shape, new['w'].scale.shape
+    ((3, 100), (2,))
+    >>> bool((quantization.dequantize(new['w']) == 1).all())
+    True
+  """
+  from rmsprop_jax import packing  # pylint: disable=g-import-not-at-top
+
+  state = _rebuild_tree(state, packing._values(params))
+
+  def upgrade(x):
+    if not isinstance(x, Blockwise8bit) or not _is_legacy(x):
+      return x
+    return quantize(_legacy_decode(x), 0, 0)
+
+  return jax.tree.map(
+    upgrade, state, is_leaf=lambda x: isinstance(x, Blockwise8bit)
+  )
+
+
+def _legacy_decode(q: Blockwise8bit) -> jax.Array:
+  """The float32 array a 0.1.0 code ``q`` stores."""
+  values = _decode(jnp.asarray(q.codes), jnp.asarray(q.scale, jnp.float32))
+  return jnp.ravel(values)[: math.prod(q.shape)].reshape(q.shape)
 
 
 def _check_not_rebuilt(tree, owner: str) -> None:

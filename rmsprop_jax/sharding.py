@@ -41,11 +41,23 @@ def _sharding_of(x: Any) -> jax.sharding.Sharding:
   return sharding
 
 
+def _names(entry) -> tuple[str, ...]:
+  """The mesh axes of one ``PartitionSpec`` entry."""
+  if entry is None:
+    return ()
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
 def _with_axis(
-  spec: PartitionSpec, shape: tuple[int, ...], mesh, axis: str
+  spec: PartitionSpec,
+  shape: tuple[int, ...],
+  mesh,
+  axis: str,
+  fits=lambda dim, ways: True,
 ) -> PartitionSpec:
   """``spec`` also split over ``axis``, on the first dimension that stays
-  evenly divisible; unchanged if ``axis`` is already used or none fits."""
+  evenly divisible (and for which ``fits(dim, ways)``); unchanged if
+  ``axis`` is already used or none fits."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
   used = {
     a
@@ -60,12 +72,45 @@ def _with_axis(
       () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
     )
     ways = math.prod(mesh.shape[a] for a in names) * mesh.shape[axis]
-    if shape[dim] % ways == 0:
+    if shape[dim] % ways == 0 and fits(dim, ways):
       # The parameter's own axes first: each of its shards is then split
       # further among the devices holding it (no permutation needed).
       entries[dim] = axis if not names else (*names, axis)
       return PartitionSpec(*entries)
   return spec
+
+
+def _blocks_fit(shape: tuple[int, ...], dim: int, ways: int) -> bool:
+  """Whether splitting ``shape``'s axis ``dim`` ``ways`` ways keeps every
+  block of its 8-bit code (:func:`rmsprop_jax.quantization.block_layout`)
+  within one shard: an axis before the blocks' axes, or their first axis
+  cut in whole blocks."""
+  k, m, b = quantization.block_layout(shape)
+  if ways == 1 or dim < k:
+    return True
+  return dim == k and (m // ways) % b == 0 and m % ways == 0
+
+
+def _code_shardings(q, spec: PartitionSpec, mesh) -> Any:
+  """The shardings of an 8-bit code whose codes are laid out by ``spec``
+  (the parameter's, with ZeRO-1's axis): its scales follow them on the
+  axes before the blocks, and on the blocks' first axis where that is cut
+  in whole blocks (else they are replicated along it: XLA then gathers
+  the block maxima at each update)."""
+  shape = tuple(q.shape)
+  k, _, _ = quantization.block_layout(shape)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  ways = lambda e: math.prod(mesh.shape[a] for a in _names(e))
+  last = None
+  if k < len(shape) and all(e is None for e in entries[k + 1 :]):
+    if _blocks_fit(shape, k, ways(entries[k])):
+      last = entries[k]
+  scale = PartitionSpec(*entries[:k], last)
+  return quantization.Blockwise8bit(
+    NamedSharding(mesh, PartitionSpec(*entries)),
+    NamedSharding(mesh, scale),
+    shape,
+  )
 
 
 def state_shardings(
@@ -76,19 +121,29 @@ def state_shardings(
 ) -> Any:
   """The shardings of ``tx.init(params)``'s state, as a tree like it.
 
-  Every state array shaped like a parameter (moments, momentum) gets that
-  parameter's sharding; everything else (step counts, hyperparameters) is
-  replicated on the parameters' mesh.
+  Every state array shaped like a parameter (moments, momentum, in any
+  float ``nu_dtype``) gets that parameter's sharding; everything else (step
+  counts, hyperparameters) is replicated on the parameters' mesh. An 8-bit
+  ``nu`` (:class:`rmsprop_jax.quantization.Blockwise8bit`) keeps its codes
+  in the parameter's shape and sharding, and its block scales
+  (:func:`rmsprop_jax.quantization.scale_shape`) are split along with them
+  wherever each shard holds whole blocks: on the axes before the blocks'
+  (:func:`rmsprop_jax.quantization.block_layout`), and on their first axis
+  when each shard of it is a multiple of 256 elements. The update then
+  needs no communication; a parameter split inside its blocks (a last axis
+  of 384 split in two) keeps its scales whole along that axis, and XLA
+  gathers them at each update.
 
   Args:
     tx: the optimizer (any optax transformation whose state holds
-      parameter-shaped trees, as ``rmsprop_jax.rmsprop``'s by default; not
-      with packing=True or an 8-bit ``nu``).
+      parameter-shaped trees, as ``rmsprop_jax.rmsprop``'s; not with
+      ``packing=True``, a single-device speed option).
     params: the parameters, as ``jax.Array`` values or as
       ``jax.ShapeDtypeStruct`` values with a ``sharding``.
     zero1_axis: a mesh axis (e.g. ``'data'``) to split the state over as
       well, where the parameter is not split over it already (ZeRO-1): on
-      the first dimension that stays evenly divisible, else not at all.
+      the first dimension that stays evenly divisible (with an 8-bit
+      ``nu``, in whole blocks), else not at all.
 
   Returns:
     A tree of shardings with the structure of the state, for ``jax.jit``'s
@@ -97,8 +152,7 @@ def state_shardings(
 
   Raises:
     ValueError: if a parameter has no sharding (neither a ``jax.Array`` nor
-      a ``jax.ShapeDtypeStruct`` with one), if the state is packed or holds
-      an 8-bit ``nu``, if the parameters' shardings are not
+      a ``jax.ShapeDtypeStruct`` with one), if the state is packed, if the parameters' shardings are not
       ``NamedSharding`` on a concrete mesh (or replicated), or if
       ``zero1_axis`` is not an axis of that mesh.
 
@@ -116,23 +170,20 @@ def state_shardings(
     shardings,
   )
   state = jax.eval_shape(tx.init, abstract_params)
-  odd = [
+  packed = [
     x
     for x in jax.tree.leaves(
       state,
-      is_leaf=lambda x: isinstance(
-        x, (packing.Packed, packing.PackedState, quantization.Blockwise8bit)
-      ),
+      is_leaf=lambda x: isinstance(x, (packing.Packed, packing.PackedState)),
     )
-    if not isinstance(x, jax.ShapeDtypeStruct)
+    if isinstance(x, (packing.Packed, packing.PackedState))
   ]
-  if odd:
+  if packed:
     raise ValueError(
-      'state_shardings: the state holds '
-      f'{type(odd[0]).__name__} parts (packed small leaves or an 8-bit '
-      'nu), which are not laid out like the parameters; build the '
-      'optimizer with packing=False and a float nu_dtype for a sharded '
-      'state.'
+      'state_shardings: the state is packed (packing=True stacks small '
+      'leaves into shared arrays, a single-device CPU speed option that '
+      'buys nothing on a mesh); build the optimizer with packing=False '
+      '(the default on several devices) for a sharded state.'
     )
   first = jax.tree.leaves(shardings)[0]
   mesh = getattr(first, 'mesh', None)
@@ -145,13 +196,36 @@ def state_shardings(
       'state_shardings: the parameters need NamedSharding on a concrete Mesh.'
     )
 
-  def follow(leaf, param, sharding):
-    if zero1_axis is None or not isinstance(sharding, NamedSharding):
-      return sharding
-    return NamedSharding(
-      sharding.mesh,
-      _with_axis(sharding.spec, tuple(param.shape), sharding.mesh, zero1_axis),
+  # With an 8-bit code, ZeRO-1 splits each parameter's other state arrays
+  # (mu, the momentum buffer) where it splits its code, in whole blocks:
+  # arrays of one parameter split differently would move at every update.
+  any_coded = any(
+    isinstance(x, quantization.Blockwise8bit)
+    for x in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit)
     )
+  )
+
+  def follow(leaf, param, sharding):
+    coded = isinstance(leaf, quantization.Blockwise8bit)
+    if not isinstance(sharding, NamedSharding):
+      if coded:
+        # A replicated (or single-device) parameter: so is its code.
+        return quantization.Blockwise8bit(sharding, sharding, leaf.shape)
+      return sharding
+    spec = sharding.spec
+    if zero1_axis is not None:
+      shape = tuple(param.shape)
+      spec = _with_axis(
+        spec,
+        shape,
+        sharding.mesh,
+        zero1_axis,
+        lambda d, w: not any_coded or _blocks_fit(shape, d, w),
+      )
+    if coded:
+      return _code_shardings(leaf, spec, sharding.mesh)
+    return NamedSharding(sharding.mesh, spec)
 
   if zero1_axis is not None and (
     mesh is None or zero1_axis not in mesh.axis_names
@@ -163,5 +237,6 @@ def state_shardings(
     state,
     abstract_params,
     shardings,
-    transform_non_params=lambda _: replicated,
+    transform_non_params=lambda x: jax.tree.map(lambda _: replicated, x),
+    is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
   )

@@ -381,7 +381,14 @@ def _scale_by_moments(
         treedef,
         [
           quantization.quantize(
-            jnp.full(jnp.shape(p), initial_scale, jnp.float32), 0, i
+            # full_like: the code follows the parameter's sharding.
+            jnp.full_like(
+              p.get_value() if _validation.is_nnx_variable(p) else p,
+              initial_scale,
+              jnp.float32,
+            ),
+            0,
+            i,
           )
           for i, p in enumerate(leaves)
         ],

@@ -53,21 +53,31 @@ def np_stochastic_bf16(x, step, salt):
 
 
 def np_quantize(x, step, salt, block=256):
-  """Blocks of 256, the float32 ratio to the block max, 20 random bits
+  """Blocks of up to 256 consecutive elements along the trailing axes that
+  first hold 256 or more (all of them for a smaller array), the last block
+  of each slab shorter; the float32 ratio to the block max, 20 random bits
   added below its top 3 mantissa bits, then the code 8 * (exponent + 31) +
-  mantissa (0 below 2**-31)."""
-  x = np.maximum(x.astype(np.float32).ravel(), 0)
+  mantissa (0 below 2**-31). Returns codes of x's shape and the block
+  maxima, one row of them per slab."""
+  shape = x.shape
+  k = len(shape)
+  while k > 0 and int(np.prod(shape[k:])) < block:
+    k -= 1
+  slab = int(np.prod(shape[k:]))
+  block = max(1, min(block, slab))
+  n_blocks = -(-slab // block)
+  x = np.maximum(x.astype(np.float32).reshape(-1, slab), 0)
   x = np.minimum(x, np.float32(2.0**125))  # +inf saturates; NaN stays.
-  block = min(block, x.size)
-  n_blocks = -(-x.size // block)
-  x = np.pad(x, (0, n_blocks * block - x.size)).reshape(n_blocks, block)
-  scale = x.max(axis=1)
-  ratio = (x / np.where(scale > 0, scale, 1)[:, None]).astype(np.float32)
+  x = np.pad(x, ((0, 0), (0, n_blocks * block - slab)))
+  x = x.reshape(-1, n_blocks, block)
+  scale = x.max(axis=2)
+  ratio = (x / np.where(scale > 0, scale, 1)[:, :, None]).astype(np.float32)
   noise = (np_hash(x.size, step, salt) & 0xFFFFF).reshape(x.shape)
   bits = ratio.view(np.uint32).astype(np.int64) + noise.astype(np.int64)
   exponent = (bits >> 23) - 96
   codes = np.where(exponent < 0, 0, exponent * 8 + ((bits >> 20) & 7))
-  return codes.astype(np.uint8), scale
+  codes = codes.reshape(-1, n_blocks * block)[:, :slab].reshape(shape)
+  return codes.astype(np.uint8), scale.reshape(shape[:k] + (n_blocks,))
 
 
 def code_value(code):
@@ -122,29 +132,44 @@ def test_stochastic_bf16_is_unbiased_and_nearest_is_not():
   )
 
 
-def test_8bit_codes_match_numpy():
+@pytest.mark.parametrize(
+  'shape, scale_shape',
+  [
+    ((3, 200), (3,)),  # 600 elements: blocks over rows, the last short.
+    ((2, 3, 300), (2, 3, 2)),  # Two blocks per row of 300.
+    ((4, 512), (4, 2)),
+    ((64, 8), (2,)),  # Rows of 8: a block is 32 of them.
+    ((5,), (1,)),
+    ((), (1,)),
+  ],
+)
+def test_8bit_codes_match_numpy(shape, scale_shape):
   key = jax.random.PRNGKey(1)
-  x = jnp.abs(jax.random.normal(key, (3, 200))) ** 3 * 10.0 ** (
-    jnp.arange(200) % 9 - 4.0
+  size = int(np.prod(shape))
+  x = jnp.abs(jax.random.normal(key, (size,))) ** 3 * 10.0 ** (
+    jnp.arange(size) % 9 - 4.0
   )
+  x = x.reshape(shape)
   q = quantization.quantize(x, 9, 4)
   codes, scale = np_quantize(np.asarray(x), 9, 4)
+  assert q.codes.shape == shape and q.codes.dtype == jnp.uint8
+  assert q.scale.shape == scale_shape == quantization.scale_shape(shape)
   np.testing.assert_array_equal(np.asarray(q.scale), scale)
   np.testing.assert_array_equal(np.asarray(q.codes), codes)
-  assert q.codes.shape == (3, 256) and q.codes.dtype == jnp.uint8  # 600 -> 768.
   # What the codes mean: each value is one of the two code-book neighbours
   # of x (or the smallest code, below it), and dequantize reads them back.
+  k = len(scale_shape) - 1
+  slab = int(np.prod(shape[k:]))
+  per_element = np.repeat(scale.reshape(-1, scale.shape[-1]), 256, axis=1)
+  per_element = per_element[:, :slab].reshape(shape)
   book = code_value(np.arange(249))
-  flat = np.pad(np.asarray(x, np.float64).ravel(), (0, 168)).reshape(3, 256)
-  ratio = flat / scale[:, None]
+  ratio = np.asarray(x, np.float64) / per_element
   low = book[np.clip(np.searchsorted(book, ratio, side='right') - 1, 0, 248)]
   high = book[np.clip(np.searchsorted(book, ratio, side='left'), 0, 248)]
   got = code_value(np.asarray(q.codes))
   assert np.all((got == low) | (got == high) | (got == book[0]))
   np.testing.assert_allclose(
-    np.asarray(quantization.dequantize(q)).ravel(),
-    (got * scale[:, None]).ravel()[:600],
-    rtol=1e-6,
+    np.asarray(quantization.dequantize(q)), got * per_element, rtol=1e-6
   )
 
 

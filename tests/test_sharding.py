@@ -69,6 +69,12 @@ else:
       momentum=0.9, nesterov=True, weight_decay=1e-2
     ),
     'bf16 nu (SR)': dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True),
+    'bf16 nu': dict(nu_dtype=jnp.bfloat16),
+    'fp16 nu': dict(nu_dtype=jnp.float16),
+    '8-bit nu': dict(nu_dtype=jnp.uint8),
+    '8-bit nu, centered+momentum': dict(
+      nu_dtype=jnp.uint8, centered=True, momentum=0.9
+    ),
   }
 
   # The variants optax has, as optax builds them.
@@ -106,10 +112,12 @@ else:
     }
 
   def _params(mesh, seed=0):
+    # w1, b1 and w2 are split over 'model' in whole blocks of the 8-bit
+    # code (512 of w1's rows of 1024, b1's 1024, 512 of w2's rows of 12).
     shapes = {
-      'w1': (16, 8),
-      'b1': (8,),
-      'w2': (8, 12),
+      'w1': (16, 1024),
+      'b1': (1024,),
+      'w2': (1024, 12),
       'b2': (12,),
       'scale': (12,),
       'emb': (32, 12),
@@ -133,6 +141,9 @@ else:
       b = getattr(b, 'sharding', b)
       assert a.sharding.is_equivalent_to(b, a.ndim), (a.sharding, b)
 
+  def _is_code(x):
+    return isinstance(x, rmsprop_jax.quantization.Blockwise8bit)
+
   def test_default_does_not_pack_on_several_devices():
     state = rmsprop_jax.rmsprop(0.1).init([jnp.zeros(3)] * 4)
     assert not isinstance(state, rmsprop_jax.packing.PackedState)
@@ -155,8 +166,19 @@ else:
           jax.tree.leaves(state), jax.tree.leaves(shardings)
         ):
           assert s.sharding.is_equivalent_to(expect, s.ndim)
-      # Every state leaf shaped like a parameter sits where it does.
-      _assert_same_places(optax.tree.get(eager, 'nu'), params)
+      # Every state leaf shaped like a parameter sits where it does (an
+      # 8-bit nu's codes; its block scales split along with them).
+      nu = optax.tree.get(eager, 'nu')
+      coded = isinstance(nu['w1'], rmsprop_jax.quantization.Blockwise8bit)
+      if coded:
+        _assert_same_places(
+          jax.tree.map(lambda q: q.codes, nu, is_leaf=_is_code), params
+        )
+        assert nu['w1'].scale.shape == (16, 4)
+        assert nu['w1'].scale.sharding.spec == P(None, 'model')
+        assert nu['w2'].scale.sharding.spec == P('model')
+      else:
+        _assert_same_places(nu, params)
       assert jax.tree.structure(abstract) == jax.tree.structure(eager)
 
       def step(params, state, grads):
@@ -254,6 +276,68 @@ else:
     for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  def _bytes_per_device(tree, mesh):
+    return max(
+      sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(tree)
+        for s in x.addressable_shards
+        if s.device == d
+      )
+      for d in mesh.devices.flat
+    )
+
+  def test_zero1_splits_an_8bit_state_in_whole_blocks():
+    mesh = _mesh('auto')
+    params = _params(mesh)
+    tx = rmsprop_jax.rmsprop(
+      1e-2, nu_dtype=jnp.uint8, centered=True, momentum=0.9
+    )
+    plain = rmsprop_jax.state_shardings(tx, params)
+    zero1 = rmsprop_jax.state_shardings(tx, params, zero1_axis='data')
+    nu = optax.tree.get(zero1, 'nu')
+    # Over 'data' where each device keeps whole blocks of 256: b1's 1024
+    # over 8 devices would cut them, and b2, scale and emb are one block
+    # or a block and a part. mu and the momentum buffer split alike.
+    expect = {
+      'w1': (P('data', 'model'), P('data', 'model')),
+      'b1': (P('model'), P('model')),
+      'w2': (P(('model', 'data'), None), P(('model', 'data'))),
+      'b2': (P(None), P(None)),
+      'scale': (P(None), P(None)),
+      'emb': (P(None, None), P(None)),
+    }
+    assert {k: (q.codes.spec, q.scale.spec) for k, q in nu.items()} == expect
+    mu = optax.tree.get(zero1, 'mu')
+    for k, s in mu.items():
+      assert s.is_equivalent_to(
+        NamedSharding(mesh, expect[k][0]), len(expect[k][0])
+      ), k
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init, out_shardings=zero1)(params)
+      grads = _params(mesh, seed=1)
+      param_shardings = jax.tree.map(lambda x: x.sharding, params)
+      jstep = jax.jit(
+        step, donate_argnums=(0, 1), out_shardings=(param_shardings, zero1)
+      )
+      compiled = jstep.lower(params, state, grads).compile()
+      assert _collectives(compiled) == {'all-gather'}
+      new_params, new_state = jstep(params, state, grads)
+      full = jax.jit(tx.init, out_shardings=plain)(_params(mesh))
+      assert _bytes_per_device(new_state, mesh) < 0.35 * _bytes_per_device(
+        full, mesh
+      )
+      ref = jax.jit(step)(_params(mesh), full, _params(mesh, seed=1))
+    for a, b in zip(
+      jax.tree.leaves((new_params, new_state)), jax.tree.leaves(ref)
+    ):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
   def test_state_shardings_from_abstract_params():
     """Initialising without materialising: ShapeDtypeStructs in."""
     mesh = _mesh('auto')
@@ -280,7 +364,43 @@ else:
       rmsprop_jax.state_shardings(
         rmsprop_jax.rmsprop(0.1), params, zero1_axis='batch'
       )
-    with pytest.raises(ValueError, match='8-bit'):
+    with pytest.raises(ValueError, match='packing=False'):
       rmsprop_jax.state_shardings(
-        rmsprop_jax.rmsprop(0.1, nu_dtype=jnp.uint8), params
+        rmsprop_jax.rmsprop(0.1, packing=True), params
       )
+
+  @pytest.mark.parametrize('zero1', [None, 'data'])
+  def test_8bit_code_split_inside_its_blocks_still_computes_the_same(zero1):
+    """A last axis of 384 split in two cuts a block of 256: the scales stay
+    whole along it (XLA gathers them), and the numbers do not change."""
+    mesh = _mesh('auto')
+    sharding = NamedSharding(mesh, P(None, 'model'))
+    params, grads = (
+      {
+        'w': jax.device_put(
+          jax.random.normal(jax.random.PRNGKey(s), (8, 384)), sharding
+        )
+      }
+      for s in (3, 4)
+    )
+    tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8, momentum=0.9)
+    shardings = rmsprop_jax.state_shardings(tx, params, zero1_axis=zero1)
+    code = optax.tree.get(shardings, 'nu')['w']
+    assert code.codes.spec == (
+      P('data', 'model') if zero1 else P(None, 'model')
+    )
+    assert code.scale.spec == (P('data', None) if zero1 else P(None, None))
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    out = jax.jit(step, out_shardings=(param_shardings, shardings))(
+      params, state, grads
+    )
+    local = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), (params, grads))
+    ref = jax.jit(step)(local[0], tx.init(local[0]), local[1])
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
