@@ -11,14 +11,21 @@ from rmsprop_jax.__main__ import _check_out, _refuse
 
 
 def parse_args(
-  doc: str, argv=None, *, quick: str, seed: bool = True
+  doc: str,
+  argv=None,
+  *,
+  quick: str,
+  seed: bool = True,
+  processes: bool = False,
 ) -> argparse.Namespace:
   """Parses the examples' options; ``--help`` shows the first paragraph of
   the example's docstring ``doc`` and ``quick``, the measured time of its
   ``--quick`` run. ``seed``: whether the example has randomness for
-  ``--seed`` to set. Bad values (an ``--out`` that cannot hold the figure, a
-  seed outside [0, 2**32)) are refused at once: one line on stderr, exit
-  status 2, before any training."""
+  ``--seed`` to set. ``processes``: whether it takes ``--processes N`` (its
+  8 devices in N JAX processes). Bad values (an ``--out`` that cannot hold
+  the figure, a seed outside [0, 2**32), a process count that does not
+  divide 8) are refused at once: one line on stderr, exit status 2, before
+  any training."""
   description = ' '.join(doc.strip().split('\n\n')[0].split())
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument(
@@ -43,9 +50,21 @@ def parse_args(
       help='random seed of the initial weights and the '
       'data, in [0, 2**32) (default: 0)',
     )
+  if processes:
+    parser.add_argument(
+      '--processes',
+      type=int,
+      default=1,
+      metavar='N',
+      help='run as N JAX processes on this machine, 8 // N CPU devices '
+      'each, launched by this one (1, 2, 4 or 8; default: 1, one process '
+      'of 8 simulated devices)',
+    )
   args = parser.parse_args(argv)
   if seed and not 0 <= args.seed < 2**32:
     _refuse(parser, f'--seed {args.seed}: must be in [0, 2**32)')
+  if processes and args.processes not in (1, 2, 4, 8):
+    _refuse(parser, f'--processes {args.processes}: must be 1, 2, 4 or 8')
   _check_out(parser, args.out)
   args.out = pathlib.Path(args.out)
   return args
@@ -62,8 +81,8 @@ class StepBar(tqdm):
   ``end_run(steps)`` after each, and the next run's ticks count on from there.
   """
 
-  def __init__(self, total: int, desc: str, every: int | None = None):
-    super().__init__(total=total, desc=desc, unit='step')
+  def __init__(self, total: int, desc: str, every: int | None = None, **kw):
+    super().__init__(total=total, desc=desc, unit='step', **kw)
     self.offset = 0
     self.every = every or max(1, total // 200)
 

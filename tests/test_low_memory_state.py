@@ -472,3 +472,103 @@ def test_8bit_block_survives_a_finite_gradient_whose_square_overflows():
     assert np.all(np.isfinite(np.asarray(u)))
     assert np.all(np.asarray(u) != 0), step
   np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0.15)
+
+
+# --- 0.1.0's 8-bit layout -----------------------------------------------------
+
+
+def np_quantize_0_1_0(x, step, salt):
+  """rmsprop_jax 0.1.0's code: blocks of 256 over the flattened array (the
+  last padded), codes (n_blocks, 256) and scales (n_blocks,)."""
+  x = np.maximum(x.astype(np.float32).ravel(), 0)
+  block = min(256, x.size)
+  n_blocks = -(-x.size // block)
+  x = np.pad(x, (0, n_blocks * block - x.size)).reshape(n_blocks, block)
+  scale = x.max(axis=1)
+  ratio = (x / np.where(scale > 0, scale, 1)[:, None]).astype(np.float32)
+  noise = (np_hash(x.size, step, salt) & 0xFFFFF).reshape(x.shape)
+  bits = ratio.view(np.uint32).astype(np.int64) + noise.astype(np.int64)
+  exponent = (bits >> 23) - 96
+  codes = np.where(exponent < 0, 0, exponent * 8 + ((bits >> 20) & 7))
+  return codes.astype(np.uint8), scale
+
+
+def _checkpoint_0_1_0(tx, params, grads):
+  """A state as 0.1.0 saved it after one step: the float run's moment in
+  0.1.0's code (what a Flax or pickle restore hands back), and the values
+  that code stands for."""
+  wide = rmsprop_jax.rmsprop(1e-2, momentum=0.9)
+  _, ref = wide.update(grads, wide.init(params), params)
+  nu = ref[0].nu
+  state = tx.init(params)
+  old, values = {}, {}
+  for i, (name, p) in enumerate(params.items()):
+    codes, scale = np_quantize_0_1_0(np.asarray(nu[name]), 1, i)
+    old[name] = quantization.Blockwise8bit(codes, scale, p.shape)
+    flat = (code_value(codes) * scale[:, None]).ravel()[: p.size]
+    values[name] = flat.reshape(p.shape).astype(np.float32)
+  first = state[0]._replace(nu=old, count=jnp.ones([], jnp.int32))
+  return (first, *state[1:]), values
+
+
+def test_0_1_0_8bit_checkpoint_is_refused_by_name_then_upgraded():
+  tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9, nu_dtype=jnp.uint8)
+  key = jax.random.PRNGKey(0)
+  params = {
+    'kernel': jax.random.normal(key, (8, 512)),  # Same blocks in both.
+    'odd': jax.random.normal(key, (3, 300)),  # Blocks of 256 over rows.
+    'bias': jnp.zeros(5),
+    'scalar': jnp.zeros(()),
+  }
+  grads = jax.tree.map(lambda p: p + 1, params)
+  old, values = _checkpoint_0_1_0(tx, params, grads)
+  with pytest.raises(ValueError, match=r'0\.1\.0.*upgrade_state'):
+    tx.update(grads, old, params)
+  new = quantization.upgrade_state(old, params)
+  nu = new[0].nu
+  for name, p in params.items():
+    assert nu[name].codes.shape == p.shape
+    assert nu[name].scale.shape == quantization.scale_shape(p.shape)
+  # Where the blocks are the same, so are the codes, bit for bit.
+  np.testing.assert_array_equal(
+    np.asarray(nu['kernel'].codes),
+    np_quantize_0_1_0(values['kernel'], 1, 0)[0].reshape(8, 512),
+  )
+  # Everywhere the moment is what 0.1.0 stored, to within one code.
+  for name in params:
+    got = np.asarray(quantization.dequantize(nu[name]))
+    np.testing.assert_allclose(got, values[name], rtol=1 / 8)
+  np.testing.assert_array_equal(
+    np.asarray(quantization.dequantize(nu['kernel'])), values['kernel']
+  )
+  # The upgraded state trains on, and a second upgrade changes nothing.
+  tx.update(grads, new, params)
+  again = quantization.upgrade_state(new, params)
+  assert all(
+    a is b for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(new))
+  )
+
+
+def test_0_1_0_8bit_state_dict_is_upgraded_from_plain_mappings():
+  """A state dict (Flax's, NNX's pure dict) holds each code as a mapping
+  of its two arrays: upgrade_state takes it with the parameters' shapes."""
+  tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9, nu_dtype=jnp.uint8)
+  params = {'w': jnp.ones((4, 100)), 'b': jnp.ones(3)}
+  old, values = _checkpoint_0_1_0(tx, params, params)
+  as_dicts = jax.tree.map(
+    lambda q: (
+      {'codes': q.codes, 'scale': q.scale}
+      if isinstance(q, quantization.Blockwise8bit)
+      else q
+    ),
+    old,
+    is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
+  )
+  new = quantization.upgrade_state(as_dicts, params)
+  for name in params:
+    q = new[0].nu[name]
+    assert isinstance(q, quantization.Blockwise8bit)
+    assert q.codes.shape == params[name].shape
+    np.testing.assert_array_equal(
+      np.asarray(quantization.dequantize(q)), values[name]
+    )
