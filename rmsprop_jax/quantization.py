@@ -12,19 +12,30 @@ leaf, not ``jax.random``: no key to carry, and nearly free (and the same for
 every member of a ``vmap``).
 
 The 8-bit code (:class:`Blockwise8bit`) stores, per block of
-:data:`BLOCK_SIZE` elements, the block's maximum in float32 and, per element,
-a tiny unsigned float relative to it: 5 exponent bits ``e`` and 3 mantissa
-bits ``m`` (code ``8 * e + m``) standing for ``max * 2**(e - 31) * (1 + m/8)``.
+:data:`BLOCK_SIZE` elements, a scale in float32 and, per element, a tiny
+unsigned float relative to it: 5 exponent bits ``e`` and 3 mantissa bits
+``m`` (code ``8 * e + m``) standing for ``scale * 2**(e - 31) * (1 + m/8)``.
+The scale bounds the block's values from above: :func:`quantize` takes the
+block's maximum; the optimizer's update takes ``decay * old scale + (1 -
+decay) * the block's largest g**2`` rounded up to 8 significant bits, which
+bounds the new moment (the old one is at most the old scale) and is reduced
+over the gradient alone, so
+that no pass has to decode the state and write the new moment out before
+it is coded. Since the code is a float relative to the scale, a scale
+above the block's maximum costs no precision, only octaves at the bottom
+of the range: it stays within ``1 / (1 - decay)`` of the maximum unless
+elements take turns at the top (a factor of 10 at ``decay=0.9``, 1000 at
+0.999: 3 and 10 of the 32 octaves).
 The codes have the parameter's own shape, and the blocks run along its
 trailing axes (see :func:`block_layout`), so that a block lies within one
 shard wherever the parameter is sharded on its leading axes, or on its last
 axis in whole blocks: the codes then take the parameter's sharding and the
 update needs no communication (:func:`rmsprop_jax.state_shardings`).
-The code book spans 32 octaves below the block maximum, 6.7 to 12.5 % apart,
+The code book spans 32 octaves below the scale, 6.7 to 12.5 % apart,
 and has no zero, so a positive second moment is never rounded to zero (which
 would blow up ``1 / sqrt(nu)``); values below the smallest code round up to
 it, and only a block that is entirely zero stores zero. Coding is integer
-bit arithmetic on the float32 ratio to the block maximum (no logarithm, no
+bit arithmetic on the float32 ratio to the scale (no logarithm, no
 table), and rounds stochastically, without bias, like the bfloat16 state.
 """
 
@@ -205,7 +216,8 @@ def scale_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 class Blockwise8bit:
   """A non-negative float32 array in 8 bits per element plus one float32 per
   block: ``codes`` (uint8, the array's own ``shape``) and ``scale``
-  (float32 block maxima, :func:`scale_shape` of it), each with any leading
+  (float32 upper bounds of the blocks' values, :func:`scale_shape` of
+  it), each with any leading
   ``vmap`` axes; ``shape`` is the array's own (static).
   :func:`dequantize` gives the float32 array back."""
 
@@ -265,12 +277,58 @@ def _from_blocks(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return x.reshape(batch + tuple(shape))
 
 
-def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
+def _block_abs_max_sq(g: jax.Array) -> jax.Array:
+  """The largest ``|g|**2`` of each block of ``g`` (:func:`block_layout`'s
+  blocks), float32 of shape :func:`scale_shape`.
+
+  For real ``g`` it is the square of the larger of the block's maximum and
+  minus its minimum: two reductions over ``g`` itself, which XLA reads in
+  place, where reducing ``g**2`` would first write that array out.
+  """
+  shape = tuple(g.shape)
+  if jnp.iscomplexobj(g):
+    sq = (g.conj() * g).real
+    return jnp.max(_to_blocks(sq, shape, 0), axis=-1).astype(jnp.float32)
+  # A short last block is filled with zeros, which leave max |g| as it is.
+  blocks = _to_blocks(g, shape, 0)
+  top = jnp.max(blocks, axis=-1)
+  bottom = jnp.min(blocks, axis=-1)
+  return jnp.square(jnp.maximum(top, -bottom)).astype(jnp.float32)
+
+
+def _round_up_scale(x: jax.Array) -> jax.Array:
+  """Non-negative float32 ``x`` rounded up to 8 significant bits (the next
+  bfloat16 value at or above it); NaN stays NaN.
+
+  The optimizer's update rounds its block scales (upper bounds, see
+  :func:`quantize`) this way: two XLA programs computing the same
+  ``a * b + c`` may differ in the last bit (one fuses it into a
+  multiply-add, the other does not), and the coarser grid hides that
+  difference, so that a step under ``lax.scan``, ``vmap`` or a plain loop
+  stores the same state.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  low = jnp.uint32(0xFFFF)
+  up = jnp.where((bits & low) != 0, (bits | low) + jnp.uint32(1), bits)
+  return jnp.where(
+    jnp.isnan(x), x, jax.lax.bitcast_convert_type(up, jnp.float32)
+  )
+
+
+def quantize(
+  x: jax.Array, step, salt: int, scale: jax.Array | None = None
+) -> Blockwise8bit:
   """Stores non-negative ``x`` (negative values count as zero, values
   above :data:`CEILING` and +inf as it, NaN stays NaN) in 8 bits,
   rounding stochastically without bias; ``step`` and ``salt`` seed the
   random bits, as in :func:`hash_bits`. The blocks that share a scale are
   :func:`block_layout`'s.
+
+  ``scale`` (float32, :func:`scale_shape`), if given, is used as the
+  blocks' scales instead of their maxima: an upper bound of each block's
+  values, which the optimizer's update computes without reading the new
+  moments first (see :func:`rmsprop_jax.scale_by_rms`). A value above it
+  is stored as it. Without it, each block's scale is its maximum.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -290,8 +348,12 @@ def quantize(x: jax.Array, step, salt: int) -> Blockwise8bit:
     shape,
     0,
   )
-  scale = jnp.max(blocks, axis=-1)
-  ratio = blocks / jnp.where(scale > 0, scale, 1)[..., None]  # In [0, 1].
+  if scale is None:
+    scale = jnp.max(blocks, axis=-1)
+    ratio = blocks / jnp.where(scale > 0, scale, 1)[..., None]  # In [0, 1].
+  else:
+    scale = jnp.minimum(scale, jnp.float32(CEILING))
+    ratio = jnp.minimum(blocks / jnp.where(scale > 0, scale, 1)[..., None], 1)
   # Stochastic rounding to 3 mantissa bits: add random bits below them and
   # truncate (a carry moves up to the next octave, as it should).
   bits = jax.lax.bitcast_convert_type(ratio, jnp.uint32)

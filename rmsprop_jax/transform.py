@@ -53,12 +53,14 @@ def _variance(mu: jax.Array, nu: jax.Array, clamp: bool) -> jax.Array:
   return var
 
 
-def _fit_to_storage(nu: jax.Array, stored: Any) -> tuple[Any, Any]:
-  """``nu`` (non-negative) made to fit a narrower storage dtype: a factor
-  ``c`` that brings a finite ``nu`` past the dtype's largest value down to
-  it (1 elsewhere), and the smallest positive value the arithmetic reads
-  back as normal (float16's smallest subnormal) for a positive ``nu`` that
-  would round to 0. Returns (the fitted ``nu``, ``c``), or (``nu``, None)
+def _fit_to_storage(nu: jax.Array, stored: Any, centered: bool):
+  """``nu`` (non-negative) made to fit a narrower storage dtype: a finite
+  ``nu`` past the dtype's largest value is brought down to it (by a
+  factor ``c``, 1 elsewhere), and a positive ``nu`` that would round to 0
+  is raised to the smallest positive value the arithmetic reads back as
+  normal (float16's smallest subnormal). Returns (the fitted ``nu``,
+  ``c``), with ``c`` only where ``centered`` needs it to scale ``mu``
+  alike (None otherwise: no division on the hot path), or (``nu``, None)
   where the storage is as wide as the arithmetic."""
   if isinstance(
     stored, quantization.Blockwise8bit
@@ -72,9 +74,13 @@ def _fit_to_storage(nu: jax.Array, stored: Any) -> tuple[Any, Any]:
     ),
     nu.dtype,
   )
-  c = jnp.where(jnp.isfinite(nu) & (nu > top), top / nu, 1)
-  fitted = jnp.where((nu > 0) & (nu < floor), floor, nu * c)
-  return fitted, c
+  over = jnp.isfinite(nu) & (nu > top)
+  if centered:
+    c = jnp.where(over, top / nu, 1)
+    return jnp.where((nu > 0) & (nu < floor), floor, nu * c), c
+  return jnp.where(
+    (nu > 0) & (nu < floor), floor, jnp.where(over, top, nu)
+  ), None
 
 
 def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
@@ -462,7 +468,7 @@ def _scale_by_moments(
         '`tx`.'
       )
 
-  def store(new_tree, old_tree, count, salt0):
+  def store(new_tree, old_tree, count, salt0, bounds=None):
     """Each new moment in its state's storage: a plain cast, a stochastic
     rounding to bfloat16 or the 8-bit code (the salt tells leaves apart)."""
     old_leaves = jax.tree.leaves(
@@ -472,7 +478,11 @@ def _scale_by_moments(
     out: list[Any] = []
     for i, (new, old) in enumerate(zip(new_leaves, old_leaves)):
       if isinstance(old, quantization.Blockwise8bit):
-        out.append(quantization.quantize(new, count, salt0 + i))
+        out.append(
+          quantization.quantize(
+            new, count, salt0 + i, bounds[i] if bounds else None
+          )
+        )
       elif (
         stochastic_rounding
         and old.dtype == jnp.bfloat16
@@ -542,7 +552,7 @@ def _scale_by_moments(
     # saturated nu alone would make it negative, clamped to 0: a step of
     # g / sqrt(eps)). Nothing changes where the storage is as wide.
     fitted = [
-      _fit_to_storage(n, o)
+      _fit_to_storage(n, o, centered)
       for n, o in zip(
         jax.tree.leaves(new_nu),
         jax.tree.leaves(
@@ -554,7 +564,29 @@ def _scale_by_moments(
     to_store_nu = jax.tree.unflatten(
       jax.tree.structure(new_nu), [f for f, _ in fitted]
     )
-    stored_nu = store(to_store_nu, state.nu, count, 0)
+    # The 8-bit code's new block scales: an upper bound of each block's
+    # new nu, decay * (old scale, which bounds the old nu) + (1 - decay) *
+    # (the block's largest |g|**2), reduced over the gradient alone (a
+    # reduction over the new nu would need it decoded and written out
+    # first, a pass of its own). Rounded up to 8 significant bits, so that
+    # XLA fusing the multiply-add or not leaves the state the same.
+    bounds = (
+      [
+        quantization._round_up_scale(
+          _ema(quantization._block_abs_max_sq(g), q.scale, decay)
+        )
+        for g, q in zip(
+          jax.tree.leaves(grads),
+          jax.tree.leaves(
+            state.nu,
+            is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
+          ),
+        )
+      ]
+      if eight_bit
+      else None
+    )
+    stored_nu = store(to_store_nu, state.nu, count, 0, bounds)
     if centered:
       to_store_mu = jax.tree.unflatten(
         jax.tree.structure(new_mu),

@@ -52,13 +52,14 @@ def np_stochastic_bf16(x, step, salt):
   return rounded.view(np.float32)
 
 
-def np_quantize(x, step, salt, block=256):
+def np_quantize(x, step, salt, block=256, scale=None):
   """Blocks of up to 256 consecutive elements along the trailing axes that
   first hold 256 or more (all of them for a smaller array), the last block
   of each slab shorter; the float32 ratio to the block max, 20 random bits
   added below its top 3 mantissa bits, then the code 8 * (exponent + 31) +
   mantissa (0 below 2**-31). Returns codes of x's shape and the block
-  maxima, one row of them per slab."""
+  maxima, one row of them per slab. With ``scale`` (that shape), the
+  blocks are coded against it instead of their maxima, ratios capped at 1."""
   shape = x.shape
   k = len(shape)
   while k > 0 and int(np.prod(shape[k:])) < block:
@@ -70,8 +71,14 @@ def np_quantize(x, step, salt, block=256):
   x = np.minimum(x, np.float32(2.0**125))  # +inf saturates; NaN stays.
   x = np.pad(x, ((0, 0), (0, n_blocks * block - slab)))
   x = x.reshape(-1, n_blocks, block)
-  scale = x.max(axis=2)
-  ratio = (x / np.where(scale > 0, scale, 1)[:, :, None]).astype(np.float32)
+  if scale is None:
+    scale = x.max(axis=2)
+    ratio = (x / np.where(scale > 0, scale, 1)[:, :, None]).astype(np.float32)
+  else:
+    scale = np.minimum(np.asarray(scale, np.float32), np.float32(2.0**125))
+    scale = scale.reshape(-1, n_blocks)
+    ratio = (x / np.where(scale > 0, scale, 1)[:, :, None]).astype(np.float32)
+    ratio = np.minimum(ratio, np.float32(1))
   noise = (np_hash(x.size, step, salt) & 0xFFFFF).reshape(x.shape)
   bits = ratio.view(np.uint32).astype(np.int64) + noise.astype(np.int64)
   exponent = (bits >> 23) - 96
@@ -408,9 +415,25 @@ def test_each_leaf_and_moment_rounds_with_its_own_bits():
   )
 
 
+def np_block_bound(g, old_scale, decay):
+  """The update's new block scales: decay * old scale + (1 - decay) * the
+  block's largest g**2 (blocks as np_quantize cuts them), rounded up to 8
+  significant bits."""
+  sq = np.square(np.asarray(g, np.float32))
+  scale_of_sq = np_quantize(sq, 0, 0)[1]  # The block maxima of g**2.
+  bound = (
+    np.float32(1 - decay) * scale_of_sq
+    + np.float32(decay) * np.asarray(old_scale, np.float32)
+  ).astype(np.float32)
+  mantissa, exponent = np.frexp(bound.astype(np.float64))  # In [0.5, 1).
+  return np.ldexp(np.ceil(mantissa * 256) / 256, exponent).astype(np.float32)
+
+
 def test_each_8bit_leaf_codes_with_its_own_bits():
   """As above for the 8-bit ``nu``: each leaf's codes are the NumPy coding
-  of its unrounded float32 moment, with the step count and salt ``i``."""
+  of its unrounded float32 moment, with the step count and salt ``i``,
+  against the block scales decay * old scale + (1 - decay) * the block's
+  largest g**2 (which bound the new moment from above)."""
   g = jax.random.normal(jax.random.PRNGKey(4), (2, 700)) * 1e-2
   grads = {'a': g[0], 'b': g[0], 'c': g[1]}
   params = jax.tree.map(jnp.zeros_like, grads)
@@ -426,9 +449,13 @@ def test_each_8bit_leaf_codes_with_its_own_bits():
         count=state.count, nu=quantization.dequantize_tree(state.nu)
       ),
     )
+    old_scales = {k: np.asarray(q.scale) for k, q in state.nu.items()}
     _, state = narrow.update(grads, state)
     for i, leaf in enumerate(('a', 'b', 'c')):
-      codes, scale = np_quantize(np.asarray(wide_state.nu[leaf]), step, i)
+      bound = np_block_bound(grads[leaf], old_scales[leaf], 0.9)
+      new_nu = np.asarray(wide_state.nu[leaf])
+      assert np.all(new_nu.reshape(-1) <= np.repeat(bound, 256)[:700])
+      codes, scale = np_quantize(new_nu, step, i, scale=bound)
       np.testing.assert_array_equal(np.asarray(state.nu[leaf].scale), scale)
       np.testing.assert_array_equal(
         np.asarray(state.nu[leaf].codes), codes, err_msg=f'{leaf} {step}'
