@@ -185,26 +185,34 @@ def launch(args, argv) -> dict:
       if log is not None:
         log.close()
     deadline = time.monotonic() + limit
-    while any(p.poll() is None for p in procs):
-      failed = [i for i, p in enumerate(procs) if p.poll() not in (None, 0)]
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       late = time.monotonic() > deadline
       if failed or late:
         for p in procs:  # Stop the others: terminate, wait, kill.
           if p.poll() is None:
             p.terminate()
+        stop = time.monotonic() + 10
         for p in procs:
           try:
-            p.wait(timeout=10)
+            p.wait(timeout=max(0.1, stop - time.monotonic()))
           except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
         why = f'took over {limit} s' if late else f'process(es) {failed} failed'
-        print(f'sharded_training: {why}; stopped the others.', file=sys.stderr)
+        print(
+          f'sharded_training: {why}; stopped the others (process 0 wrote '
+          'above).',
+          file=sys.stderr,
+        )
         for i in range(1, args.processes):
           if late or i in failed:
             text = logs[i - 1].read_text(errors='replace')
             print(f'--- process {i} log ---\n{text[-5000:]}', file=sys.stderr)
         raise SystemExit(1)
+      if None not in codes:
+        break
       time.sleep(0.2)
     r = json.loads((pathlib.Path(tmp) / 'results.json').read_text())
   for mode in r['results'].values():

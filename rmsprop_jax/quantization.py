@@ -30,7 +30,7 @@ The codes have the parameter's own shape, and the blocks run along its
 trailing axes (see :func:`block_layout`), so that a block lies within one
 shard wherever the parameter is sharded on its leading axes, or on its last
 axis in whole blocks: the codes then take the parameter's sharding and the
-update needs no communication (:func:`rmsprop_jax.state_shardings`).
+update needs no communication (:func:`rmsprop_jax.sharding.state_shardings`).
 The code book spans 32 octaves below the scale, 6.7 to 12.5 % apart,
 and has no zero, so a positive second moment is never rounded to zero (which
 would blow up ``1 / sqrt(nu)``); values below the smallest code round up to
