@@ -74,13 +74,12 @@ def _fit_to_storage(nu: jax.Array, stored: Any, centered: bool):
     ),
     nu.dtype,
   )
-  over = jnp.isfinite(nu) & (nu > top)
   if centered:
-    c = jnp.where(over, top / nu, 1)
+    c = jnp.where(jnp.isfinite(nu) & (nu > top), top / nu, 1)
     return jnp.where((nu > 0) & (nu < floor), floor, nu * c), c
-  return jnp.where(
-    (nu > 0) & (nu < floor), floor, jnp.where(over, top, nu)
-  ), None
+  # Not centered, the store saturates nu itself (saturating_cast, or the
+  # stochastic rounding's own): only the floor is left to do here.
+  return jnp.where((nu > 0) & (nu < floor), floor, nu), None
 
 
 def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
