@@ -29,6 +29,8 @@ import time
 
 import pytest
 
+from conftest import require
+
 pytestmark = pytest.mark.multiprocess
 
 WORKER = pathlib.Path(__file__).resolve().parent / '_multiprocess_worker.py'
@@ -172,6 +174,7 @@ class Phases:
 
 @pytest.fixture(scope='module')
 def phases(tmp_path_factory):
+  require('orbax.checkpoint')  # The workers' checkpoints.
   return Phases(tmp_path_factory.mktemp('multiprocess'))
 
 
