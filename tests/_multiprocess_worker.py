@@ -7,7 +7,7 @@ Every process runs the same program on a ``data x model`` mesh spanning the
 processes and gathers the results (``process_allgather``); process 0 also
 runs the same steps on one local device, without shardings, from the same
 host values, and compares. Process 0 writes what it checked to ``--out`` as
-JSON, ``{check: 'ok' | 'ok, not bit for bit: ...' | 'refused: ...' |
+JSON, ``{check: 'ok' | 'ok, not bit for bit: ...' |
 'failed: <traceback>'}``; the others write which checks they took part in.
 
 A phase does some of:
@@ -332,22 +332,6 @@ def one_device(name, stops, perturb=False):
   return out
 
 
-def refusal(world, name):
-  """Why ``state_shardings`` refuses the 8-bit state (its checks are then
-  reported as refused, not run), or None once it lays it out. Any other
-  refusal, or one for another optimizer, fails in the checks themselves."""
-  if name != 'uint8':
-    return None
-  try:
-    for axis in MODES.values():
-      rmsprop_jax.state_shardings(
-        MAKERS[name](), world.abstract_params, zero1_axis=axis
-      )
-  except ValueError as e:
-    return f'state_shardings raises ValueError: {e}'
-  return None
-
-
 def main():
   args = ARGS
   first = jax.process_index() == 0
@@ -373,17 +357,13 @@ def main():
   fresh_ends = {}  # (name, mode) -> (params, state) as numpy, fresh runs.
   checkpointer = ocp.StandardCheckpointer()
 
-  def checked(name, fn, refused=None):
-    """Runs one check; records 'ok...', 'failed: <traceback>' or, without
-    running it, 'refused: <why>'."""
+  def checked(name, fn):
+    """Runs one check; records 'ok...' or 'failed: <traceback>'."""
     start = time.perf_counter()
-    if refused:
-      report[name] = f'refused: {refused}'
-    else:
-      try:
-        report[name] = fn(Checks(refs))
-      except Exception:
-        report[name] = 'failed: ' + traceback.format_exc()
+    try:
+      report[name] = fn(Checks(refs))
+    except Exception:
+      report[name] = 'failed: ' + traceback.format_exc()
     print(
       f'[{jax.process_index()}] {name} ({time.perf_counter() - start:.1f} s)'
       f': {report[name][:300]}',
@@ -456,12 +436,11 @@ def main():
 
   # Each check runs at once (partial binds this iteration's names).
   for name in MAKERS:
-    why = refusal(world, name)
     if args.fresh:
       for mode in MODES:
-        checked(f'{name}/{mode}', partial(fresh, name=name, mode=mode), why)
+        checked(f'{name}/{mode}', partial(fresh, name=name, mode=mode))
     if args.restore and name in SAVED:
-      checked(f'restore {name}', partial(restore, saved=name, name=name), why)
+      checked(f'restore {name}', partial(restore, saved=name, name=name))
   if args.fresh:
     for ours, theirs in PARITY.items():
       for mode in MODES:
@@ -477,9 +456,8 @@ def main():
   if args.save:
     for name in SAVED:
       # Both modes ran (every process knows it; what matched, process 0).
-      why = refusal(world, name)
-      if why or set(ended.get(name, ())) == set(MODES):
-        checked(f'save {name}', partial(save, name=name), why)
+      if set(ended.get(name, ())) == set(MODES):
+        checked(f'save {name}', partial(save, name=name))
   checkpointer.close()
   pathlib.Path(args.out).write_text(json.dumps(report, indent=1))
   print('done', flush=True)

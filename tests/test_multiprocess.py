@@ -13,10 +13,6 @@ are restored by 4 on a 2 x 4 mesh (optax's state into ours and back
 included), continued and saved again; those are restored by 1 process on an
 8 x 1 mesh and continued. Each launch is bounded in time; on a failure or a
 timeout every worker is stopped, and the failure shows every worker's log.
-
-The 8-bit state runs wherever ``state_shardings`` lays it out; while that
-raises, its checks are reported as refused and ``test_8bit_state`` skips
-with the error.
 """
 
 import json
@@ -199,7 +195,7 @@ SAVE = [f'save {n}' for n in SAVED]
 
 def _check(phases, name, expect):
   """The phase ran exactly the checks ``expect`` lists, on every process,
-  and each passed (the 8-bit state's may be refused: test_8bit_state)."""
+  and each passed."""
   reports, logs = phases.run(name)
   assert all(r.keys() == reports[0].keys() for r in reports), logs
   assert sorted(reports[0]) == sorted(expect), logs
@@ -207,10 +203,7 @@ def _check(phases, name, expect):
     (i, check): status
     for i, r in enumerate(reports)
     for check, status in r.items()
-    if not (
-      status.startswith('ok')
-      or ('uint8' in check and status.startswith('refused'))
-    )
+    if not status.startswith('ok')
   }
   assert not failed, (
     '\n'.join(f'process {i}, {c}: {s}' for (i, c), s in failed.items())
@@ -237,21 +230,13 @@ def test_one_process_restores_four(phases):
 
 
 def test_8bit_state(phases):
-  """Runs in the phases above wherever state_shardings lays out the 8-bit
-  state; skips with its error while it refuses."""
+  """The 8-bit state ran in every phase: sharded and ZeRO-1 with 2 and 4
+  processes, saved twice, restored twice."""
   statuses = {
     f'{name}: {check}': status
     for name in PHASES
     for check, status in phases.run(name)[0][0].items()
     if 'uint8' in check
   }
-  refused = [s for s in statuses.values() if s.startswith('refused')]
-  if refused:
-    pytest.skip(
-      f'{len(refused)} of its {len(statuses)} checks refused: '
-      + refused[0].removeprefix('refused: ')
-    )
-  # Sharded and ZeRO-1 with 2 and 4 processes, saved twice, restored twice.
-  assert len(statuses) == 8 and all(
-    s.startswith('ok') for s in statuses.values()
-  )
+  assert len(statuses) == 8, statuses
+  assert all(s.startswith('ok') for s in statuses.values()), statuses
