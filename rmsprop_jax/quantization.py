@@ -17,9 +17,9 @@ unsigned float relative to it: 5 exponent bits ``e`` and 3 mantissa bits
 ``m`` (code ``8 * e + m``) standing for ``scale * 2**(e - 31) * (1 + m/8)``.
 The scale bounds the block's values from above: :func:`quantize` takes the
 block's maximum; the optimizer's update takes ``decay * old scale + (1 -
-decay) * the block's largest g**2`` rounded up to 8 significant bits, which
-bounds the new moment (the old one is at most the old scale) and is reduced
-over the gradient alone, so
+decay) * the block's largest g**2`` (computed with exact products, see
+:func:`next_scale`), which bounds the new moment (the old one is at most
+the old scale) and is reduced over the gradient alone, so
 that no pass has to decode the state and write the new moment out before
 it is coded. Since the code is a float relative to the scale, a scale
 above the block's maximum costs no precision, only octaves at the bottom
@@ -48,6 +48,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 BLOCK_SIZE = 256
 """Elements per block of the 8-bit code, each block with its own float32
@@ -254,12 +255,56 @@ class Blockwise8bit:
     return f'Blockwise8bit(shape={self.shape})'
 
 
+def _explicit_entries(x) -> list | None:
+  """``x``'s ``PartitionSpec`` entries (one per axis) where it lies on a
+  mesh with ``Explicit`` axes (whose shardings are part of its type), else
+  None."""
+  try:
+    sharding = getattr(jax.typeof(x), 'sharding', None)
+  except TypeError:  # Not a JAX type (a NumPy array): no mesh.
+    return None
+  mesh = getattr(sharding, 'mesh', None)
+  spec = getattr(sharding, 'spec', None)
+  if spec is None or not any(
+    t == jax.sharding.AxisType.Explicit for t in getattr(mesh, 'axis_types', ())
+  ):
+    return None
+  return list(spec) + [None] * (x.ndim - len(spec))
+
+
+def _split_in_whole_blocks(entries, mesh, shape, batch: int) -> bool:
+  """Whether ``entries`` (of an array ``batch + shape``) split no block."""
+  k, m, b = block_layout(shape)
+  if any(e is not None for e in entries[batch + k + 1 :]):
+    return False
+  entry = entries[batch + k] if k < len(shape) else None
+  names = (
+    () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+  )
+  ways = math.prod(mesh.shape[a] for a in names)
+  return ways == 1 or (m % ways == 0 and (m // ways) % b == 0)
+
+
 def _to_blocks(x: jax.Array, shape: tuple[int, ...], fill) -> jax.Array:
   """``x`` (``batch + shape``) as ``batch + shape[:k] + (n_blocks, b)``,
-  a short last block filled with ``fill``."""
+  a short last block filled with ``fill``. On a mesh with ``Explicit``
+  axes an ``x`` split inside its blocks is first gathered along the
+  blocks' axes (with ``Auto`` axes XLA does that itself)."""
   k, m, b = block_layout(shape)
   n_blocks = -(-m // b)
   batch = x.shape[: x.ndim - len(shape)]
+  entries = _explicit_entries(x)
+  if entries is not None and not _split_in_whole_blocks(
+    entries, jax.typeof(x).sharding.mesh, shape, len(batch)
+  ):
+    x = jax.sharding.reshard(
+      x,
+      jax.typeof(x).sharding.update(
+        spec=PartitionSpec(
+          *entries[: len(batch) + k], *[None] * (len(shape) - k)
+        )
+      ),
+    )
   x = x.reshape(batch + tuple(shape[:k]) + (m,))
   if n_blocks * b != m:
     pad = [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * b - m)]
@@ -267,14 +312,21 @@ def _to_blocks(x: jax.Array, shape: tuple[int, ...], fill) -> jax.Array:
   return x.reshape(batch + tuple(shape[:k]) + (n_blocks, b))
 
 
-def _from_blocks(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The inverse of :func:`_to_blocks`."""
+def _from_blocks(x: jax.Array, shape: tuple[int, ...], like=None) -> jax.Array:
+  """The inverse of :func:`_to_blocks`; on a mesh with ``Explicit`` axes,
+  laid out as ``like`` (the array that was cut into blocks)."""
   k, m, b = block_layout(shape)
   batch = x.shape[: x.ndim - k - 2]
   x = x.reshape(batch + tuple(shape[:k]) + (-1,))
   if x.shape[-1] != m:
     x = x[..., :m]
-  return x.reshape(batch + tuple(shape))
+  x = x.reshape(batch + tuple(shape))
+  entries = None if like is None else _explicit_entries(like)
+  if entries is not None and entries != _explicit_entries(x):
+    x = jax.sharding.reshard(
+      x, jax.typeof(x).sharding.update(spec=PartitionSpec(*entries))
+    )
+  return x
 
 
 def _block_abs_max_sq(g: jax.Array) -> jax.Array:
@@ -296,23 +348,53 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
   return jnp.square(jnp.maximum(top, -bottom)).astype(jnp.float32)
 
 
-def _round_up_scale(x: jax.Array) -> jax.Array:
-  """Non-negative float32 ``x`` rounded up to 8 significant bits (the next
-  bfloat16 value at or above it); NaN stays NaN.
-
-  The optimizer's update rounds its block scales (upper bounds, see
-  :func:`quantize`) this way: two XLA programs computing the same
-  ``a * b + c`` may differ in the last bit (one fuses it into a
-  multiply-add, the other does not), and the coarser grid hides that
-  difference, so that a step under ``lax.scan``, ``vmap`` or a plain loop
-  stores the same state.
-  """
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-  low = jnp.uint32(0xFFFF)
-  up = jnp.where((bits & low) != 0, (bits | low) + jnp.uint32(1), bits)
+def _round_bits(x: jax.Array, bits: int, up: bool) -> jax.Array:
+  """Non-negative float32 ``x`` rounded up (or down) to ``bits``
+  significant bits; NaN and inf stay as they are."""
+  x = jnp.asarray(x, jnp.float32)
+  raw = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  low = jnp.uint32((1 << (24 - bits)) - 1)
+  if up:
+    raw = jnp.where((raw & low) != 0, (raw | low) + jnp.uint32(1), raw)
+  else:
+    raw = raw & ~low
   return jnp.where(
-    jnp.isnan(x), x, jax.lax.bitcast_convert_type(up, jnp.float32)
+    jnp.isfinite(x), jax.lax.bitcast_convert_type(raw, jnp.float32), x
   )
+
+
+def next_scale(scale: jax.Array, g: jax.Array, decay) -> jax.Array:
+  """The 8-bit moment's new block scales in the optimizer's update: an
+  upper bound of ``decay * nu + (1 - decay) * |g|**2`` over each block,
+  given that ``nu`` is at most ``scale`` there.
+
+  The bound is ``decay * scale + (1 - decay) * G``, ``G`` the block's
+  largest ``|g|**2``, computed so that every product is exact: ``1 -
+  decay`` rounded to 12 significant bits (down where it multiplies the
+  scale, up where it multiplies ``G``), the scale split into two halves of
+  12 bits, ``G`` rounded up to 12 bits, then ``((s - e * s_hi) - e * s_lo)
+  + f * G``, at most :data:`CEILING`. Two XLA programs that fuse a
+  multiply and an add into one instruction or not (``lax.scan`` against a
+  plain loop, a sharded program against one device's) then store the same
+  bits. The scale decays at ``1 - e``, within 2**-11 of the moment's own
+  rate, at any ``decay`` below 1.
+
+  Args:
+    scale: float32, :func:`scale_shape`; the old scales.
+    g: the gradient (float32 or complex64), the parameter's shape.
+    decay: the moment's decay, a float or a traced scalar in [0, 1).
+
+  Returns:
+    float32 scales of ``scale``'s shape.
+  """
+  one_minus = 1 - jnp.asarray(decay, jnp.float32)
+  e = _round_bits(one_minus, 12, up=False)
+  f = _round_bits(one_minus, 12, up=True)
+  s_hi = _round_bits(scale, 12, up=False)
+  s_lo = scale - s_hi  # Exact: the scale's low 12 bits.
+  big = _round_bits(_block_abs_max_sq(g), 12, up=True)
+  bound = ((scale - e * s_hi) - e * s_lo) + f * big
+  return jnp.minimum(bound, jnp.float32(CEILING))
 
 
 def quantize(
@@ -365,7 +447,7 @@ def quantize(
   mantissa = ((bits >> _DROPPED_BITS) & jnp.uint32(7)).astype(jnp.int32)
   codes = jnp.where(exponent < 0, 0, (exponent << _MANTISSA_BITS) | mantissa)
   return Blockwise8bit(
-    _from_blocks(codes.astype(jnp.uint8), shape), scale, shape
+    _from_blocks(codes.astype(jnp.uint8), shape, like=x), scale, shape
   )
 
 
@@ -393,7 +475,7 @@ def dequantize(q: Blockwise8bit) -> jax.Array:
   ``scale * code`` would underflow.
   """
   return _from_blocks(
-    _decode(_to_blocks(q.codes, q.shape, 0), q.scale), q.shape
+    _decode(_to_blocks(q.codes, q.shape, 0), q.scale), q.shape, like=q.codes
   )
 
 

@@ -207,6 +207,8 @@ def state_shardings(
   )
 
   def follow(leaf, param, sharding):
+    if isinstance(leaf, optax.MaskedNode):  # optax.masked's masked-out leaf.
+      return leaf
     coded = isinstance(leaf, quantization.Blockwise8bit)
     if not isinstance(sharding, NamedSharding):
       if coded:
@@ -238,5 +240,7 @@ def state_shardings(
     abstract_params,
     shardings,
     transform_non_params=lambda x: jax.tree.map(lambda _: replicated, x),
-    is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
+    is_leaf=lambda x: isinstance(
+      x, (quantization.Blockwise8bit, optax.MaskedNode)
+    ),
   )

@@ -82,6 +82,23 @@ def _fit_to_storage(nu: jax.Array, stored: Any, centered: bool):
   return jnp.where((nu > 0) & (nu < floor), floor, nu), None
 
 
+def _placed_like(q, p):
+  """An 8-bit code made eagerly for a parameter ``p`` on a mesh, put where
+  ``state_shardings`` puts it (eager operations on a leaf split inside its
+  blocks may leave the code elsewhere); as it is under ``jit`` or off a
+  mesh."""
+  sharding = getattr(p, 'sharding', None) if isinstance(p, jax.Array) else None
+  if isinstance(p, jax.core.Tracer) or not isinstance(
+    sharding, jax.sharding.NamedSharding
+  ):
+    return q
+  from rmsprop_jax import sharding as sharding_module  # pylint: disable=g-import-not-at-top
+
+  return jax.device_put(
+    q, sharding_module._code_shardings(q, sharding.spec, sharding.mesh)
+  )
+
+
 def _inverse_rms(ms: jax.Array, eps: Any, eps_in_sqrt: bool) -> jax.Array:
   """``1 / sqrt(ms + eps)`` or ``1 / (sqrt(ms) + eps)``, as optax computes it."""
   if eps_in_sqrt:
@@ -385,15 +402,18 @@ def _scale_by_moments(
       nu = jax.tree.unflatten(
         treedef,
         [
-          quantization.quantize(
-            # full_like: the code follows the parameter's sharding.
-            jnp.full_like(
-              p.get_value() if _validation.is_nnx_variable(p) else p,
-              initial_scale,
-              jnp.float32,
+          _placed_like(
+            quantization.quantize(
+              # full_like: the code follows the parameter's sharding.
+              jnp.full_like(
+                p.get_value() if _validation.is_nnx_variable(p) else p,
+                initial_scale,
+                jnp.float32,
+              ),
+              0,
+              i,
             ),
-            0,
-            i,
+            p.get_value() if _validation.is_nnx_variable(p) else p,
           )
           for i, p in enumerate(leaves)
         ],
@@ -567,13 +587,11 @@ def _scale_by_moments(
     # new nu, decay * (old scale, which bounds the old nu) + (1 - decay) *
     # (the block's largest |g|**2), reduced over the gradient alone (a
     # reduction over the new nu would need it decoded and written out
-    # first, a pass of its own). Rounded up to 8 significant bits, so that
-    # XLA fusing the multiply-add or not leaves the state the same.
+    # first, a pass of its own), with exact products, so that XLA fusing a
+    # multiply-add or not leaves the state the same (next_scale).
     bounds = (
       [
-        quantization._round_up_scale(
-          _ema(quantization._block_abs_max_sq(g), q.scale, decay)
-        )
+        quantization.next_scale(q.scale, g, decay)
         for g, q in zip(
           jax.tree.leaves(grads),
           jax.tree.leaves(

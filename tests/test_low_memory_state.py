@@ -415,18 +415,31 @@ def test_each_leaf_and_moment_rounds_with_its_own_bits():
   )
 
 
+def np_round(x, bits, up):
+  """x rounded up (or down) to ``bits`` significant bits, in float64."""
+  mantissa, exponent = np.frexp(np.asarray(x, np.float64))  # In [0.5, 1).
+  step = np.ceil if up else np.floor
+  return np.ldexp(step(mantissa * 2.0**bits) / 2.0**bits, exponent)
+
+
 def np_block_bound(g, old_scale, decay):
   """The update's new block scales: decay * old scale + (1 - decay) * the
-  block's largest g**2 (blocks as np_quantize cuts them), rounded up to 8
-  significant bits."""
-  sq = np.square(np.asarray(g, np.float32))
-  scale_of_sq = np_quantize(sq, 0, 0)[1]  # The block maxima of g**2.
-  bound = (
-    np.float32(1 - decay) * scale_of_sq
-    + np.float32(decay) * np.asarray(old_scale, np.float32)
-  ).astype(np.float32)
-  mantissa, exponent = np.frexp(bound.astype(np.float64))  # In [0.5, 1).
-  return np.ldexp(np.ceil(mantissa * 256) / 256, exponent).astype(np.float32)
+  block's largest g**2 (blocks as np_quantize cuts them), with 1 - decay
+  rounded to 12 significant bits (down on the scale, up on g**2) and the
+  largest g**2 rounded up to 12 bits, so that every product is exact."""
+  f32 = np.float32
+  sq = np.square(np.asarray(g, f32))
+  big = f32(np_round(np_quantize(sq, 0, 0)[1], 12, up=True))  # Block maxima.
+  s = np.asarray(old_scale, f32)
+  one_minus = f32(1) - f32(decay)
+  e = f32(np_round(one_minus, 12, up=False))
+  f = f32(np_round(one_minus, 12, up=True))
+  # decay * s as s - e * s, with s in two halves of 12 bits: the products
+  # are exact in float32, and the sums round as float32's, in this order.
+  s_hi = f32(np_round(s, 12, up=False))
+  s_lo = s - s_hi
+  bound = ((s - e * s_hi) - e * s_lo) + f * big
+  return np.minimum(bound, f32(2.0**125)).astype(f32)
 
 
 def test_each_8bit_leaf_codes_with_its_own_bits():
@@ -599,3 +612,33 @@ def test_0_1_0_8bit_state_dict_is_upgraded_from_plain_mappings():
     np.testing.assert_array_equal(
       np.asarray(quantization.dequantize(q)), values[name]
     )
+
+
+@pytest.mark.parametrize('decay', [0.99, 0.995, 0.999, 0.9999])
+def test_8bit_scale_follows_a_slow_decay(decay):
+  """Large gradients, then small ones: each block's scale (an upper bound
+  of its nu) comes down with the moment, as float32's nu does, at any
+  decay up to 0.9999; a bound that could not shrink kept the steps 70
+  times too short for good."""
+  tx = rmsprop_jax.scale_by_rms(decay=decay, nu_dtype=jnp.uint8)
+  wide = rmsprop_jax.scale_by_rms(decay=decay)
+  g = jax.random.normal(jax.random.PRNGKey(0), (4, 256))
+  run = jax.jit(
+    lambda tx, scale, n: jax.lax.scan(
+      lambda s, i: (tx.update(g * jnp.where(i < 20, scale, 1e-3), s)[1], None),
+      tx.init(g),
+      jnp.arange(n),
+    )[0],
+    static_argnums=(0, 2),
+  )
+  steps = 3000
+  state, ref = run(tx, 1e3, steps), run(wide, 1e3, steps)
+  nu = np.asarray(ref.nu, np.float64)
+  scale = np.asarray(state.nu.scale)[:, 0]
+  # The scale bounds nu and is at most 1 % above the bound in exact
+  # arithmetic: decay**t * (the spike's nu) + the small gradients' part.
+  exact = decay ** (steps - 20) * np.max(
+    (1 - decay**20) * np.asarray(g, np.float64) ** 2 * 1e6, axis=1
+  ) + np.max(np.asarray(g, np.float64) ** 2 * 1e-6, axis=1)
+  assert np.all(scale >= nu.max(axis=1))
+  assert np.all(scale <= exact * 1.01), scale / exact

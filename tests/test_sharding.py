@@ -338,6 +338,28 @@ else:
     ):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  @pytest.mark.parametrize('nu_dtype', [None, jnp.uint8])
+  def test_state_shardings_through_masked_and_multi_transform(nu_dtype):
+    """optax.masked (and so multi_transform) holds MaskedNode leaves where
+    a parameter is masked out: they stay as they are."""
+    mesh = _mesh('auto')
+    params = _params(mesh)
+    mask = {k: k.startswith('w') for k in params}
+    labels = {k: 'rms' if v else 'sgd' for k, v in mask.items()}
+    ours = lambda: rmsprop_jax.rmsprop(1e-2, nu_dtype=nu_dtype)
+    for tx in (
+      optax.masked(ours(), mask),
+      optax.multi_transform({'rms': ours(), 'sgd': optax.sgd(1e-2)}, labels),
+    ):
+      for zero1 in (None, 'data'):
+        shardings = rmsprop_jax.state_shardings(tx, params, zero1_axis=zero1)
+        state = jax.jit(tx.init, out_shardings=shardings)(params)
+        assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+        for s, expect in zip(
+          jax.tree.leaves(state), jax.tree.leaves(shardings)
+        ):
+          assert s.sharding.is_equivalent_to(expect, s.ndim)
+
   def test_state_shardings_from_abstract_params():
     """Initialising without materialising: ShapeDtypeStructs in."""
     mesh = _mesh('auto')
@@ -369,23 +391,40 @@ else:
         rmsprop_jax.rmsprop(0.1, packing=True), params
       )
 
-  @pytest.mark.parametrize('zero1', [None, 'data'])
-  def test_8bit_code_split_inside_its_blocks_still_computes_the_same(zero1):
-    """A last axis of 384 split in two cuts a block of 256: the scales stay
-    whole along it (XLA gathers them), and the numbers do not change."""
-    mesh = _mesh('auto')
-    sharding = NamedSharding(mesh, P(None, 'model'))
+  # Leaves split inside their 8-bit blocks: a row of 384 in two, a conv
+  # kernel on its output channels (blocks of two rows of 128), rows of 16
+  # (blocks of 16 rows) on their last axis, a bias of 384 (its blocks of 256
+  # and 128) in two.
+  SPLIT_INSIDE = {
+    'row': ((8, 384), P(None, 'model')),
+    'conv': ((3, 3, 16, 128), P(None, None, None, 'model')),
+    'tall': ((64, 16), P(None, 'model')),
+    'bias': ((384,), P('model')),
+  }
+
+  @pytest.mark.parametrize(
+    'kind, zero1', [('auto', None), ('auto', 'data'), ('explicit', None)]
+  )
+  def test_8bit_code_split_inside_its_blocks_still_computes_the_same(
+    kind, zero1
+  ):
+    """The scales stay whole along the split axes (XLA gathers them; on
+    Explicit axes the code does), the codes follow the parameter, and the
+    numbers are one device's, eagerly and under jit."""
+    mesh = _mesh(kind)
     params, grads = (
       {
-        'w': jax.device_put(
-          jax.random.normal(jax.random.PRNGKey(s), (8, 384)), sharding
+        name: jax.device_put(
+          jax.random.normal(jax.random.PRNGKey(s), shape),
+          NamedSharding(mesh, spec),
         )
+        for name, (shape, spec) in SPLIT_INSIDE.items()
       }
       for s in (3, 4)
     )
     tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8, momentum=0.9)
     shardings = rmsprop_jax.state_shardings(tx, params, zero1_axis=zero1)
-    code = optax.tree.get(shardings, 'nu')['w']
+    code = optax.tree.get(shardings, 'nu')['row']
     assert code.codes.spec == (
       P('data', 'model') if zero1 else P(None, 'model')
     )
@@ -395,11 +434,18 @@ else:
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    state = jax.jit(tx.init, out_shardings=shardings)(params)
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    out = jax.jit(step, out_shardings=(param_shardings, shardings))(
-      params, state, grads
-    )
+    with jax.set_mesh(mesh):
+      # Eagerly the state follows the parameters (ZeRO-1 is jit's).
+      eager = tx.init(params)
+      state = jax.jit(tx.init, out_shardings=shardings)(params)
+      plain = rmsprop_jax.state_shardings(tx, params)
+      for s, where in ((eager, plain), (state, shardings)):
+        for x, expect in zip(jax.tree.leaves(s), jax.tree.leaves(where)):
+          assert x.sharding.is_equivalent_to(expect, x.ndim)
+      param_shardings = jax.tree.map(lambda x: x.sharding, params)
+      out = jax.jit(step, out_shardings=(param_shardings, shardings))(
+        params, state, grads
+      )
     local = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), (params, grads))
     ref = jax.jit(step)(local[0], tx.init(local[0]), local[1])
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
