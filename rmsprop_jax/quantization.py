@@ -641,9 +641,25 @@ def upgrade_state(state, params):
   state = _rebuild_tree(state, packing._values(params))
 
   def upgrade(x):
-    if not isinstance(x, Blockwise8bit) or not _is_legacy(x):
+    if not isinstance(x, Blockwise8bit):
       return x
-    return quantize(_legacy_decode(x), 0, 0)
+    if _is_legacy(x):
+      return quantize(_legacy_decode(x), 0, 0)
+    # Members of a vmap (an ensemble): leading axes on codes and scale.
+    n_blocks, block = _legacy_blocks(x.shape)
+    codes, scale = np.shape(x.codes), np.shape(x.scale)
+    batch = codes[:-2]
+    if (
+      batch
+      and codes[-2:] == (n_blocks, block)
+      and scale == batch + (n_blocks,)
+      and codes != batch + tuple(x.shape)
+    ):
+      one = lambda c, s: upgrade(Blockwise8bit(c, s, x.shape))
+      for _ in batch:
+        one = jax.vmap(one)
+      return one(x.codes, x.scale)
+    return x
 
   return jax.tree.map(
     upgrade, state, is_leaf=lambda x: isinstance(x, Blockwise8bit)

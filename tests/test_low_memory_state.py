@@ -642,3 +642,26 @@ def test_8bit_scale_follows_a_slow_decay(decay):
   ) + np.max(np.asarray(g, np.float64) ** 2 * 1e-6, axis=1)
   assert np.all(scale >= nu.max(axis=1))
   assert np.all(scale <= exact * 1.01), scale / exact
+
+
+def test_0_1_0_8bit_state_of_a_vmap_is_upgraded_member_by_member():
+  """An ensemble's state (vmap over seeds) has leading axes on codes and
+  scale: each member is upgraded, as jax.vmap(upgrade_state) would."""
+  tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9, nu_dtype=jnp.uint8)
+  params = {'w': jnp.ones((3, 100)), 'b': jnp.ones(3)}
+  members = [
+    _checkpoint_0_1_0(
+      tx, params, jax.tree.map(lambda p, k=i + 1: p * k, params)
+    )
+    for i in range(2)
+  ]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[m[0] for m in members])
+  new = quantization.upgrade_state(stacked, params)
+  for name in params:
+    q = new[0].nu[name]
+    assert q.codes.shape == (2,) + params[name].shape
+    for i, (_, values) in enumerate(members):
+      np.testing.assert_array_equal(
+        np.asarray(quantization.dequantize(q)[i]), values[name]
+      )
+  jax.vmap(tx.update, in_axes=(None, 0, None))(params, new, params)
