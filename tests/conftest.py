@@ -34,6 +34,11 @@ hypothesis.settings.register_profile(
 )
 hypothesis.settings.load_profile('rmsprop')
 
+# Not a test module: a worker that tests/test_multiprocess.py launches as a
+# fresh interpreter (it reads its command line at import, and
+# --doctest-modules would import it).
+collect_ignore = ['_multiprocess_worker.py']
+
 
 def pytest_configure(config):
   """Draws the run's Hypothesis seed, unless ``--hypothesis-seed`` gave it."""
