@@ -92,10 +92,14 @@ def pytorch(
   lr: optax.ScalarOrSchedule = 0.01,
   alpha: jax.typing.ArrayLike = 0.99,
   eps: jax.typing.ArrayLike = 1e-8,
-  weight_decay: jax.typing.ArrayLike = 0,
-  momentum: jax.typing.ArrayLike = 0,
+  weight_decay: jax.typing.ArrayLike = 0.0,
+  momentum: jax.typing.ArrayLike = 0.0,
   centered: bool = False,
+  capturable: bool = False,
+  foreach: bool | None = None,
   maximize: bool = False,
+  differentiable: bool = False,
+  fused: bool | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""``torch.optim.RMSprop``.
 
@@ -119,8 +123,14 @@ def pytorch(
   ``params`` in ``update``. Complex parameters differ: PyTorch normalises
   real and imaginary parts separately, this uses :math:`|g|^2`.
 
-  The arguments are ``torch.optim.RMSprop``'s, with its defaults; ``lr``
-  may also be an optax schedule.
+  The arguments are ``torch.optim.RMSprop``'s, in its order and with its
+  defaults (the numeric ones as floats, so that
+  ``optax.inject_hyperparams`` injects float32 values); ``lr`` may also be
+  an optax schedule. ``capturable``, ``foreach``, ``differentiable`` and
+  ``fused`` choose PyTorch's kernels and autograd behaviour, which have no
+  meaning here: they are accepted and ignored. Under
+  ``optax.inject_hyperparams`` the learning rate's key is ``lr`` (not
+  optax's ``learning_rate``).
 
   Raises:
     TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
@@ -151,6 +161,7 @@ def pytorch(
     centered=centered,
     maximize=maximize,
   )
+  del capturable, foreach, differentiable, fused  # PyTorch's kernels only.
   momentum = _momentum_or_none(momentum)
   return rmsprop(
     lr,
@@ -310,7 +321,7 @@ def timm(
   lr: optax.ScalarOrSchedule = 1e-2,
   alpha: jax.typing.ArrayLike = 0.9,
   eps: jax.typing.ArrayLike = 1e-10,
-  weight_decay: jax.typing.ArrayLike = 0,
+  weight_decay: jax.typing.ArrayLike = 0.0,
   momentum: jax.typing.ArrayLike = 0.0,
   centered: bool = False,
   decoupled_decay: bool = False,

@@ -6,6 +6,7 @@ parameters, so any difference in the update rule compounds over the steps.
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import rmsprop_jax
@@ -116,3 +117,38 @@ def test_rmsprop_keywords_spell_out_the_preset(x64):
     )
   )
   assert_trajectories_close(ours, ref)
+
+
+def test_preset_takes_every_argument_of_torchs_constructor():
+  """``torch.optim.RMSprop``'s own signature, read from PyTorch: every
+  argument (those for PyTorch's kernels accepted and ignored) with its
+  default, in its order; numeric defaults are floats, so that
+  ``optax.inject_hyperparams`` injects float32, not int32."""
+  import inspect
+
+  torch = require('torch')
+  theirs = inspect.signature(torch.optim.RMSprop.__init__).parameters
+  ours = inspect.signature(rmsprop_jax.presets.pytorch).parameters
+  names = [n for n in theirs if n not in ('self', 'params')]
+  assert [n for n in ours if n in theirs] == names
+  for name in names:
+    assert ours[name].default == theirs[name].default, name
+    if isinstance(theirs[name].default, (int, float)) and not isinstance(
+      theirs[name].default, bool
+    ):
+      assert isinstance(ours[name].default, float), name
+  kernels = dict(capturable=True, foreach=True, differentiable=True, fused=True)
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, -4.0])}
+  plain = rmsprop_jax.presets.pytorch(lr=0.1, momentum=0.9)
+  with_kernels = rmsprop_jax.presets.pytorch(lr=0.1, momentum=0.9, **kernels)
+  np.testing.assert_array_equal(
+    plain.update(grads, plain.init(params), params)[0]['w'],
+    with_kernels.update(grads, with_kernels.init(params), params)[0]['w'],
+  )
+  injected = optax.inject_hyperparams(rmsprop_jax.presets.pytorch)(lr=0.1)
+  hyper = injected.init(params).hyperparams
+  assert {k: hyper[k].dtype for k in ('weight_decay', 'momentum')} == {
+    'weight_decay': jnp.float32,
+    'momentum': jnp.float32,
+  }
