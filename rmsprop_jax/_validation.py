@@ -24,6 +24,18 @@ def is_nnx_variable(x: Any) -> bool:
   return nnx is not None and isinstance(x, nnx.Variable)
 
 
+def nnx_values(tree: Any) -> Any:
+  """``tree`` with each Flax NNX variable (an ``nnx.Optimizer``'s
+  ``opt_state`` holds ``OptVariable`` and ``OptArray`` wrappers, its
+  parameters ``Param``) replaced by its value; without ``flax.nnx``
+  imported there are none."""
+  return jax.tree.map(
+    lambda x: x.get_value() if is_nnx_variable(x) else x,
+    tree,
+    is_leaf=is_nnx_variable,
+  )
+
+
 def concrete(value: Any) -> np.ndarray | None:
   """Returns ``value`` as a float64 array, or None if it cannot be checked."""
   if value is None or callable(value) or isinstance(value, jax.core.Tracer):

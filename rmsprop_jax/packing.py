@@ -256,9 +256,9 @@ def unpack_state(state: Any, params: Any = None) -> Any:
     ...     optax.rmsprop(0.1).init(params))
     True
   """
-  state = _values(state)
+  state = _validation.nnx_values(state)
   if params is not None:
-    state = quantization._rebuild_tree(state, _values(params))
+    state = quantization._rebuild_tree(state, _validation.nnx_values(params))
   quantization._check_not_rebuilt(state, 'unpack_state')
   state = quantization.dequantize_tree(state)
 
@@ -269,17 +269,6 @@ def unpack_state(state: Any, params: Any = None) -> Any:
 
   return jax.tree.map(
     visit, state, is_leaf=lambda x: isinstance(x, (PackedState, Packed))
-  )
-
-
-def _values(tree: Any) -> Any:
-  """``tree`` with each Flax NNX variable (an ``nnx.Optimizer``'s
-  ``opt_state`` holds ``OptVariable`` and ``OptArray`` wrappers, its
-  parameters ``Param``) replaced by its value: unpacking slices arrays.
-  Without ``flax.nnx`` imported there are none."""
-  is_variable = _validation.is_nnx_variable
-  return jax.tree.map(
-    lambda x: x.get_value() if is_variable(x) else x, tree, is_leaf=is_variable
   )
 
 
@@ -325,7 +314,7 @@ def pack_state(
   """
   # Flax NNX variables (an nnx.State of Params) are read as their values:
   # the result holds arrays, as unpack_state's does.
-  target = jax.eval_shape(tx.init, _values(params))
+  target = jax.eval_shape(tx.init, _validation.nnx_values(params))
   return _convert(unpack_state(state, params), target, '')
 
 

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from rmsprop_jax import _validation
+
 BLOCK_SIZE = 256
 """Elements per block of the 8-bit code, each block with its own float32
 maximum (256: 1/64 byte of scale per element)."""
@@ -272,17 +274,34 @@ def _explicit_entries(x) -> list | None:
   return list(spec) + [None] * (x.ndim - len(spec))
 
 
-def _split_in_whole_blocks(entries, mesh, shape, batch: int) -> bool:
-  """Whether ``entries`` (of an array ``batch + shape``) split no block."""
+def _axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one ``PartitionSpec`` entry."""
+  if entry is None:
+    return ()
+  return entry if isinstance(entry, tuple) else (entry,)
+
+
+def _blocks_fit(shape: tuple[int, ...], dim: int, ways: int) -> bool:
+  """Whether splitting ``shape``'s axis ``dim`` ``ways`` ways keeps every
+  block (:func:`block_layout`) within one shard: an axis before the
+  blocks' axes, or their first axis cut in whole blocks."""
   k, m, b = block_layout(shape)
+  if ways == 1 or dim < k:
+    return True
+  return dim == k and m % ways == 0 and (m // ways) % b == 0
+
+
+def _split_in_whole_blocks(entries, mesh, shape, batch: int = 0) -> bool:
+  """Whether the spec ``entries`` (one per axis of an array ``batch +
+  shape``) on ``mesh`` splits no block: nothing after the blocks' first
+  axis is split, and that axis only in whole blocks."""
+  k, _, _ = block_layout(shape)
   if any(e is not None for e in entries[batch + k + 1 :]):
     return False
-  entry = entries[batch + k] if k < len(shape) else None
-  names = (
-    () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-  )
-  ways = math.prod(mesh.shape[a] for a in names)
-  return ways == 1 or (m % ways == 0 and (m // ways) % b == 0)
+  if k == len(shape):
+    return True
+  ways = math.prod(mesh.shape[a] for a in _axes(entries[batch + k]))
+  return _blocks_fit(shape, k, ways)
 
 
 def _to_blocks(x: jax.Array, shape: tuple[int, ...], fill) -> jax.Array:
@@ -546,20 +565,19 @@ def _legacy_blocks(shape: tuple[int, ...]) -> tuple[int, int]:
   return -(-size // block), block
 
 
-def _is_legacy(q: Blockwise8bit) -> bool:
-  """Whether ``q`` (no ``vmap`` axes) holds 0.1.0's layout. No shape of
-  this version's layout has 0.1.0's shapes with another meaning: where
-  both codes and scale shapes coincide (a single row of up to 256
-  elements), so do the blocks."""
+def _legacy_batch(q: Blockwise8bit) -> tuple[int, ...] | None:
+  """The leading ``vmap`` axes of ``q`` if it holds 0.1.0's layout (``()``
+  for a single model), else None. No shape of this version's layout has
+  0.1.0's shapes with another meaning: where both codes and scale shapes
+  coincide (a single row of up to 256 elements), so do the blocks."""
   n_blocks, block = _legacy_blocks(q.shape)
-  return (
-    tuple(np.shape(q.codes)) == (n_blocks, block)
-    and tuple(np.shape(q.scale)) == (n_blocks,)
-    and (
-      tuple(np.shape(q.codes)) != tuple(q.shape)
-      or tuple(np.shape(q.scale)) != scale_shape(q.shape)
-    )
-  )
+  codes, scale = tuple(np.shape(q.codes)), tuple(np.shape(q.scale))
+  batch = codes[:-2]
+  if codes[-2:] != (n_blocks, block) or scale != batch + (n_blocks,):
+    return None
+  if codes == batch + tuple(q.shape) and scale == batch + scale_shape(q.shape):
+    return None
+  return batch
 
 
 def _check_codes(tree, like, owner: str) -> None:
@@ -579,7 +597,7 @@ def _check_codes(tree, like, owner: str) -> None:
     if not isinstance(q, Blockwise8bit):
       continue
     where = jax.tree_util.keystr(path)
-    if _is_legacy(q):
+    if _legacy_batch(q) == ():
       raise ValueError(
         f'{owner}: the 8-bit nu at {where} is in the layout of '
         'rmsprop_jax 0.1.0 (blocks over the flattened array), which this '
@@ -636,30 +654,19 @@ def upgrade_state(state, params):
     >>> bool((quantization.dequantize(new['w']) == 1).all())
     True
   """
-  from rmsprop_jax import packing  # pylint: disable=g-import-not-at-top
-
-  state = _rebuild_tree(state, packing._values(params))
+  state = _rebuild_tree(state, _validation.nnx_values(params))
 
   def upgrade(x):
-    if not isinstance(x, Blockwise8bit):
+    batch = _legacy_batch(x) if isinstance(x, Blockwise8bit) else None
+    if batch is None:
       return x
-    if _is_legacy(x):
-      return quantize(_legacy_decode(x), 0, 0)
-    # Members of a vmap (an ensemble): leading axes on codes and scale.
-    n_blocks, block = _legacy_blocks(x.shape)
-    codes, scale = np.shape(x.codes), np.shape(x.scale)
-    batch = codes[:-2]
-    if (
-      batch
-      and codes[-2:] == (n_blocks, block)
-      and scale == batch + (n_blocks,)
-      and codes != batch + tuple(x.shape)
-    ):
-      one = lambda c, s: upgrade(Blockwise8bit(c, s, x.shape))
-      for _ in batch:
-        one = jax.vmap(one)
-      return one(x.codes, x.scale)
-    return x
+    # Members of a vmap (an ensemble) are upgraded one by one.
+    one = lambda c, s: quantize(
+      _legacy_decode(Blockwise8bit(c, s, x.shape)), 0, 0
+    )
+    for _ in batch:
+      one = jax.vmap(one)
+    return one(x.codes, x.scale)
 
   return jax.tree.map(
     upgrade, state, is_leaf=lambda x: isinstance(x, Blockwise8bit)

@@ -41,13 +41,6 @@ def _sharding_of(x: Any) -> jax.sharding.Sharding:
   return sharding
 
 
-def _names(entry) -> tuple[str, ...]:
-  """The mesh axes of one ``PartitionSpec`` entry."""
-  if entry is None:
-    return ()
-  return entry if isinstance(entry, tuple) else (entry,)
-
-
 def _with_axis(
   spec: PartitionSpec,
   shape: tuple[int, ...],
@@ -59,18 +52,10 @@ def _with_axis(
   evenly divisible (and for which ``fits(dim, ways)``); unchanged if
   ``axis`` is already used or none fits."""
   entries = list(spec) + [None] * (len(shape) - len(spec))
-  used = {
-    a
-    for e in entries
-    if e is not None
-    for a in (e if isinstance(e, tuple) else (e,))
-  }
-  if axis in used:
+  if any(axis in quantization._axes(e) for e in entries):
     return spec
   for dim, entry in enumerate(entries):
-    names = (
-      () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-    )
+    names = quantization._axes(entry)
     ways = math.prod(mesh.shape[a] for a in names) * mesh.shape[axis]
     if shape[dim] % ways == 0 and fits(dim, ways):
       # The parameter's own axes first: each of its shards is then split
@@ -78,17 +63,6 @@ def _with_axis(
       entries[dim] = axis if not names else (*names, axis)
       return PartitionSpec(*entries)
   return spec
-
-
-def _blocks_fit(shape: tuple[int, ...], dim: int, ways: int) -> bool:
-  """Whether splitting ``shape``'s axis ``dim`` ``ways`` ways keeps every
-  block of its 8-bit code (:func:`rmsprop_jax.quantization.block_layout`)
-  within one shard: an axis before the blocks' axes, or their first axis
-  cut in whole blocks."""
-  k, m, b = quantization.block_layout(shape)
-  if ways == 1 or dim < k:
-    return True
-  return dim == k and (m // ways) % b == 0 and m % ways == 0
 
 
 def _code_shardings(q, spec: PartitionSpec, mesh) -> Any:
@@ -100,11 +74,11 @@ def _code_shardings(q, spec: PartitionSpec, mesh) -> Any:
   shape = tuple(q.shape)
   k, _, _ = quantization.block_layout(shape)
   entries = list(spec) + [None] * (len(shape) - len(spec))
-  ways = lambda e: math.prod(mesh.shape[a] for a in _names(e))
   last = None
-  if k < len(shape) and all(e is None for e in entries[k + 1 :]):
-    if _blocks_fit(shape, k, ways(entries[k])):
-      last = entries[k]
+  if k < len(shape) and quantization._split_in_whole_blocks(
+    entries, mesh, shape
+  ):
+    last = entries[k]
   scale = PartitionSpec(*entries[:k], last)
   return quantization.Blockwise8bit(
     NamedSharding(mesh, PartitionSpec(*entries)),
@@ -223,7 +197,7 @@ def state_shardings(
         shape,
         sharding.mesh,
         zero1_axis,
-        lambda d, w: not any_coded or _blocks_fit(shape, d, w),
+        lambda d, w: not any_coded or quantization._blocks_fit(shape, d, w),
       )
     if coded:
       return _code_shardings(leaf, spec, sharding.mesh)

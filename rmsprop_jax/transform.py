@@ -399,23 +399,18 @@ def _scale_by_moments(
       leaves, treedef = jax.tree.flatten(
         params, is_leaf=_validation.is_nnx_variable
       )
+      values = _validation.nnx_values(leaves)
       nu = jax.tree.unflatten(
         treedef,
         [
           _placed_like(
+            # full_like: the code follows the parameter's sharding.
             quantization.quantize(
-              # full_like: the code follows the parameter's sharding.
-              jnp.full_like(
-                p.get_value() if _validation.is_nnx_variable(p) else p,
-                initial_scale,
-                jnp.float32,
-              ),
-              0,
-              i,
+              jnp.full_like(p, initial_scale, jnp.float32), 0, i
             ),
-            p.get_value() if _validation.is_nnx_variable(p) else p,
+            p,
           )
-          for i, p in enumerate(leaves)
+          for i, p in enumerate(values)
         ],
       )
     else:
@@ -570,15 +565,12 @@ def _scale_by_moments(
     # stored variance nu - mu**2 keeps its sign and its ratio to nu (a
     # saturated nu alone would make it negative, clamped to 0: a step of
     # g / sqrt(eps)). Nothing changes where the storage is as wide.
+    stored_leaves = jax.tree.leaves(
+      state.nu, is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit)
+    )
     fitted = [
       _fit_to_storage(n, o, centered)
-      for n, o in zip(
-        jax.tree.leaves(new_nu),
-        jax.tree.leaves(
-          state.nu,
-          is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
-        ),
-      )
+      for n, o in zip(jax.tree.leaves(new_nu), stored_leaves)
     ]
     to_store_nu = jax.tree.unflatten(
       jax.tree.structure(new_nu), [f for f, _ in fitted]
@@ -592,13 +584,7 @@ def _scale_by_moments(
     bounds = (
       [
         quantization.next_scale(q.scale, g, decay)
-        for g, q in zip(
-          jax.tree.leaves(grads),
-          jax.tree.leaves(
-            state.nu,
-            is_leaf=lambda x: isinstance(x, quantization.Blockwise8bit),
-          ),
-        )
+        for g, q in zip(jax.tree.leaves(grads), stored_leaves)
       ]
       if eight_bit
       else None
