@@ -219,6 +219,32 @@ else:
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  def _bytes_per_device(tree, mesh):
+    return max(
+      sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(tree)
+        for s in x.addressable_shards
+        if s.device == d
+      )
+      for d in mesh.devices.flat
+    )
+
+  def _zero1_step(tx, mesh, params, zero1):
+    """One donated step from the ZeRO-1 state: (the collectives in its
+    program, the new parameters, the new state)."""
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init, out_shardings=zero1)(params)
+      grads = _params(mesh, seed=1)
+      param_shardings = jax.tree.map(lambda x: x.sharding, params)
+      jstep = jax.jit(
+        optax_step(tx),
+        donate_argnums=(0, 1),
+        out_shardings=(param_shardings, zero1),
+      )
+      compiled = jstep.lower(params, state, grads).compile()
+      return (_collectives(compiled), *jstep(params, state, grads))
+
   def test_zero1_shards_state_over_data_with_one_all_gather():
     mesh = _mesh('auto')
     params = _params(mesh)
@@ -237,55 +263,22 @@ else:
       'emb': P('data', None),
     }
 
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    with jax.set_mesh(mesh):
-      state = jax.jit(tx.init, out_shardings=zero1)(params)
-      grads = _params(mesh, seed=1)
-      param_shardings = jax.tree.map(lambda x: x.sharding, params)
-      jstep = jax.jit(
-        step, donate_argnums=(0, 1), out_shardings=(param_shardings, zero1)
-      )
-      compiled = jstep.lower(params, state, grads).compile()
-      # Each device updates its slice; the slices of the update are then
-      # gathered for the replicated parameters. Nothing else moves.
-      assert _collectives(compiled) == {'all-gather'}
-      new_params, new_state = jstep(params, state, grads)
-
-    def bytes_per_device(tree):
-      return max(
-        sum(
-          s.data.nbytes
-          for x in jax.tree.leaves(tree)
-          for s in x.addressable_shards
-          if s.device == d
-        )
-        for d in mesh.devices.flat
-      )
-
-    full = jax.jit(tx.init, out_shardings=plain)(params)
+    collectives, new_params, new_state = _zero1_step(tx, mesh, params, zero1)
+    # Each device updates its slice; the slices of the update are then
+    # gathered for the replicated parameters. Nothing else moves.
+    assert collectives == {'all-gather'}
+    full = jax.jit(tx.init, out_shardings=plain)(_params(mesh))
     # 4 data-parallel replicas: a quarter of the state per device.
-    assert bytes_per_device(new_state) * 4 == pytest.approx(
-      bytes_per_device(full), rel=0.01
+    assert _bytes_per_device(new_state, mesh) * 4 == pytest.approx(
+      _bytes_per_device(full, mesh), rel=0.01
     )
     # And the same numbers as without ZeRO-1.
     with jax.set_mesh(mesh):
-      ref, _ = jax.jit(step)(_params(mesh), full, _params(mesh, seed=1))
+      ref, _ = jax.jit(optax_step(tx))(
+        _params(mesh), full, _params(mesh, seed=1)
+      )
     for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-  def _bytes_per_device(tree, mesh):
-    return max(
-      sum(
-        s.data.nbytes
-        for x in jax.tree.leaves(tree)
-        for s in x.addressable_shards
-        if s.device == d
-      )
-      for d in mesh.devices.flat
-    )
 
   def test_zero1_splits_an_8bit_state_in_whole_blocks():
     mesh = _mesh('auto')
@@ -314,25 +307,14 @@ else:
         NamedSharding(mesh, expect[k][0]), len(expect[k][0])
       ), k
 
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
+    collectives, new_params, new_state = _zero1_step(tx, mesh, params, zero1)
+    assert collectives == {'all-gather'}
+    full = jax.jit(tx.init, out_shardings=plain)(_params(mesh))
+    assert _bytes_per_device(new_state, mesh) < 0.35 * _bytes_per_device(
+      full, mesh
+    )
     with jax.set_mesh(mesh):
-      state = jax.jit(tx.init, out_shardings=zero1)(params)
-      grads = _params(mesh, seed=1)
-      param_shardings = jax.tree.map(lambda x: x.sharding, params)
-      jstep = jax.jit(
-        step, donate_argnums=(0, 1), out_shardings=(param_shardings, zero1)
-      )
-      compiled = jstep.lower(params, state, grads).compile()
-      assert _collectives(compiled) == {'all-gather'}
-      new_params, new_state = jstep(params, state, grads)
-      full = jax.jit(tx.init, out_shardings=plain)(_params(mesh))
-      assert _bytes_per_device(new_state, mesh) < 0.35 * _bytes_per_device(
-        full, mesh
-      )
-      ref = jax.jit(step)(_params(mesh), full, _params(mesh, seed=1))
+      ref = jax.jit(optax_step(tx))(_params(mesh), full, _params(mesh, seed=1))
     for a, b in zip(
       jax.tree.leaves((new_params, new_state)), jax.tree.leaves(ref)
     ):
@@ -430,10 +412,7 @@ else:
     )
     assert code.scale.spec == (P('data', None) if zero1 else P(None, None))
 
-    def step(params, state, grads):
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
+    step = optax_step(tx)
     with jax.set_mesh(mesh):
       # Eagerly the state follows the parameters (ZeRO-1 is jit's).
       eager = tx.init(params)
