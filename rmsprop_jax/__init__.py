@@ -27,6 +27,7 @@ from rmsprop_jax.transform import (
   ScaleByRmsWithCountState,
   ScaleByRStdDevState,
   ScaleByRStdDevWithCountState,
+  clip_by_norm,
   scale_by_rms,
   scale_by_stddev,
 )
@@ -38,6 +39,7 @@ __all__ = [
   'ScaleByRStdDevWithCountState',
   'ScaleByRmsState',
   'ScaleByRmsWithCountState',
+  'clip_by_norm',
   'diagnostics',
   'effective_learning_rate',
   'pack_state',

@@ -34,6 +34,8 @@ preset             decay     eps      eps in   nu_0      lr vs          weight
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 import optax
@@ -183,6 +185,17 @@ def keras(
   epsilon: jax.typing.ArrayLike = 1e-7,
   centered: bool = False,
   weight_decay: jax.typing.ArrayLike | None = None,
+  clipnorm: float | None = None,
+  clipvalue: float | None = None,
+  global_clipnorm: float | None = None,
+  use_ema: bool = False,
+  ema_momentum: float = 0.99,
+  ema_overwrite_frequency: int | None = None,
+  loss_scale_factor: float | None = None,
+  gradient_accumulation_steps: int | None = None,
+  name: str | None = None,
+  *,
+  weight_decay_mask: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Keras 3 ``keras.optimizers.RMSprop`` (also tf_keras' new optimizer).
 
@@ -204,19 +217,46 @@ def keras(
   hat" notwithstanding), :math:`v_0 = 0`, the learning rate inside the
   momentum buffer. Weight decay uses the current learning rate and the
   parameters before the step, and is neither normalised nor accumulated in
-  the buffer; it needs ``params`` in ``update``. Keras'
-  ``exclude_from_weight_decay`` is ``optax.masked`` here, or
-  :func:`rmsprop_jax.rmsprop`'s ``weight_decay_mask``. Gradient clipping
-  (``clipnorm`` and friends) is ``optax.chain(optax.clip_by_global_norm(c),
-  presets.keras(...))``.
+  the buffer; it needs ``params`` in ``update``. With the learning rate set
+  from outside (``optax.inject_hyperparams`` and ``optax.tree_set``, as
+  Keras' ``optimizer.learning_rate.assign``) the decay follows it, as in
+  Keras.
 
-  The arguments are ``keras.optimizers.RMSprop``'s, with its defaults;
-  ``learning_rate`` may also be an optax schedule.
+  The arguments are ``keras.optimizers.RMSprop``'s, in its order and with
+  its defaults; ``learning_rate`` may also be an optax schedule. What Keras'
+  base optimizer does around the RMSprop step is not part of this
+  transformation's state, so those arguments are refused (``ValueError``)
+  with the exact replacement, tested against Keras:
+
+  * ``clipnorm=c`` (each variable's gradient to norm ``c`` on its own):
+    ``optax.chain(rmsprop_jax.clip_by_norm(c), presets.keras(...))``;
+  * ``global_clipnorm=c``: ``optax.chain(optax.clip_by_global_norm(c),
+    presets.keras(...))``;
+  * ``clipvalue=c``: ``optax.chain(optax.clip(c), presets.keras(...))``;
+  * ``use_ema=True`` (an average of the parameters beside them): keep it in
+    the training loop, ``ema = params`` after the first step, then ``ema =
+    optax.incremental_update(params, ema, 1 - ema_momentum)`` after each
+    (and ``params = ema`` every ``ema_overwrite_frequency`` steps);
+  * ``loss_scale_factor=s``: the loss times ``s`` and
+    ``optax.chain(optax.scale(1 / s), presets.keras(...))``, or neither
+    (loss scaling guards float16 gradients; it changes no other number);
+  * ``gradient_accumulation_steps=n``: ``optax.MultiSteps(presets.keras(
+    ...), every_k_schedule=n)`` is optax's accumulation (not compared with
+    Keras' here: its step counting differs).
+
+  ``ema_momentum`` and ``ema_overwrite_frequency`` are read only with
+  ``use_ema``, ``name`` names Keras' variables: they are accepted and
+  ignored. Keras' ``optimizer.exclude_from_weight_decay(var_list,
+  var_names)`` is ``weight_decay_mask`` (keyword only): a tree of booleans
+  like the parameters (or a function of them giving one), ``False`` where
+  Keras excludes the variable; ``optax.masked`` would mask the whole step,
+  not just the decay.
 
   Raises:
     TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
       argument as this preset does (e.g. a negative or infinite learning
-      rate, a decay outside [0, 1)).
+      rate, a decay outside [0, 1)); ``ValueError`` for the arguments
+      above that belong elsewhere, naming their replacement.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -239,6 +279,16 @@ def keras(
     momentum,
     weight_decay,
     centered=centered,
+    use_ema=use_ema,
+  )
+  del ema_momentum, ema_overwrite_frequency, name  # Read only with use_ema.
+  _refuse_keras_wrappers(
+    clipnorm=clipnorm,
+    clipvalue=clipvalue,
+    global_clipnorm=global_clipnorm,
+    use_ema=use_ema,
+    loss_scale_factor=loss_scale_factor,
+    gradient_accumulation_steps=gradient_accumulation_steps,
   )
   return rmsprop(
     learning_rate,
@@ -249,7 +299,38 @@ def keras(
     momentum=_momentum_or_none(momentum),
     weight_decay=weight_decay,
     decoupled_weight_decay=weight_decay is not None,
+    weight_decay_mask=weight_decay_mask,
   )
+
+
+# What Keras' base optimizer does around the step, and where it goes here.
+_KERAS_WRAPPERS = {
+  'clipnorm': 'optax.chain(rmsprop_jax.clip_by_norm({v}), presets.keras(...))'
+  ' (Keras clips each variable on its own)',
+  'global_clipnorm': 'optax.chain(optax.clip_by_global_norm({v}), '
+  'presets.keras(...))',
+  'clipvalue': 'optax.chain(optax.clip({v}), presets.keras(...))',
+  'use_ema': 'an average of the parameters kept in the training loop: '
+  'ema = params after the first step, then ema = '
+  'optax.incremental_update(params, ema, 1 - ema_momentum) after each',
+  'loss_scale_factor': 'the loss multiplied by {v} and optax.chain('
+  'optax.scale(1 / {v}), presets.keras(...)), or neither (loss scaling '
+  'guards float16 gradients)',
+  'gradient_accumulation_steps': 'optax.MultiSteps(presets.keras(...), '
+  "every_k_schedule={v}), optax's gradient accumulation",
+}
+
+
+def _refuse_keras_wrappers(**values):
+  """Raises for a Keras argument that belongs outside the RMSprop step (set
+  as Keras reads it: a true value; ``clipnorm=0`` is off there too)."""
+  for name, value in values.items():
+    if value:
+      raise ValueError(
+        f'presets.keras: {name}={value!r} is not part of the RMSprop step '
+        f'here; the exact replacement is '
+        f'{_KERAS_WRAPPERS[name].format(v=value)}.'
+      )
 
 
 def tf1(
@@ -257,7 +338,9 @@ def tf1(
   decay: jax.typing.ArrayLike = 0.9,
   momentum: jax.typing.ArrayLike = 0.0,
   epsilon: jax.typing.ArrayLike = 1e-10,
+  use_locking: bool = False,
   centered: bool = False,
+  name: str = 'RMSProp',
 ) -> optax.GradientTransformationExtraArgs:
   r"""``tf.compat.v1.train.RMSPropOptimizer`` (the ``ApplyRMSProp`` kernels).
 
@@ -276,9 +359,10 @@ def tf1(
   changes no number, so none is kept here. Dopamine's "Nature DQN" config is
   ``tf1(2.5e-4, decay=0.95, epsilon=1e-5, centered=True)``.
 
-  The arguments are ``RMSPropOptimizer``'s, with its defaults
-  (``use_locking`` and ``name`` have no meaning here); ``learning_rate``
-  may also be an optax schedule.
+  The arguments are ``RMSPropOptimizer``'s, in its order and with its
+  defaults; ``learning_rate`` may also be an optax schedule.
+  ``use_locking`` (TF's variable locks) and ``name`` (its slots' names) have
+  no meaning here: they are accepted and ignored.
 
   Raises:
     TypeError, ValueError: as :func:`rmsprop_jax.rmsprop`, naming the
@@ -305,7 +389,9 @@ def tf1(
     epsilon,
     momentum,
     centered=centered,
+    use_locking=use_locking,
   )
+  del name  # TF's slot names.
   return rmsprop(
     learning_rate,
     decay=decay,
@@ -370,23 +456,28 @@ def timm(
     and is accepted and ignored (XLA fuses the update anyway).
   * ``corrected_weight_decay=True`` (with ``decoupled_decay``) decays by
     :math:`\eta_t^2\lambda/\eta_{max}`, where timm's :math:`\eta_{max}` is
-    the ``lr`` the optimizer was built with. With a number ``lr`` that is
-    ``lr`` (and the correction changes nothing while the rate stays
-    constant); with a schedule, pass that value as ``max_lr``.
+    the ``lr`` the optimizer was built with. With a Python number ``lr``
+    that is ``lr`` (and the correction changes nothing while the rate stays
+    constant); with a schedule, or a rate set from outside
+    (``optax.inject_hyperparams``, which passes each step's rate as an
+    array, like timm's ``group['lr'] = ...``), pass that value as
+    ``max_lr``: without it that use is refused, as the correction would
+    silently do nothing.
 
   The arguments are ``timm.optim.RMSpropTF``'s, with its defaults, and:
 
   Args:
     lr: a number, or an optax schedule (timm's "current learning rate" at
       step ``t``, 0-based, is ``lr(t)``).
-    max_lr: :math:`\eta_{max}` for ``corrected_weight_decay`` with a
-      schedule ``lr`` (keyword only).
+    max_lr: :math:`\eta_{max}` for ``corrected_weight_decay`` (keyword
+      only): needed with a schedule or an array ``lr``; a Python number
+      ``lr`` is its own by default.
 
   Raises:
     ValueError: as :func:`rmsprop_jax.rmsprop`, in timm's argument names;
       for ``corrected_weight_decay`` without ``decoupled_decay`` or with a
-      schedule and no ``max_lr``, and ``max_lr`` otherwise; for
-      ``caution=True`` without momentum.
+      schedule or array ``lr`` and no ``max_lr``, and ``max_lr`` without
+      ``corrected_weight_decay``; for ``caution=True`` without momentum.
 
   References:
     Wightman, PyTorch Image Models, ``timm/optim/rmsprop_tf.py`` (read at
@@ -427,29 +518,40 @@ def timm(
       f'{owner}: corrected_weight_decay=True has no effect '
       'without decoupled_decay=True (as in timm).'
     )
-  if max_lr is not None and not (corrected_weight_decay and callable(lr)):
+  if max_lr is not None and not corrected_weight_decay:
     raise ValueError(
-      f'{owner}: max_lr is only read with '
-      'corrected_weight_decay=True and a schedule lr.'
+      f'{owner}: max_lr is only read with corrected_weight_decay=True.'
     )
-  if corrected_weight_decay and callable(lr):
-    if max_lr is None:
-      raise ValueError(
-        f'{owner}: corrected_weight_decay=True with a schedule lr needs '
-        "max_lr: the lr timm's optimizer was built with."
-      )
+  if corrected_weight_decay and max_lr is None and callable(lr):
+    raise ValueError(
+      f'{owner}: corrected_weight_decay=True with a schedule lr needs '
+      "max_lr: the lr timm's optimizer was built with."
+    )
+  if (
+    corrected_weight_decay
+    and max_lr is None
+    and not isinstance(lr, (int, float))
+  ):
+    # A JAX array: optax.inject_hyperparams passes the rate it is set to
+    # now, which is not the rate timm's optimizer was built with.
+    raise ValueError(
+      f'{owner}: corrected_weight_decay=True with an lr that is not a Python '
+      "number (optax.inject_hyperparams passes each step's rate as an "
+      "array) needs max_lr: the lr timm's optimizer was built with, e.g. "
+      'optax.inject_hyperparams(presets.timm)(lr=0.01, max_lr=0.01, ...).'
+    )
+  if corrected_weight_decay:
+    if max_lr is None:  # A constant Python lr is the one built with.
+      max_lr = lr
     _validation.check_non_negative(owner, 'max_lr', max_lr)
     concrete = _validation.concrete(max_lr)  # None when traced.
     if concrete is not None and not np.all(concrete > 0):
       raise ValueError(f'{owner}: `max_lr` must be positive, got {max_lr!r}.')
-    wd = (
-      weight_decay
-      if callable(weight_decay)
-      else lambda _, value=weight_decay: value
-    )
-    # lr_t * (lr_t * wd_t / max_lr): decoupled decay at a scheduled rate.
+    as_schedule = lambda x: x if callable(x) else lambda _, value=x: value
+    lr_t, wd_t = as_schedule(lr), as_schedule(weight_decay)
+    # lr_t * (lr_t * wd_t / max_lr): decoupled decay at the current rate.
     decay_rate: optax.ScalarOrSchedule = lambda count: (
-      lr(count) * wd(count) / max_lr
+      lr_t(count) * wd_t(count) / max_lr
     )
   else:
     decay_rate = weight_decay

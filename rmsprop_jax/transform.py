@@ -10,6 +10,9 @@ drop-in replacements. They add keyword-only options that optax lacks:
   ``stochastic_rounding`` for a bfloat16 state.
 * ``clamp_variance`` (``scale_by_stddev`` only): clamp the centered variance
   ``nu - mu**2`` at zero before the square root.
+
+``clip_by_norm`` clips each leaf's gradient by its own norm (Keras'
+``clipnorm``), which optax does not provide.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from optax import tree_utils as otu
 from optax._src import transform as optax_transform
@@ -657,3 +661,55 @@ def _scale_by_moments(
     return new_updates, ScaleByRStdDevState(mu=new_mu, nu=new_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_norm(
+  max_norm: jax.typing.ArrayLike,
+) -> optax.GradientTransformation:
+  r"""Clips each leaf of the gradient to L2 norm ``max_norm``, on its own.
+
+  .. math::
+
+    g \leftarrow \frac{g \cdot c}{\max(\lVert g \rVert_2, c)}
+    \quad \text{for each leaf}
+
+  This is Keras 3's ``clipnorm`` (``BaseOptimizer._clip_by_norm``, with its
+  order of operations: the product first, then the division; a zero
+  gradient stays zero) and ``tf.clip_by_norm``. It is not
+  ``optax.clip_by_global_norm``, which scales every leaf by the norm of
+  all of them together (Keras' ``global_clipnorm``). A Keras RMSprop with
+  ``clipnorm=c`` is ``optax.chain(clip_by_norm(c), presets.keras(...))``.
+
+  Args:
+    max_norm: :math:`c`, a positive number or scalar array (in the
+      gradient's units).
+
+  Returns:
+    A stateless ``optax.GradientTransformation`` (``optax.EmptyState``);
+    the updates keep each leaf's shape and dtype. A complex leaf's norm is
+    that of its moduli.
+
+  Raises:
+    TypeError: for a ``max_norm`` that is not a real number or array.
+    ValueError: for a ``max_norm`` that is not finite and positive.
+  """
+  owner = 'clip_by_norm'
+  _validation.check_type(owner, 'max_norm', max_norm)
+  _validation.check_non_negative(owner, 'max_norm', max_norm)
+  concrete = _validation.concrete(max_norm)
+  if concrete is not None and not np.all(concrete > 0):
+    raise ValueError(f'{owner}: `max_norm` must be positive, got {max_norm!r}.')
+
+  def clip(g):
+    c = jnp.asarray(max_norm, jnp.real(g).dtype)
+    l2sum = jnp.sum(_abs_sq(g), keepdims=True)
+    positive = l2sum > 0
+    # Keras' two-sided where: no NaN from sqrt's gradient at zero.
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, l2sum, 1)), l2sum)
+    return (g * c) / jnp.maximum(norm, c)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -107,3 +107,15 @@ def x64():
   """Runs the test with 64-bit floats enabled."""
   with jax.enable_x64(True):
     yield
+
+
+@pytest.fixture
+def keras64(x64):
+  """Keras 3 on its JAX backend, with float64 variables."""
+  keras = require('keras')
+  if keras.backend.backend() != 'jax':
+    pytest.skip('Keras must run on its JAX backend (KERAS_BACKEND=jax).')
+  old = keras.config.floatx()
+  keras.config.set_floatx('float64')
+  yield keras
+  keras.config.set_floatx(old)

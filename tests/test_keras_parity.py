@@ -10,7 +10,6 @@ import pytest
 
 import rmsprop_jax
 
-from conftest import require
 from helpers import (
   assert_trajectories_close,
   bowl_grads,
@@ -21,17 +20,6 @@ from helpers import (
 
 STEPS = 25
 SHAPES = [(4, 3), (6,), ()]
-
-
-@pytest.fixture
-def keras64(x64):
-  keras = require('keras')
-  if keras.backend.backend() != 'jax':
-    pytest.skip('Keras must run on its JAX backend (KERAS_BACKEND=jax).')
-  old = keras.config.floatx()
-  keras.config.set_floatx('float64')
-  yield keras
-  keras.config.set_floatx(old)
 
 
 def keras_trajectory(keras, kwargs, lrs, seed=0):

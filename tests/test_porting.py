@@ -291,15 +291,6 @@ def test_torch_to_flax_map_names_what_does_not_fit(x64):
   assert renamed == {'classifier.weight': (('fc', 'kernel'), (1, 0))}
 
 
-@pytest.fixture
-def keras64(x64):
-  keras = require('keras')
-  old = keras.config.floatx()
-  keras.config.set_floatx('float64')
-  yield keras
-  keras.config.set_floatx(old)
-
-
 def test_keras_to_jax_and_back(keras64):
   """Keras 3 (JAX backend), centered with momentum and a per-step lr: N
   steps in Keras, import, M more in both; then export into Keras again."""

@@ -163,10 +163,10 @@ def moment(trees, path, owner, name):
   raise ValueError(f'{owner}: no state for {name!r} at {tuple(path)}.')
 
 
-def probe(params):
-  """A gradient like ``params``: fixed, varied values of both signs."""
+def probe(params, seed=0):
+  """A tree like ``params``: fixed, varied values of both signs."""
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   return jax.tree.unflatten(
     treedef,
     [
@@ -177,7 +177,17 @@ def probe(params):
 
 
 def check_next_step(
-  owner, tx, state, make_ref, build, params, preset, hyper, count, members=None
+  owner,
+  tx,
+  state,
+  make_ref,
+  build,
+  params,
+  source,
+  lr,
+  count,
+  members=None,
+  scales=(1.0,),
 ):
   """Raises unless ``tx``'s next step from the imported ``state`` is the
   source's rule at some learning rate (on the leaves in ``members``).
@@ -186,13 +196,14 @@ def check_next_step(
   state ``build(ref)``): measured at 0 and 1, the rate that fits ``tx``'s
   step best is solved for, and the rest must be round-off. So a schedule
   that differs from the source's own learning rates passes; another rule
-  (preset, decay, eps, weight decay, momentum or its placement) does not.
+  (preset, decay, eps, weight decay or its mask, momentum or its placement,
+  a clip) does not. The step is taken at random parameters (so that weight
+  decay shows on every leaf, zero biases included) and on a probe gradient
+  at each of ``scales`` (where a clip acts and where it does not).
+  ``source`` is the expression that builds the source's rule, for the
+  message; ``lr`` its current learning rate.
   """
-  grads = probe(params)
-  ours = tx.update(grads, state, params)[0]
-  step_at = lambda lr: (lambda ref: ref.update(grads, build(ref), params)[0])(
-    make_ref(lr)
-  )
+  at = probe(params, seed=1)
   pick = lambda tree: np.concatenate(
     [
       np.ravel(np.asarray(x, np.float64))
@@ -200,29 +211,36 @@ def check_next_step(
       if members is None or _tree.path_keys(path) in members
     ]
   )
-  u = pick(ours)
-  scale = max(np.max(np.abs(u), initial=0.0), 1e-300)
-  a = pick(step_at(0.0))
-  b = pick(step_at(1.0)) - a
-  rate = float(np.dot(u - a, b) / max(np.dot(b, b), 1e-300))
-  worst = float(np.max(np.abs(u - a - rate * b), initial=0.0)) / scale
   dtypes = {jnp.result_type(x) for x in jax.tree.leaves(params)}
   tolerance = 1e3 * max(float(jnp.finfo(d).eps) for d in dtypes)
-  lr = hyper.get('lr', hyper.get('learning_rate'))
+  worst = 0.0
+  for scale in scales:
+    grads = jax.tree.map(lambda g, scale=scale: g * scale, probe(params))
+    ours = pick(tx.update(grads, state, at)[0])
+
+    def step_at(lr, grads=grads):
+      ref = make_ref(lr)
+      return pick(ref.update(grads, build(ref), at)[0])
+
+    norm = max(np.max(np.abs(ours), initial=0.0), 1e-300)
+    a = step_at(0.0)
+    b = step_at(1.0) - a
+    rate = float(np.dot(ours - a, b) / max(np.dot(b, b), 1e-300))
+    off = float(np.max(np.abs(ours - a - rate * b), initial=0.0)) / norm
+    if off > tolerance:
+      # Caution's mask and corrected weight decay are not affine in the
+      # learning rate: then the step must be the source's at its own rate.
+      off = min(
+        off, float(np.max(np.abs(ours - step_at(lr)), initial=0.0)) / norm
+      )
+    worst = max(worst, off)
   if worst > tolerance:
-    # Caution's mask and corrected weight decay are not affine in the
-    # learning rate: then the step must be the source's at its own rate.
-    worst = min(
-      worst, float(np.max(np.abs(u - pick(step_at(lr))), initial=0.0)) / scale
-    )
-  if worst > tolerance:
-    args = ', '.join(f'{k}={v!r}' for k, v in hyper.items())
     raise ValueError(
       f'{owner}: tx does not continue this run: its next step from the '
       f"imported state is not the source optimizer's rule at any learning "
       f'rate (off by {worst:.2g}, relative; round-off would be below '
-      f'{tolerance:.1g}). The source is {preset}({args}) at step {count}: '
-      'build tx with those arguments (the learning rate may be a '
+      f'{tolerance:.1g}). The source is {source} at step {count}: '
+      'build tx so (the learning rate may be a '
       'schedule; with caution or corrected weight decay it must give '
       f'{lr!r} at step {count}), or pass check=False to change the rule on '
       'purpose.'

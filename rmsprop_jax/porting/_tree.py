@@ -20,6 +20,11 @@ def port_params(
   (a name -> array mapping, e.g. a PyTorch ``state_dict()`` of a model),
   laid out by the map and cast to the leaf's dtype.
 
+  ``params`` is what :func:`torch_to_flax_map` takes: nested dicts (or
+  lists) of arrays, or a Flax ``nnx.State`` (e.g. ``nnx.state(model,
+  nnx.Param)``), which comes back as a new ``nnx.State`` of the same
+  variables for ``nnx.update(model, ...)``; ``params`` is not changed.
+
   Raises:
     ValueError: for a name missing from ``source``, a leaf the map does not
       cover, or a shape that does not fit.
@@ -29,7 +34,14 @@ def port_params(
     if name not in source:
       raise ValueError(f'port_params: {name!r} is not in the source.')
     values[tuple(path)] = (to_numpy(source[name]), perm, name)
-  return fill_tree(params, values, 'port_params')
+  if not _is_nnx_state(params):
+    return fill_tree(params, values, 'port_params')
+  from flax import nnx
+
+  filled = fill_tree(nnx.to_pure_dict(params), values, 'port_params')
+  out = jax.tree.map(lambda x: x, params)  # New variables, same kinds.
+  nnx.replace_by_pure_dict(out, filled)
+  return out
 
 
 def export_params(params: Any, param_map: ParamMap) -> dict:
@@ -45,11 +57,24 @@ def export_params(params: Any, param_map: ParamMap) -> dict:
     ...              'fc.bias': (('fc', 'bias'), None)}
     >>> porting.export_params(params, param_map)['fc.weight'].shape
     (3, 2)
+
+  ``params`` may be a Flax ``nnx.State``, as for :func:`port_params`.
   """
+  if _is_nnx_state(params):
+    from flax import nnx
+
+    params = nnx.to_pure_dict(params)
   return {
     name: from_jax(get(params, path), perm)
     for name, (path, perm) in param_map.items()
   }
+
+
+def _is_nnx_state(tree) -> bool:
+  """A Flax NNX ``State`` (without importing Flax where it is not used)."""
+  return type(tree).__module__.startswith('flax.nnx') and hasattr(
+    tree, 'to_pure_dict'
+  )
 
 
 def child(node, part, name):

@@ -238,8 +238,8 @@ def import_torch_state(
         make_ref,
         build,
         params,
-        f'presets.{kind}',
-        hyper,
+        f'presets.{kind}({_arguments(hyper)})',
+        hyper['lr'],
         count,
         members,
       )
@@ -346,6 +346,10 @@ def _to_torch(torch, value: np.ndarray):
   return torch.from_numpy(value)
 
 
+def _arguments(hyper) -> str:
+  return ', '.join(f'{k}={v!r}' for k, v in hyper.items())
+
+
 def _torch_hyperparameters(group) -> tuple[str, dict]:
   """(preset name, its arguments) reproducing a PyTorch or timm parameter
   group at its current learning rate."""
@@ -366,8 +370,10 @@ def _torch_hyperparameters(group) -> tuple[str, dict]:
     caution=bool(group.get('caution', False)),
   )
   if group.get('corrected_weight_decay') and hyper['decoupled_decay']:
-    # timm decays by lr**2 / max_lr: at a constant lr, lr * (wd * lr/max_lr).
-    hyper['weight_decay'] *= hyper['lr'] / float(group['max_lr_snapshot'])
+    # timm decays by lr**2 / max_lr, max_lr the lr it was built with.
+    hyper.update(
+      corrected_weight_decay=True, max_lr=float(group['max_lr_snapshot'])
+    )
   return 'timm', hyper
 
 
