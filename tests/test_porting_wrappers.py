@@ -30,10 +30,11 @@ NAMES = ['dense_kernel', 'dense_bias', 'gain']  # Keras variable paths.
 LRS = np.random.default_rng(7).uniform(0.005, 0.05, 2 * STEPS)
 
 
-def keras_run(keras, kwargs, steps=STEPS, exclude=None, assign_lr=False):
-  """Parameters after each step of a real Keras RMSprop on the bowl, its
-  learning rate LRS[t] at step t: from a schedule, or assigned from outside
-  before each step."""
+def keras_setup(keras, kwargs, steps, exclude=None, assign_lr=False):
+  """A real Keras RMSprop on the bowl of ``steps`` steps, its learning rate
+  LRS[t] at step t: from a schedule, or assigned from outside before each
+  step. Returns (optimizer, variables, run(steps) -> parameters after each
+  step, (targets, noise))."""
   params, targets, noise = bowl_problem(SHAPES, steps)
   variables = [
     keras.Variable(p, dtype='float64', name=n) for p, n in zip(params, NAMES)
@@ -50,14 +51,24 @@ def keras_run(keras, kwargs, steps=STEPS, exclude=None, assign_lr=False):
   if exclude:
     opt.exclude_from_weight_decay(var_names=exclude)
   opt.build(variables)
-  out = []
-  for t in range(steps):
-    if assign_lr:
-      opt.learning_rate = float(LRS[t])
-    grads = bowl_grads([v.value for v in variables], targets, noise[t])
-    opt.apply_gradients(zip(grads, variables))
-    out.append([np.asarray(v.value) for v in variables])
-  return out, opt, variables, (targets, noise)
+
+  def run(steps):
+    out = []
+    for t in steps:
+      if assign_lr:
+        opt.learning_rate = float(LRS[t])
+      grads = bowl_grads([v.value for v in variables], targets, noise[t])
+      opt.apply_gradients(zip(grads, variables))
+      out.append([np.asarray(v.value) for v in variables])
+    return out
+
+  return opt, variables, run, (targets, noise)
+
+
+def keras_run(keras, kwargs, exclude=None, assign_lr=False):
+  """Parameters after each of STEPS steps of Keras, and the optimizer."""
+  opt, _, run, _ = keras_setup(keras, kwargs, STEPS, exclude, assign_lr)
+  return run(range(STEPS)), opt
 
 
 def ours_run(tx, steps=STEPS, set_lr=None):
@@ -180,7 +191,7 @@ def test_keras_use_ema_recipe(keras64):
   kwargs = dict(
     use_ema=True, ema_momentum=0.9, ema_overwrite_frequency=every, momentum=0.5
   )
-  theirs, opt, _, _ = keras_run(keras, kwargs)
+  theirs, opt = keras_run(keras, kwargs)
   average = [np.asarray(v.value) for v in opt._model_variables_moving_average]
   with pytest.raises(ValueError, match=r'optax\.incremental_update'):
     presets.keras(use_ema=True)
@@ -250,32 +261,10 @@ def test_presets_tf1_takes_tensorflows_arguments():
 
 
 def keras_halfway(keras, kwargs, exclude=None):
-  """A Keras optimizer and its variables after STEPS of 2 * STEPS steps."""
-  params, targets, noise = bowl_problem(SHAPES, 2 * STEPS)
-  variables = [
-    keras.Variable(p, dtype='float64', name=n) for p, n in zip(params, NAMES)
-  ]
-  table = np.asarray(LRS)
-
-  class Table(keras.optimizers.schedules.LearningRateSchedule):
-    def __call__(self, step):
-      return keras.ops.take(keras.ops.convert_to_tensor(table), step)
-
-  opt = keras.optimizers.RMSprop(learning_rate=Table(), **kwargs)
-  if exclude:
-    opt.exclude_from_weight_decay(var_names=exclude)
-  opt.build(variables)
-
-  def run(steps):
-    out = []
-    for t in steps:
-      grads = bowl_grads([v.value for v in variables], targets, noise[t])
-      opt.apply_gradients(zip(grads, variables))
-      out.append([np.asarray(v.value) for v in variables])
-    return out
-
+  """A Keras run stopped after STEPS of 2 * STEPS steps."""
+  opt, variables, run, problem = keras_setup(keras, kwargs, 2 * STEPS, exclude)
   run(range(STEPS))
-  return opt, variables, run, (targets, noise)
+  return opt, variables, run, problem
 
 
 def continue_ours(tx, state, params, targets, noise):
