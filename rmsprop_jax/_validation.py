@@ -121,6 +121,13 @@ def check_mask(owner: str, name: str, mask: Any) -> None:
   booleans (Python, NumPy or boolean arrays), as ``optax.masked`` takes."""
   if mask is None or callable(mask):
     return
+  if jax.tree_util.treedef_is_leaf(jax.tree.structure(mask)):
+    raise TypeError(
+      f'{owner}: `{name}` is a single value ({mask!r}), not a tree like the '
+      'parameters. Under optax.inject_hyperparams a mask function is called '
+      "with the step count, as if it were a schedule: pass static_args=('"
+      f"{name}',) to inject_hyperparams."
+    )
   for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]:
     dtype = getattr(leaf, 'dtype', None)
     if not (

@@ -218,7 +218,7 @@ def keras(
   momentum buffer. Weight decay uses the current learning rate and the
   parameters before the step, and is neither normalised nor accumulated in
   the buffer; it needs ``params`` in ``update``. With the learning rate set
-  from outside (``optax.inject_hyperparams`` and ``optax.tree_set``, as
+  from outside (``optax.inject_hyperparams`` and ``optax.tree.set``, as
   Keras' ``optimizer.learning_rate.assign``) the decay follows it, as in
   Keras.
 
@@ -237,16 +237,15 @@ def keras(
     the training loop, ``ema = params`` after the first step, then ``ema =
     optax.incremental_update(params, ema, 1 - ema_momentum)`` after each
     (and ``params = ema`` every ``ema_overwrite_frequency`` steps);
-  * ``loss_scale_factor=s``: the loss times ``s`` and
-    ``optax.chain(optax.scale(1 / s), presets.keras(...))``, or neither
-    (loss scaling guards float16 gradients; it changes no other number);
   * ``gradient_accumulation_steps=n``: ``optax.MultiSteps(presets.keras(
     ...), every_k_schedule=n)`` is optax's accumulation (not compared with
     Keras' here: its step counting differs).
 
   ``ema_momentum`` and ``ema_overwrite_frequency`` are read only with
-  ``use_ema``, ``name`` names Keras' variables: they are accepted and
-  ignored. Keras' ``optimizer.exclude_from_weight_decay(var_list,
+  ``use_ema``, ``name`` names Keras' variables, and ``loss_scale_factor``
+  multiplies Keras' loss and divides its gradients (which guards float16
+  gradients and changes no other number; JAX code differentiates the
+  unscaled loss): they are accepted and ignored. Keras' ``optimizer.exclude_from_weight_decay(var_list,
   var_names)`` is ``weight_decay_mask`` (keyword only): a tree of booleans
   like the parameters (or a function of them giving one), ``False`` where
   Keras excludes the variable; ``optax.masked`` would mask the whole step,
@@ -281,13 +280,17 @@ def keras(
     centered=centered,
     use_ema=use_ema,
   )
-  del ema_momentum, ema_overwrite_frequency, name  # Read only with use_ema.
+  # Read only with use_ema; Keras' variable names; the loss's scale.
+  del ema_momentum, ema_overwrite_frequency, name, loss_scale_factor
+  if weight_decay_mask is not None and weight_decay is None:
+    raise ValueError(
+      'presets.keras: weight_decay_mask has no effect without a weight_decay.'
+    )
   _refuse_keras_wrappers(
     clipnorm=clipnorm,
     clipvalue=clipvalue,
     global_clipnorm=global_clipnorm,
     use_ema=use_ema,
-    loss_scale_factor=loss_scale_factor,
     gradient_accumulation_steps=gradient_accumulation_steps,
   )
   return rmsprop(
@@ -313,9 +316,6 @@ _KERAS_WRAPPERS = {
   'use_ema': 'an average of the parameters kept in the training loop: '
   'ema = params after the first step, then ema = '
   'optax.incremental_update(params, ema, 1 - ema_momentum) after each',
-  'loss_scale_factor': 'the loss multiplied by {v} and optax.chain('
-  'optax.scale(1 / {v}), presets.keras(...)), or neither (loss scaling '
-  'guards float16 gradients)',
   'gradient_accumulation_steps': 'optax.MultiSteps(presets.keras(...), '
   "every_k_schedule={v}), optax's gradient accumulation",
 }

@@ -686,8 +686,9 @@ def clip_by_norm(
 
   Returns:
     A stateless ``optax.GradientTransformation`` (``optax.EmptyState``);
-    the updates keep each leaf's shape and dtype. A complex leaf's norm is
-    that of its moduli.
+    the updates keep each floating leaf's shape and dtype. A complex leaf's
+    norm is that of its moduli. A traced ``max_norm`` (under ``jit`` or
+    ``optax.inject_hyperparams``) is not checked.
 
   Raises:
     TypeError: for a ``max_norm`` that is not a real number or array.
@@ -695,10 +696,13 @@ def clip_by_norm(
   """
   owner = 'clip_by_norm'
   _validation.check_type(owner, 'max_norm', max_norm)
-  _validation.check_non_negative(owner, 'max_norm', max_norm)
-  concrete = _validation.concrete(max_norm)
-  if concrete is not None and not np.all(concrete > 0):
-    raise ValueError(f'{owner}: `max_norm` must be positive, got {max_norm!r}.')
+  concrete = _validation.concrete(max_norm)  # None when traced.
+  if concrete is not None and not np.all(
+    (concrete > 0) & np.isfinite(concrete)
+  ):
+    raise ValueError(
+      f'{owner}: `max_norm` must be finite and > 0, got {max_norm!r}.'
+    )
 
   def clip(g):
     c = jnp.asarray(max_norm, jnp.real(g).dtype)

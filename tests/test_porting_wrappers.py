@@ -224,14 +224,19 @@ def test_presets_keras_takes_every_argument_of_keras(keras64):
     if name != 'name':
       assert ours[name].default == default, name
       assert type(ours[name].default) is type(default), name
-  # Accepted and ignored: the names and the EMA settings without use_ema.
-  tx = presets.keras(name='rms', ema_momentum=0.5, ema_overwrite_frequency=2)
+  # Accepted and ignored: the names, the EMA settings without use_ema and
+  # the loss's scale.
+  tx = presets.keras(
+    name='rms',
+    ema_momentum=0.5,
+    ema_overwrite_frequency=2,
+    loss_scale_factor=4.0,
+  )
   assert type(tx.init(jnp.zeros(2))) is type(presets.keras().init(jnp.zeros(2)))
   replacements = {
     'clipnorm': r'rmsprop_jax\.clip_by_norm\(1\.0\)',
     'global_clipnorm': r'optax\.clip_by_global_norm\(1\.0\)',
     'clipvalue': r'optax\.clip\(1\.0\)',
-    'loss_scale_factor': r'optax\.scale\(1 / 1\.0\)',
     'gradient_accumulation_steps': r'optax\.MultiSteps',
   }
   for name, pattern in replacements.items():
@@ -362,25 +367,39 @@ def test_import_keras_state_refuses_what_tx_cannot_hold(keras64):
 # -- timm: corrected weight decay with the rate set from outside -------------
 
 
-def timm_run(kwargs, steps=STEPS):
-  """timm's RMSpropTF on the bowl, ``group['lr']`` set to LRS[t] before each
-  step (as a plateau controller or a hand-written loop does)."""
+def torch_setup(make_opt, steps, set_lr=False):
+  """A PyTorch (or timm) optimizer ``make_opt(tensors)`` on the bowl of
+  ``steps`` steps. Returns (optimizer, run(steps) -> parameters after each
+  step, its start, (targets, noise)); with ``set_lr``, run sets
+  ``group['lr'] = LRS[t]`` before step t (as a plateau controller or a
+  hand-written loop does)."""
   torch = require('torch')
   params, targets, noise = bowl_problem(SHAPES, steps)
   tensors = [torch.tensor(p, requires_grad=True) for p in params]
-  opt = timm_rmsprop_tf()(tensors, lr=float(LRS[0]), **kwargs)
-  out = []
-  for t in range(steps):
-    for group in opt.param_groups:
-      group['lr'] = float(LRS[t])
-    grads = bowl_grads(
-      [p.detach().numpy() for p in tensors], targets, noise[t], np.asarray
-    )
-    for p, g in zip(tensors, grads):
-      p.grad = torch.from_numpy(np.asarray(g))
-    opt.step()
-    out.append([p.detach().numpy().copy() for p in tensors])
-  return out
+  opt = make_opt(tensors)
+
+  def run(steps):
+    out = []
+    for t in steps:
+      if set_lr:
+        for group in opt.param_groups:
+          group['lr'] = float(LRS[t])
+      grads = bowl_grads(
+        [p.detach().numpy() for p in tensors], targets, noise[t], np.asarray
+      )
+      for p, g in zip(tensors, grads):
+        p.grad = torch.from_numpy(np.asarray(g))
+      opt.step()
+      out.append([p.detach().numpy().copy() for p in tensors])
+    return out
+
+  return opt, run, tensors, (targets, noise)
+
+
+def timm_run(kwargs, steps=STEPS):
+  """timm's RMSpropTF on the bowl, ``group['lr']`` set before each step."""
+  make = lambda tensors: timm_rmsprop_tf()(tensors, lr=float(LRS[0]), **kwargs)
+  return torch_setup(make, steps, set_lr=True)[1](range(steps))
 
 
 TIMM = dict(
@@ -410,38 +429,38 @@ def test_timm_corrected_weight_decay_with_an_injected_lr(x64):
 
 # -- PyTorch: a scheduler carried across a port -------------------------------
 
+TORCH_NAMES = [str(i) for i in range(len(SHAPES))]
+TORCH_MAP = {n: ((i,), None) for i, n in enumerate(TORCH_NAMES)}
+
 
 def test_a_torch_scheduler_continues_as_an_optax_schedule(x64):
   """A PyTorch scheduler stepped once per optimizer step is an optax
   schedule of the step count; the imported count continues it."""
   torch = require('torch')
-  params, targets, noise = bowl_problem(SHAPES, 2 * STEPS)
-  tensors = [torch.tensor(p, requires_grad=True) for p in params]
-  opt = torch.optim.RMSprop(tensors, lr=0.02, momentum=0.9, centered=True)
-  sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8)
+  scheduler = []
+
+  def make(tensors):
+    opt = torch.optim.RMSprop(tensors, lr=0.02, momentum=0.9, centered=True)
+    scheduler.append(torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.8))
+    return opt
+
+  opt, run, tensors, (targets, noise) = torch_setup(make, 2 * STEPS)
+  sched = scheduler[0]
 
   def torch_steps(steps):
     out = []
     for t in steps:
-      grads = bowl_grads(
-        [p.detach().numpy() for p in tensors], targets, noise[t], np.asarray
-      )
-      for p, g in zip(tensors, grads):
-        p.grad = torch.from_numpy(np.asarray(g))
-      opt.step()
+      out += run([t])
       sched.step()
-      out.append([p.detach().numpy().copy() for p in tensors])
     return out
 
   torch_steps(range(STEPS))
-  names = [str(i) for i in range(len(SHAPES))]
-  param_map = {n: ((i,), None) for i, n in enumerate(names)}
   start = [jnp.asarray(p.detach().numpy().copy()) for p in tensors]
   # optax.exponential_decay computes in float32 (1e-8 from PyTorch's float64).
   schedule = lambda count: 0.02 * 0.8 ** jnp.asarray(count, jnp.float64)
   tx = presets.pytorch(schedule, momentum=0.9, centered=True)
   state = porting.import_torch_state(
-    opt.state_dict(), names, param_map, tx, start
+    opt.state_dict(), TORCH_NAMES, TORCH_MAP, tx, start
   )
   assert sched.state_dict()['last_epoch'] == int(optax.tree.get(state, 'count'))
   theirs = torch_steps(range(STEPS, 2 * STEPS))
@@ -486,3 +505,206 @@ def test_port_params_and_export_params_take_an_nnx_state():
   back = porting.export_params(nnx.state(model, nnx.Param), param_map)
   for name, value in torch_model.state_dict().items():
     np.testing.assert_array_equal(back[name], value.numpy())
+
+
+# -- What a first review found -------------------------------------------------
+
+
+def _import_and_continue(opt, run, tensors, problem, tx, refused=None):
+  """Imports ``opt``'s state (after STEPS steps) into ``tx`` and continues
+  both STEPS more steps; ``refused``: (another tx, message) the check must
+  refuse."""
+  start = [jnp.asarray(p.detach().numpy().copy()) for p in tensors]
+  if refused is not None:
+    wrong, message = refused
+    with pytest.raises(ValueError, match=message):
+      porting.import_torch_state(
+        opt.state_dict(), TORCH_NAMES, TORCH_MAP, wrong, start
+      )
+  state = porting.import_torch_state(
+    opt.state_dict(), TORCH_NAMES, TORCH_MAP, tx, start
+  )
+  theirs = run(range(STEPS, 2 * STEPS))
+  assert_trajectories_close(continue_ours(tx, state, start, *problem), theirs)
+
+
+def test_torch_inject_hyperparams_with_momentum_zero(x64):
+  """Injected, PyTorch's default momentum 0 is an array and keeps a buffer:
+  refused, naming static_args, which ports it."""
+  torch = require('torch')
+  setup = torch_setup(lambda ps: torch.optim.RMSprop(ps, lr=0.01), 2 * STEPS)
+  setup[1](range(STEPS))
+  _import_and_continue(
+    *setup,
+    optax.inject_hyperparams(presets.pytorch, static_args=('momentum',))(
+      lr=0.01
+    ),
+    refused=(
+      optax.inject_hyperparams(presets.pytorch)(lr=0.01),
+      r"static_args=\('momentum',\)",
+    ),
+  )
+
+
+def test_timm_caution_without_momentum_is_timms_plain_step(x64):
+  setup = torch_setup(
+    lambda ps: timm_rmsprop_tf()(ps, lr=0.01, caution=True), 2 * STEPS
+  )
+  setup[1](range(STEPS))
+  _import_and_continue(
+    *setup,
+    presets.timm(lr=0.01),
+    refused=(presets.timm(lr=0.01, eps=1e-3), r'presets\.timm\(lr=0\.01'),
+  )
+
+
+def test_timm_groups_that_place_the_lr_differently(x64):
+  def make(ps):
+    return timm_rmsprop_tf()(
+      [
+        {'params': ps[:1]},
+        {'params': ps[1:], 'lr_in_momentum': False},
+      ],
+      lr=0.01,
+      momentum=0.9,
+    )
+
+  setup = torch_setup(make, 2 * STEPS)
+  setup[1](range(STEPS))
+  labels = ['inside', 'after', 'after']
+  tx = optax.multi_transform(
+    {
+      'inside': presets.timm(lr=0.01, momentum=0.9),
+      'after': presets.timm(lr=0.01, momentum=0.9, lr_in_momentum=False),
+    },
+    labels,
+  )
+  _import_and_continue(
+    *setup,
+    tx,
+    refused=(
+      presets.timm(lr=0.01, momentum=0.9),
+      r'lr_in_momentum=False, caution=False\) for group 1',
+    ),
+  )
+
+
+def test_a_learning_rate_of_zero_is_not_taken_for_the_rule(x64):
+  torch = require('torch')
+  setup = torch_setup(
+    lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9), 2 * STEPS
+  )
+  setup[1](range(STEPS))
+  _import_and_continue(
+    *setup,
+    presets.pytorch(lr=0.01, momentum=0.9),
+    refused=(
+      presets.pytorch(lr=0.0, eps=1.0, momentum=0.9),
+      'learning rate at step 8 is 0',
+    ),
+  )
+
+
+def test_keras_paths_that_read_the_same_with_underscores(keras64):
+  """seq/block/dense/kernel (a Dense inside a layer) and seq/block_dense/
+  kernel (a Dense beside it) read the same with "/" as "_": each takes its
+  own slots."""
+  keras = keras64
+
+  class Block(keras.layers.Layer):
+    def __init__(self, **kwargs):
+      super().__init__(**kwargs)
+      self.dense = keras.layers.Dense(3, name='dense')
+
+    def build(self, shape):
+      self.dense.build(shape)
+
+    def call(self, x):
+      return self.dense(x)
+
+  model = keras.Sequential(
+    [
+      keras.Input((3,)),
+      Block(name='block'),
+      keras.layers.Dense(3, name='block_dense'),
+    ],
+    name='seq',
+  )
+  variables = model.trainable_variables
+  assert variables[0].path.replace('/', '_') == variables[2].path.replace(
+    '/', '_'
+  )
+  opt = keras.optimizers.RMSprop(0.01)
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    opt.apply(
+      [
+        rng.normal(size=v.shape) * (100.0 if i >= 2 else 0.01)
+        for i, v in enumerate(variables)
+      ],
+      variables,
+    )
+  params = [jnp.asarray(v.value) for v in variables]
+  param_map = {v.path: ((i,), None) for i, v in enumerate(variables)}
+  state = porting.import_keras_state(
+    opt, param_map, presets.keras(0.01), params
+  )
+  nu = optax.tree.get(state, 'nu')
+  for i in range(len(variables)):
+    np.testing.assert_array_equal(nu[i], np.asarray(opt._velocities[i].value))
+
+
+def test_inject_hyperparams_with_a_weight_decay_mask_function(x64):
+  mask_fn = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  with pytest.raises(TypeError, match=r"static_args=\('weight_decay_mask',\)"):
+    optax.inject_hyperparams(presets.keras)(
+      weight_decay=0.1, weight_decay_mask=mask_fn
+    ).init([jnp.zeros(s) for s in SHAPES])
+  tx = optax.inject_hyperparams(
+    presets.keras, static_args=('weight_decay_mask',)
+  )(learning_rate=0.01, weight_decay=0.1, weight_decay_mask=mask_fn)
+  ref = presets.keras(0.01, weight_decay=0.1, weight_decay_mask=mask_fn)
+  assert_trajectories_close(ours_run(tx), ours_run(ref))
+  assert (
+    np.max(
+      np.abs(
+        ours_run(presets.keras(0.01, weight_decay=0.1))[-1][1]
+        - ours_run(ref)[-1][1]
+      )
+    )
+    > 1e-6
+  )
+
+
+def test_the_imports_take_an_nnx_state(x64):
+  torch = require('torch')
+  from flax import nnx
+
+  torch.manual_seed(0)
+  torch_model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+  opt = torch.optim.RMSprop(torch_model.parameters(), lr=0.01, momentum=0.9)
+  for p in torch_model.parameters():
+    p.grad = torch.randn_like(p)
+  opt.step()
+  model = nnx.Sequential(
+    nnx.Linear(3, 2, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+  )
+  param_map = porting.torch_to_flax_map(
+    torch_model.named_parameters(),
+    nnx.state(model, nnx.Param),
+    {'0': 'layers.0'},
+  )
+  state = porting.port_params(
+    torch_model.state_dict(), param_map, nnx.state(model, nnx.Param)
+  )
+  names = porting.torch_param_names(opt, torch_model)
+  tx = presets.pytorch(lr=0.01, momentum=0.9)
+  from_state = porting.import_torch_state(
+    opt.state_dict(), names, param_map, tx, state
+  )
+  from_dict = porting.import_torch_state(
+    opt.state_dict(), names, param_map, tx, nnx.to_pure_dict(state)
+  )
+  assert jax.tree.structure(from_state) == jax.tree.structure(from_dict)
+  for a, b in zip(jax.tree.leaves(from_state), jax.tree.leaves(from_dict)):
+    np.testing.assert_array_equal(a, b)

@@ -45,20 +45,27 @@ def has_field(tx, params, field) -> bool:
   return any(split(path)[0] == field for path, _ in flat)
 
 
-def variant_message(owner, field, name) -> str:
+def variant_message(owner, field, name, source=None) -> str:
   what = {
     'mu': 'a centered mean (centered=True)',
     'trace': 'a momentum buffer (momentum > 0)',
     'nu': 'a second moment',
   }[field]
-  return (
+  message = (
     f'{owner}: {name!r}: one side has {what} and the other not: the '
     'optimizers are different variants; build the preset with the '
-    "source optimizer's hyperparameters."
+    "source optimizer's hyperparameters"
   )
+  message += f': {source}.' if source else '.'
+  if field == 'trace':
+    message += (
+      ' (Under optax.inject_hyperparams a momentum of 0 is injected as an '
+      "array and keeps a buffer: pass static_args=('momentum',).)"
+    )
+  return message
 
 
-def build_state(owner, tx, params, values, count, lenient=False):
+def build_state(owner, tx, params, values, count, lenient=False, source=None):
   """tx.init(params), its moments filled from ``values`` (keyed by (field,
   parameter path)) and every step count set to ``count``. ``lenient``
   (for a reference that only some parameters' sources fit): moments without
@@ -73,7 +80,7 @@ def build_state(owner, tx, params, values, count, lenient=False):
       name = next(
         (v[2] for k, v in values.items() if k[0] == field), 'every parameter'
       )
-      raise ValueError(variant_message(owner, field, name))
+      raise ValueError(variant_message(owner, field, name, source))
   leaves, seen = [], set()
   for path, leaf in flat:
     field, param_path = split(path)
@@ -89,7 +96,7 @@ def build_state(owner, tx, params, values, count, lenient=False):
     elif field in _MOMENTS and not lenient:
       if ('nu', param_path) in values:  # The parameter has state, not this.
         raise ValueError(
-          variant_message(owner, field, values['nu', param_path][2])
+          variant_message(owner, field, values['nu', param_path][2], source)
         )
       raise ValueError(
         f'{owner}: no source for the JAX parameter '
@@ -101,7 +108,9 @@ def build_state(owner, tx, params, values, count, lenient=False):
   if extra and not lenient:
     field, path = sorted(extra)[0]
     if any(k[1] == path for k in seen):  # The parameter is there, not this.
-      raise ValueError(variant_message(owner, field, values[field, path][2]))
+      raise ValueError(
+        variant_message(owner, field, values[field, path][2], source)
+      )
     raise ValueError(
       f'{owner}: {values[field, path][2]!r} maps to {path}, '
       'which is not in the parameters.'
@@ -190,58 +199,100 @@ def check_next_step(
   scales=(1.0,),
 ):
   """Raises unless ``tx``'s next step from the imported ``state`` is the
-  source's rule at some learning rate (on the leaves in ``members``).
+  source's: the same update and the same new moments (``nu``, ``mu``) on
+  the leaves in ``members`` (default: all).
 
-  The source's step is affine in its learning rate (``make_ref(lr)``, its
-  state ``build(ref)``): measured at 0 and 1, the rate that fits ``tx``'s
-  step best is solved for, and the rest must be round-off. So a schedule
-  that differs from the source's own learning rates passes; another rule
-  (preset, decay, eps, weight decay or its mask, momentum or its placement,
-  a clip) does not. The step is taken at random parameters (so that weight
-  decay shows on every leaf, zero biases included) and on a probe gradient
-  at each of ``scales`` (where a clip acts and where it does not).
-  ``source`` is the expression that builds the source's rule, for the
-  message; ``lr`` its current learning rate.
+  The source's optimizer is ``make_ref(lr)`` (its state ``build(ref)``),
+  ``lr`` its current learning rate. The step is taken at random parameters
+  (so that weight decay shows on every leaf, zero biases included) and on a
+  probe gradient at each of ``scales`` (where a clip acts and where it does
+  not). Where the updates differ, the source's step is measured at rates 0
+  and 1: ``tx``'s step may be the source's rule at another positive rate (a
+  schedule that differs from the source's own rates passes: a loop may set
+  PyTorch's ``lr`` before or after each step, so the group's ``lr`` need
+  not be the next step's), but not another rule (decay, eps, weight decay
+  or its mask, momentum or its placement, a clip). Caution's mask and
+  corrected weight decay are not affine in the rate: there the step must be
+  the source's at ``lr``. ``source`` is the expression that builds the
+  source's optimizer, for the message.
   """
   at = probe(params, seed=1)
+  paths = [
+    _tree.path_keys(path)
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+  ]
+  members = set(paths) if members is None else set(members)
   pick = lambda tree: np.concatenate(
     [
       np.ravel(np.asarray(x, np.float64))
       for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-      if members is None or _tree.path_keys(path) in members
+      if _tree.path_keys(path) in members
     ]
   )
   dtypes = {jnp.result_type(x) for x in jax.tree.leaves(params)}
   tolerance = 1e3 * max(float(jnp.finfo(d).eps) for d in dtypes)
-  worst = 0.0
-  for scale in scales:
-    grads = jax.tree.map(lambda g, scale=scale: g * scale, probe(params))
-    ours = pick(tx.update(grads, state, at)[0])
 
-    def step_at(lr, grads=grads):
-      ref = make_ref(lr)
-      return pick(ref.update(grads, build(ref), at)[0])
+  def off(a, b):
+    return float(np.max(np.abs(a - b), initial=0.0)) / max(
+      float(np.max(np.abs(b), initial=0.0)), 1e-300
+    )
 
-    norm = max(np.max(np.abs(ours), initial=0.0), 1e-300)
-    a = step_at(0.0)
-    b = step_at(1.0) - a
-    rate = float(np.dot(ours - a, b) / max(np.dot(b, b), 1e-300))
-    off = float(np.max(np.abs(ours - a - rate * b), initial=0.0)) / norm
-    if off > tolerance:
-      # Caution's mask and corrected weight decay are not affine in the
-      # learning rate: then the step must be the source's at its own rate.
-      off = min(
-        off, float(np.max(np.abs(ours - step_at(lr)), initial=0.0)) / norm
+  def moments(new_state):
+    found, _ = read_state(new_state)
+    return {
+      field: np.concatenate(
+        [
+          np.ravel(np.asarray(moment(found[field], p, owner, p), np.float64))
+          for p in paths
+          if p in members
+        ]
       )
-    worst = max(worst, off)
-  if worst > tolerance:
+      for field in ('nu', 'mu')
+      if field in found
+    }
+
+  def refuse(worst):
     raise ValueError(
       f'{owner}: tx does not continue this run: its next step from the '
-      f"imported state is not the source optimizer's rule at any learning "
-      f'rate (off by {worst:.2g}, relative; round-off would be below '
-      f'{tolerance:.1g}). The source is {source} at step {count}: '
-      'build tx so (the learning rate may be a '
-      'schedule; with caution or corrected weight decay it must give '
-      f'{lr!r} at step {count}), or pass check=False to change the rule on '
-      'purpose.'
+      "imported state is not the source optimizer's at any learning rate "
+      f'(off by {worst:.2g}, relative; round-off would be below '
+      f'{tolerance:.1g}). The source is {source} at step {count}: build '
+      'tx so (the learning rate may be a schedule; with caution or '
+      f'corrected weight decay it must give {lr!r} at step {count}), or '
+      'pass check=False to change the rule on purpose.'
     )
+
+  for scale in scales:
+    grads = jax.tree.map(lambda g, scale=scale: g * scale, probe(params))
+    ours, ours_state = tx.update(grads, state, at)
+
+    def step_at(rate, grads=grads):
+      ref = make_ref(rate)
+      return ref.update(grads, build(ref), at)
+
+    ref, ref_state = step_at(lr)
+    theirs = moments(ref_state)
+    mine = moments(ours_state)
+    worst = max(
+      [off(mine[f], theirs[f]) for f in theirs if f in mine], default=0.0
+    )
+    if worst > tolerance:
+      refuse(worst)
+    u = pick(ours)
+    if off(u, pick(ref)) <= tolerance:
+      continue
+    # Another learning rate, or another rule? The source's step is affine
+    # in its rate (but for caution's mask and corrected weight decay).
+    a = pick(step_at(0.0)[0])
+    b = pick(step_at(1.0)[0]) - a
+    rate = float(np.dot(u - a, b) / max(np.dot(b, b), 1e-300))
+    worst = off(u, a + rate * b)
+    if worst > tolerance:
+      refuse(min(worst, off(u, pick(ref))))
+    if lr > 0 and not rate > tolerance * lr:
+      raise ValueError(
+        f"{owner}: tx's learning rate at step {count} is {rate:.3g}, where "
+        f"the source's is {lr!r}: a step at rate 0 shows nothing of the "
+        'rule (its eps, weight decay or momentum), so it cannot be checked. '
+        f'The source is {source}.'
+      )

@@ -60,14 +60,21 @@ def export_params(params: Any, param_map: ParamMap) -> dict:
 
   ``params`` may be a Flax ``nnx.State``, as for :func:`port_params`.
   """
-  if _is_nnx_state(params):
-    from flax import nnx
-
-    params = nnx.to_pure_dict(params)
+  params = plain(params)
   return {
     name: from_jax(get(params, path), perm)
     for name, (path, perm) in param_map.items()
   }
+
+
+def plain(params):
+  """``params`` as nested dicts of arrays where it is a Flax ``nnx.State``
+  (``nnx.to_pure_dict``), else as it is."""
+  if not _is_nnx_state(params):
+    return params
+  from flax import nnx
+
+  return nnx.to_pure_dict(params)
 
 
 def _is_nnx_state(tree) -> bool:

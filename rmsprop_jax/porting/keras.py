@@ -27,9 +27,9 @@ def import_keras_state(
   ``param_map`` is keyed by the Keras variables' paths
   (``model.trainable_variables[i].path``, e.g. ``'sequential/dense/kernel'``).
   With ``check`` (default), ``tx``'s next step from the imported state must
-  be the Keras optimizer's whole update, as in :func:`import_torch_state`:
-  its ``rho``, ``momentum``, ``epsilon``, ``centered`` and current learning
-  rate, its ``weight_decay`` and the variables it excludes from it
+  be the Keras optimizer's whole update, as in :func:`import_torch_state`
+  (at any positive learning rate): its ``rho``, ``momentum``, ``epsilon``,
+  ``centered``, its ``weight_decay`` and the variables it excludes from it
   (``exclude_from_weight_decay``: ``weight_decay_mask`` here), and its
   ``clipnorm`` (each variable on its own: :func:`rmsprop_jax.clip_by_norm`),
   ``global_clipnorm`` (``optax.clip_by_global_norm``) or ``clipvalue``
@@ -46,29 +46,37 @@ def import_keras_state(
   """
   owner = 'import_keras_state'
   _check_keras_rmsprop(owner, optimizer)
-  found = {v.name: v for v in optimizer.variables}
+  params = _tree.plain(params)
   values = {}
-  for name, (path, perm) in param_map.items():
-    key = name.replace('/', '_')
-    if f'{key}_velocity' not in found:
-      raise ValueError(_keras_missing(owner, name, found))
-    for field, suffix in (('nu', 'velocity'), ('mu', 'average_gradient')):
-      if f'{key}_{suffix}' in found:
+  for name, slots in _keras_slots(owner, optimizer, param_map).items():
+    path, perm = param_map[name]
+    for field, slot in _FIELDS:
+      if slot in slots:  # Keras' momentum is the step taken: lr inside.
+        value = _tree.to_numpy(slots[slot].value)
         values[field, tuple(path)] = (
-          _tree.to_numpy(found[f'{key}_{suffix}'].value),
+          -value if field == 'trace' else value,
           perm,
           name,
         )
-    if f'{key}_momentum' in found:  # The step taken: the lr is inside.
-      values['trace', tuple(path)] = (
-        -_tree.to_numpy(found[f'{key}_momentum'].value),
-        perm,
-        name,
-      )
-  count = int(np.asarray(found['iteration'].value))
-  state = _state.build_state(owner, tx, params, values, count)
-  if check:
-    _check_keras_step(owner, optimizer, param_map, tx, state, params, values)
+  count = int(np.asarray(optimizer.iterations.value))
+  if not check:
+    return _state.build_state(owner, tx, params, values, count)
+  make_ref, source, lr, scales = _keras_reference(
+    owner, optimizer, param_map, params
+  )
+  state = _state.build_state(owner, tx, params, values, count, source=source)
+  _state.check_next_step(
+    owner,
+    tx,
+    state,
+    make_ref,
+    lambda ref: _state.build_state(owner, ref, params, values, count),
+    params,
+    source,
+    lr,
+    count,
+    scales=scales,
+  )
   return state
 
 
@@ -82,27 +90,73 @@ def export_keras_state(
   count."""
   owner = 'export_keras_state'
   _check_keras_rmsprop(owner, optimizer)
-  found = {v.name: v for v in optimizer.variables}
   moments, count = _state.read_state(state)
   count = _state.step(owner, count, step)
-  for name in param_map:
-    if f'{name.replace("/", "_")}_velocity' not in found:
-      raise ValueError(_keras_missing(owner, name, found))
-  for name, (path, perm) in param_map.items():
-    key = name.replace('/', '_')
-    for field, suffix in (
-      ('nu', 'velocity'),
-      ('mu', 'average_gradient'),
-      ('trace', 'momentum'),
-    ):
-      if (field in moments) != (f'{key}_{suffix}' in found):
+  for name, slots in _keras_slots(owner, optimizer, param_map).items():
+    path, perm = param_map[name]
+    for field, slot in _FIELDS:
+      if (field in moments) != (slot in slots):
         raise ValueError(_state.variant_message(owner, field, name))
       if field in moments:
         value = _tree.from_jax(
           _state.moment(moments[field], path, owner, name), perm
         )
-        found[f'{key}_{suffix}'].assign(-value if field == 'trace' else value)
-  found['iteration'].assign(count)
+        slots[slot].assign(-value if field == 'trace' else value)
+  optimizer.iterations.assign(count)
+
+
+# The optax state field of each of Keras' RMSprop slots.
+_FIELDS = (
+  ('nu', 'velocity'),
+  ('mu', 'average_gradient'),
+  ('trace', 'momentum'),
+)
+
+
+def _keras_slots(owner, optimizer, param_map) -> dict:
+  """{param_map name: {slot: Keras variable}}, each name matched to the
+  model variable with that path (or, failing that, the one whose path with
+  "/" as "_" is the name's), and its slots taken by the optimizer's own
+  index of it, as Keras' update does. Two variables whose paths read the
+  same with "/" as "_" are told apart by their exact paths."""
+  variables = list(getattr(optimizer, '_trainable_variables', None) or [])
+  exact: dict[str, list[int]] = {}
+  loose: dict[str, list[int]] = {}
+  for i, variable in enumerate(variables):
+    exact.setdefault(variable.path, []).append(i)
+    loose.setdefault(variable.path.replace('/', '_'), []).append(i)
+  out: dict[str, dict] = {}
+  taken: dict[int, str] = {}
+  for name in param_map:
+    found = exact.get(name) or loose.get(name.replace('/', '_'), [])
+    if not found:
+      known = [v.path for v in variables[:6]]
+      raise ValueError(
+        f'{owner}: the Keras optimizer has no state for {name!r} (its '
+        f'variables have the paths {known}{"..." if len(variables) > 6 else ""}; '
+        'key param_map by model.trainable_variables[i].path; is the '
+        'optimizer built, and is this the model it trains?).'
+      )
+    if len(found) > 1:
+      raise ValueError(
+        f'{owner}: {name!r} could be any of the variables '
+        f'{[variables[i].path for i in found]}: key param_map by their '
+        'exact paths.'
+      )
+    i = found[0]
+    if i in taken:
+      raise ValueError(
+        f'{owner}: {taken[i]!r} and {name!r} both name the variable '
+        f'{variables[i].path!r}.'
+      )
+    taken[i] = name
+    slots = {'velocity': optimizer._velocities[i]}
+    if optimizer._momentums:
+      slots['momentum'] = optimizer._momentums[i]
+    if optimizer._average_gradients:
+      slots['average_gradient'] = optimizer._average_gradients[i]
+    out[name] = slots
+  return out
 
 
 def _check_keras_rmsprop(owner, optimizer):
@@ -114,17 +168,6 @@ def _check_keras_rmsprop(owner, optimizer):
     )
 
 
-def _keras_missing(owner, name, found) -> str:
-  known = sorted(
-    k[: -len('_velocity')] for k in found if k.endswith('_velocity')
-  )
-  return (
-    f'{owner}: the Keras optimizer has no state for {name!r} (its '
-    f'variables are named after the paths {known[:6]}, "/" as "_"; '
-    'is the optimizer built, and is this the model it trains?).'
-  )
-
-
 class _Shown(str):
   """Text shown as it is in an argument list."""
 
@@ -132,9 +175,11 @@ class _Shown(str):
     return str(self)
 
 
-def _check_keras_step(owner, optimizer, param_map, tx, state, params, values):
-  """Raises unless ``tx`` continues the Keras optimizer's whole update (see
-  :func:`import_keras_state`)."""
+def _keras_reference(owner, optimizer, param_map, params):
+  """(make_ref(lr), the expression that builds it, the current learning
+  rate, gradient scales to probe at) for the Keras optimizer's whole update
+  (see :func:`import_keras_state`): its clip, its RMSprop step and its
+  weight decay with the exclusions."""
   import optax
 
   from rmsprop_jax import presets, transform
@@ -150,7 +195,6 @@ def _check_keras_step(owner, optimizer, param_map, tx, state, params, values):
         '(see presets.keras for where it goes); pass check=False to import '
         'the RMSprop moments alone.'
       )
-  count = int(np.asarray(optimizer.iterations.value))
   lr = float(np.asarray(optimizer.learning_rate))
   hyper: dict[str, Any] = dict(
     rho=float(optimizer.rho),
@@ -208,15 +252,4 @@ def _check_keras_step(owner, optimizer, param_map, tx, state, params, values):
   else:
     make_ref = lambda rate: optax.chain(clip, presets.keras(rate, **hyper))
     source = f'optax.chain({name}, {source})'
-  _state.check_next_step(
-    owner,
-    tx,
-    state,
-    make_ref,
-    lambda ref: _state.build_state(owner, ref, params, values, count),
-    params,
-    source,
-    lr,
-    count,
-    scales=scales,
-  )
+  return make_ref, source, lr, scales

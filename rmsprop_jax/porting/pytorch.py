@@ -151,29 +151,38 @@ def import_torch_state(
     tx: the matching preset (``presets.pytorch`` or ``presets.timm`` with
       the optimizer's hyperparameters; the learning rate may be a schedule,
       which continues from the imported step count).
-    params: the JAX parameters, as given to ``tx.init``.
+    params: the JAX parameters, as given to ``tx.init`` (or a Flax
+      ``nnx.State``: the state is then built for ``nnx.to_pure_dict`` of
+      it).
     check: verify that ``tx``'s next step from the imported state is the
       source optimizer's: each parameter group's hyperparameters (read from
       ``state_dict``: PyTorch's or timm's, told apart by timm's
-      ``lr_in_momentum`` key) build the reference preset with the group's
-      current learning rate, and both take one step on a probe gradient.
-      Pass ``False`` to continue with other hyperparameters on purpose.
+      ``lr_in_momentum`` key) build the reference preset, and both take one
+      step on probe gradients at random parameters; the updates must be the
+      same rule (at any positive learning rate: a loop may set the group's
+      ``lr`` before or after each step, so it is not compared, except with
+      timm's caution or corrected weight decay, which are not linear in it)
+      and the new moments the same. Pass ``False`` to continue with other
+      hyperparameters on purpose.
 
   Returns:
     A state with the structure, shapes and dtypes of ``tx.init(params)``.
 
   Raises:
     ValueError: with ``check``, if ``tx``'s next step differs from the
-      source's (another preset, another ``alpha``, weight decay, momentum
-      placement, or a schedule whose value at the imported step is not the
-      group's ``lr``); for a state of another optimizer (no ``square_avg``),
+      source's (another preset, another ``alpha``, ``eps``, weight decay,
+      momentum placement, a learning rate of 0, or with caution or
+      corrected weight decay a schedule whose value at the imported step is
+      not the group's ``lr``), naming the preset to build for each group;
+      for a state of another optimizer (no ``square_avg``),
       another variant (a momentum buffer or centered mean present in one and
       not the other), a parameter without state or missing from the map,
       or a shape that does not fit, naming the parameter.
   """
   owner = 'import_torch_state'
   groups = state_dict['param_groups']
-  lr_inside = _torch_lr_inside(groups)
+  lr_inside = _lr_inside(groups)
+  params = _tree.plain(params)
   by_index = {i: name for i, name in enumerate(names)}
   indices = [i for group in groups for i in group['params']]
   if len(indices) != len(names):
@@ -205,7 +214,7 @@ def import_torch_state(
     ):
       if key in entry:
         value = _tree.to_numpy(entry[key])
-        if field == 'trace' and lr_inside:  # optax's trace: the negative.
+        if field == 'trace' and lr_inside[i]:  # optax's: the negative.
           value = -value
         values[field, tuple(path)] = (value, perm, name)
     steps.add(int(float(entry['step'])))
@@ -215,7 +224,24 @@ def import_torch_state(
       f'different numbers of times ({sorted(steps)}).'
     )
   count = steps.pop() if steps else 0
-  state = _state.build_state(owner, tx, params, values, count)
+  sources = [_torch_hyperparameters(group) for group in groups]
+  described = [
+    f'presets.{kind}({", ".join(f"{k}={v!r}" for k, v in hyper.items())})'
+    for kind, hyper in sources
+  ]
+  if len(groups) > 1:
+    described = [
+      f'{source} for group {g} ({[by_index[i] for i in group["params"]]})'
+      for g, (source, group) in enumerate(zip(described, groups))
+    ]
+  state = _state.build_state(
+    owner,
+    tx,
+    params,
+    values,
+    count,
+    source=('; '.join(described) if check else None),
+  )
   if check:
     from rmsprop_jax import presets
 
@@ -225,8 +251,7 @@ def import_torch_state(
     build = lambda ref: _state.build_state(
       owner, ref, params, values, count, lenient=True
     )
-    for group in groups:
-      kind, hyper = _torch_hyperparameters(group)
+    for (kind, hyper), source, group in zip(sources, described, groups):
       make_ref = lambda lr, kind=kind, hyper=hyper: getattr(presets, kind)(
         **dict(hyper, lr=lr)
       )
@@ -238,7 +263,7 @@ def import_torch_state(
         make_ref,
         build,
         params,
-        f'presets.{kind}({_arguments(hyper)})',
+        source,
         hyper['lr'],
         count,
         members,
@@ -281,7 +306,7 @@ def export_torch_state(
       f"{owner}: the template is not an RMSprop optimizer's "
       f'state_dict (its groups hold {sorted(groups[0])}).'
     )
-  lr_inside = _torch_lr_inside(groups)
+  lr_inside = _lr_inside(groups)
   moments, count = _state.read_state(state)
   if 'nu' not in moments:
     raise ValueError(
@@ -326,7 +351,7 @@ def export_torch_state(
         if value is None:
           continue
         value = _tree.from_jax(value, perm)
-        if field == 'trace' and lr_inside:
+        if field == 'trace' and lr_inside[i]:
           value = -value
         old = template.get('state', {}).get(i, {}).get(key)
         if old is not None and tuple(old.shape) != value.shape:
@@ -346,10 +371,6 @@ def _to_torch(torch, value: np.ndarray):
   return torch.from_numpy(value)
 
 
-def _arguments(hyper) -> str:
-  return ', '.join(f'{k}={v!r}' for k, v in hyper.items())
-
-
 def _torch_hyperparameters(group) -> tuple[str, dict]:
   """(preset name, its arguments) reproducing a PyTorch or timm parameter
   group at its current learning rate."""
@@ -367,7 +388,8 @@ def _torch_hyperparameters(group) -> tuple[str, dict]:
     common,
     decoupled_decay=bool(group['decoupled_decay']),
     lr_in_momentum=bool(group['lr_in_momentum']),
-    caution=bool(group.get('caution', False)),
+    # timm ignores caution without momentum; presets.timm refuses it.
+    caution=bool(group.get('caution', False)) and common['momentum'] > 0,
   )
   if group.get('corrected_weight_decay') and hyper['decoupled_decay']:
     # timm decays by lr**2 / max_lr, max_lr the lr it was built with.
@@ -377,16 +399,14 @@ def _torch_hyperparameters(group) -> tuple[str, dict]:
   return 'timm', hyper
 
 
-def _torch_lr_inside(groups) -> bool:
-  """timm keeps the learning rate inside the buffer unless told otherwise;
-  PyTorch never does."""
-  flags = {bool(g.get('lr_in_momentum', False)) for g in groups}
-  if len(flags) > 1:
-    raise ValueError(
-      'the parameter groups place the learning rate '
-      'differently; port them one group at a time.'
-    )
-  return flags.pop()
+def _lr_inside(groups) -> dict:
+  """{parameter index: whether its group keeps the learning rate inside the
+  momentum buffer} (timm's default; PyTorch never does)."""
+  return {
+    i: bool(group.get('lr_in_momentum', False))
+    for group in groups
+    for i in group['params']
+  }
 
 
 def _torch_kernel_perm(ndim: int):

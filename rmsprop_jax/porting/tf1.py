@@ -24,6 +24,7 @@ def import_tf1_slots(
   global step the learning rate schedule continues from. TF1 keeps a
   ``momentum`` slot even for ``momentum=0``, where it holds no state: it is
   then ignored. Raises ``ValueError`` as :func:`import_torch_state`."""
+  params = _tree.plain(params)
   has_trace = _state.has_field(tx, params, 'trace')
   values = {}
   for name, (path, perm) in param_map.items():
