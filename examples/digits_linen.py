@@ -89,7 +89,7 @@ def train(rmsprop, data, epochs, seed, bar, log=None):
     history.append(np.mean(losses))
     if log is not None:
       eff = rmsprop_jax.effective_learning_rate(
-        state.opt_state, schedule(state.step), eps=EPS
+        state.opt_state, schedule(state.step), eps=EPS, eps_in_sqrt=True
       )
       summary = rmsprop_jax.diagnostics.summarize(eff)
       eff_median.append({k: float(v['median']) for k, v in summary.items()})
@@ -139,11 +139,13 @@ def main(argv=None):
   print(f'rmsprop_jax and optax.rmsprop losses identical: {same}')
 
   plt = pyplot()
+  from matplotlib.ticker import MaxNLocator
+
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   epochs_axis = np.arange(1, epochs + 1)
-  for (name, (hist, _, te, _)), style in zip(results.items(), ['-', '--']):
+  for (name, (hist, _, te, _)), style in zip(results.items(), ['o-', 'x--']):
     axes[0].semilogy(
-      epochs_axis, hist, style, label=f'{name} (test acc {te:.3f})'
+      epochs_axis, hist, style, ms=4, label=f'{name} (test acc {te:.3f})'
     )
   axes[0].set(
     xlabel='epoch',
@@ -151,7 +153,9 @@ def main(argv=None):
     title='CNN on scikit-learn digits (Flax Linen TrainState)',
   )
   for layer in ours[3][0]:
-    axes[1].semilogy(epochs_axis, [e[layer] for e in ours[3]], label=layer)
+    axes[1].semilogy(
+      epochs_axis, [e[layer] for e in ours[3]], 'o-', ms=4, label=layer
+    )
   axes[1].set(
     xlabel='epoch',
     ylabel='median effective learning rate (log)',
@@ -159,6 +163,7 @@ def main(argv=None):
     'median over each layer, at the end of each epoch',
   )
   for ax in axes:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Whole epochs.
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(fontsize=8)
   save_figure(fig, args.out / 'digits_linen.png')

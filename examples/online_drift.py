@@ -80,7 +80,9 @@ def make_run(make_tx, eff_lr, bar=None):
 OPTIMIZERS = {
   'RMSprop (decay 0.99)': (
     lambda lr: rmsprop_jax.rmsprop(lr, decay=0.99, eps=1e-8),
-    lambda s, lr: rmsprop_jax.effective_learning_rate(s, lr, eps=1e-8),
+    lambda s, lr: rmsprop_jax.effective_learning_rate(
+      s, lr, eps=1e-8, eps_in_sqrt=True
+    ),
   ),
   'AdaGrad': (
     lambda lr: optax.adagrad(lr, initial_accumulator_value=0.0, eps=1e-8),

@@ -122,41 +122,61 @@ def demo1() -> Run:
   return r
 
 
-def demo2() -> tuple[Run, Run]:
+# Demo 2's rates: RMSprop's and the classic demo's SGD, and SGD's just under
+# and just over its stability bound 2 / 200 (the steep x's curvature is 200).
+DEMO2_LR_RMSPROP, DEMO2_LR_SGD = 0.1, 0.001
+DEMO2_LR_SGD_TUNED, DEMO2_LR_SGD_UNSTABLE = 0.009, 0.0101
+
+
+def demo2() -> tuple[Run, Run, Run]:
+  """RMSprop against SGD on the ravine: (RMSprop, SGD at the classic demo's
+  rate, SGD just under its stability bound), their first 100 steps."""
   _rule()
   print('RMSprop vs SGD on Ill-Conditioned Problem')
   _rule()
   print('Minimizing f(x, y) = 100x² + y²\n')
   # One long run each: the classic table shows its first 100 steps, and the
   # rest tells how long each optimizer needs to get below f = 1.
-  x0, steps, horizon, lr_sgd = [10.0, 10.0], 100, 5000, 0.001
-  rms_long = run(presets.hinton2012(learning_rate=0.1), ravine, x0, horizon)
-  sgd_long = run(optax.sgd(lr_sgd), ravine, x0, horizon)
-  rms, sgd = (_first_steps(r, steps) for r in (rms_long, sgd_long))
+  x0, steps, horizon = [10.0, 10.0], 100, 5000
+  longs = {
+    'RMSprop': run(
+      presets.hinton2012(learning_rate=DEMO2_LR_RMSPROP), ravine, x0, horizon
+    ),
+    'SGD': run(optax.sgd(DEMO2_LR_SGD), ravine, x0, horizon),
+    'tuned SGD': run(optax.sgd(DEMO2_LR_SGD_TUNED), ravine, x0, horizon),
+  }
+  unstable = run(optax.sgd(DEMO2_LR_SGD_UNSTABLE), ravine, x0, steps)
+  rms, sgd, tuned = (_first_steps(r, steps) for r in longs.values())
   print(ROW_NOTE)
   print(f'{"Iteration":<12} {"RMSprop f(x,y)":<20} {"SGD f(x,y)":<20}')
   print('-' * 60)
   for i in range(0, steps, 20):
     print(f'{i:<12} {rms.loss[i + 1]:<20.6f} {sgd.loss[i + 1]:<20.6f}')
   print()
-  first_below = {
-    name: int(np.argmax(r.loss < 1.0)) if (r.loss < 1.0).any() else None
-    for name, r in [('RMSprop', rms_long), ('SGD', sgd_long)]
-  }
   when = {
-    k: f'step {v}' if v is not None else f'more than {horizon} steps'
-    for k, v in first_below.items()
+    name: (
+      f'{int(np.argmax(r.loss < 1.0))} steps'
+      if (r.loss < 1.0).any()
+      else f'more than {horizon} steps'
+    )
+    for name, r in longs.items()
   }
-  lead = 'SGD' if sgd.loss[-1] < rms.loss[-1] else 'RMSprop'
   print(
-    f'Conclusion: at step {steps} {lead} is ahead (f = {sgd.loss[-1]:.4g} '
-    f"for SGD, {rms.loss[-1]:.4g} for RMSprop), but SGD's learning rate "
-    f'must stay below 2/200 = 0.01 for the steep x, so its shallow y '
-    f'crawls ({x0[1]:.0f} -> {sgd.params[-1, 1]:.3g}); RMSprop moves x and '
-    f'y alike ({x0[1]:.0f} -> {rms.params[-1, 1]:.3g}). Reaching f < 1 '
-    f'takes RMSprop {when["RMSprop"]}, SGD {when["SGD"]}.\n'
+    f'Conclusion: reaching f < 1 takes RMSprop (lr {DEMO2_LR_RMSPROP}) '
+    f"{when['RMSprop']} and SGD at the classic demo's lr {DEMO2_LR_SGD} "
+    f"{when['SGD']}. That SGD rate is ten times under SGD's limit: the "
+    'steep x (curvature 200) makes any lr above 2/200 = 0.01 diverge (at '
+    f'lr {DEMO2_LR_SGD_UNSTABLE}, f grows from {unstable.loss[0]:.0f} to '
+    f'{unstable.loss[-1]:.4g} in {steps} steps), and at 0.001 the shallow y '
+    f'crawls ({x0[1]:.0f} -> {sgd.params[-1, 1]:.3g} in {steps} steps). '
+    f'Just under the limit, at lr {DEMO2_LR_SGD_TUNED}, SGD takes '
+    f'{when["tuned SGD"]}, about as many as RMSprop: on this ravine, '
+    'gradient descent with its rate tuned to the steepest direction is as '
+    "fast. RMSprop's rate needed no such tuning: it divides each "
+    "coordinate's step by that coordinate's own gradient scale, so its lr "
+    'is a step size, whatever the curvature.\n'
   )
-  return rms, sgd
+  return rms, sgd, tuned
 
 
 def demo3() -> tuple[Run, Run]:
@@ -298,7 +318,7 @@ def demo4() -> dict[str, Run]:
 def plot(
   out: pathlib.Path,
   d1: Run,
-  d2: tuple[Run, Run],
+  d2: tuple[Run, Run, Run],
   d3: tuple[Run, Run],
   d4: dict[str, Run] | None = None,
 ) -> list[pathlib.Path]:
@@ -318,6 +338,10 @@ def plot(
     plt.close(fig)
 
   colors = {'RMSprop': 'tab:blue', 'SGD': 'tab:orange', 'AdaGrad': 'tab:green'}
+  tuned = f'SGD (lr {DEMO2_LR_SGD_TUNED})'
+  color = lambda label: (
+    'tab:red' if label == tuned else colors[label.split()[0]]
+  )
 
   # 1. Trajectories over the loss contours.
   fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
@@ -333,7 +357,11 @@ def plot(
     (
       axes[1],
       100 * gx**2 + gy**2,
-      {'RMSprop (lr 0.1)': d2[0], 'SGD (lr 0.001)': d2[1]},
+      {  # The zigzag of the faster SGD first, the slow one over it.
+        f'RMSprop (lr {DEMO2_LR_RMSPROP})': d2[0],
+        f'SGD (lr {DEMO2_LR_SGD_TUNED})': d2[2],
+        f'SGD (lr {DEMO2_LR_SGD})': d2[1],
+      },
       'Demo 2: f(x, y) = 100x² + y² (condition number 100)',
     ),
   ]
@@ -349,7 +377,7 @@ def plot(
     )
     ax.clabel(cs, cs.levels[::3], fmt='%.3g', fontsize=7)
     for label, r in runs.items():
-      c = colors[label.split()[0]]
+      c = color(label)
       ax.plot(
         r.params[:, 0],
         r.params[:, 1],
@@ -372,7 +400,11 @@ def plot(
     (axes[0], {'RMSprop': d1}, 'Demo 1: x² + y²', 'f(x, y)'),
     (
       axes[1],
-      {'RMSprop': d2[0], 'SGD': d2[1]},
+      {
+        f'RMSprop (lr {DEMO2_LR_RMSPROP})': d2[0],
+        f'SGD (lr {DEMO2_LR_SGD})': d2[1],
+        f'SGD (lr {DEMO2_LR_SGD_TUNED})': d2[2],
+      },
       'Demo 2: 100x² + y²',
       'f(x, y)',
     ),
@@ -382,7 +414,7 @@ def plot(
     for label, r in runs.items():
       # No floor: every value is drawn as it is (a zero would leave a gap).
       ax.semilogy(
-        np.where(r.loss > 0, r.loss, np.nan), color=colors[label], label=label
+        np.where(r.loss > 0, r.loss, np.nan), color=color(label), label=label
       )
     ax.set(title=title, xlabel='step', ylabel=f'{ylabel} (log scale)')
     ax.grid(True, which='both', alpha=0.3)
@@ -432,7 +464,19 @@ def plot(
     xlabel='step',
     ylabel='effective learning rate (log scale)',
   )
-  axes[0].grid(True, which='both', alpha=0.3)
+  # Labelled ticks down to AdaGrad's level, and its final value written out.
+  ticks = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+  axes[0].set_yticks(ticks, [f'{t:g}' for t in ticks])
+  axes[0].minorticks_off()
+  axes[0].set_ylim(0.01, 10)
+  axes[0].annotate(
+    f'AdaGrad ends at {ada.extra[-1]:.3f}',
+    xy=(steps[-1], ada.extra[-1]),
+    xytext=(steps[-1] * 0.55, ada.extra[-1] * 0.68),
+    fontsize=8,
+    color=colors['AdaGrad'],
+  )
+  axes[0].grid(True, which='major', alpha=0.3)
   axes[0].legend(fontsize=8)
   for label, r in [('RMSprop', rms), ('AdaGrad', ada)]:
     axes[1].plot(r.params[:, 0], color=colors[label], label=label)

@@ -54,8 +54,8 @@ def effective_learning_rate(
   state: Any,
   learning_rate: jax.typing.ArrayLike,
   *,
-  eps: jax.typing.ArrayLike = 1e-8,
-  eps_in_sqrt: bool = True,
+  eps: jax.typing.ArrayLike,
+  eps_in_sqrt: bool,
   decay: jax.typing.ArrayLike | None = None,
   clamp_variance: bool = True,
   bias_correction: bool | None = None,
@@ -71,9 +71,13 @@ def effective_learning_rate(
 
   Reads the second moment (and, for centered RMSprop, the mean) from
   ``state``: the state of :func:`rmsprop_jax.rmsprop`, of a preset, of the
-  building blocks, or of any chain or wrapper holding one of those. Pass the
-  same ``eps`` and ``eps_in_sqrt`` the transformation was built with (the
-  state does not record them). Centering is read from the state.
+  building blocks, or of any chain or wrapper holding one of those. The
+  state does not record ``eps``, its placement or whether the moments are
+  bias-corrected, and a wrong guess gives other numbers without a sign, so
+  they are required: pass the ones the transformation was built with (for
+  a preset, the framework's: ``presets.pytorch`` has ``eps_in_sqrt=False``,
+  ``keras``, ``tf1`` and ``timm`` ``True``). Centering is read from the
+  state.
 
   The value is the step the next update takes per unit of gradient, before
   momentum: it ignores the gradient of the next step itself (as the classic demos'
@@ -83,15 +87,16 @@ def effective_learning_rate(
     state: an optimizer state containing one of the moment states.
     learning_rate: :math:`\eta`, a scalar (for a schedule, pass its value at
       the step of interest).
-    eps: the transformation's :math:`\epsilon`.
-    eps_in_sqrt: the transformation's epsilon placement.
-    decay: the transformation's decay; needed only when the state has a step
-      count (``bias_correction=True``), to bias-correct the moments.
+    eps: the transformation's :math:`\epsilon` (keyword, required).
+    eps_in_sqrt: the transformation's epsilon placement (keyword,
+      required).
+    decay: the transformation's decay; needed only with
+      ``bias_correction=True``, to bias-correct the moments.
     clamp_variance: as the transformation's (centered only).
-    bias_correction: whether the transformation bias-corrects. ``None``: if
-      the state has a step count, which ``bias_correction=True`` adds, but
-      so do stochastic rounding and the 8-bit ``nu``: for those, pass
-      ``False``.
+    bias_correction: whether the transformation bias-corrects; required
+      (``True`` or ``False``) where the state has a step count, which
+      ``bias_correction=True`` adds, and so do stochastic rounding and the
+      8-bit ``nu``. ``None`` (the default) where it has none.
     params: the parameters; needed only for an 8-bit state that
       ``flax.nnx.Optimizer`` wrote back (see
       :func:`rmsprop_jax.unpack_state <rmsprop_jax.packing.unpack_state>`).
@@ -101,38 +106,51 @@ def effective_learning_rate(
     Works under ``jax.jit``.
 
   Raises:
-    ValueError: if ``state`` holds no RMSprop moment state, or if it has a
-      step count and neither ``decay`` nor ``bias_correction=False`` is
-      given.
+    TypeError: without ``eps`` or ``eps_in_sqrt``.
+    ValueError: if ``state`` holds no RMSprop moment state; if it has a
+      step count and ``bias_correction`` is not given, or no count and
+      ``bias_correction=True``; with ``bias_correction=True`` and no
+      ``decay``.
 
   Examples:
     >>> import jax.numpy as jnp, rmsprop_jax
-    >>> tx = rmsprop_jax.rmsprop(0.01)
+    >>> tx = rmsprop_jax.rmsprop(0.01, eps=1e-8)  # optax's eps_in_sqrt=True
     >>> params = {'w': jnp.zeros(2)}
     >>> state = tx.init(params)
     >>> _, state = tx.update({'w': jnp.array([0.5, -4.0])}, state, params)
     >>> # 0.01 / sqrt(0.1 g^2): large gradients get small steps.
-    >>> rmsprop_jax.effective_learning_rate(state, 0.01)['w']
+    >>> eff = rmsprop_jax.effective_learning_rate(
+    ...     state, 0.01, eps=1e-8, eps_in_sqrt=True)
+    >>> eff['w']
     Array([0.06324553, 0.00790569], dtype=float32)
   """
   moments = _moment_state(packing.unpack_state(state, params))
   nu = moments.nu
   mu = getattr(moments, 'mu', None)
-  if bias_correction is None:
-    bias_correction = isinstance(
-      moments,
-      (
-        transform.ScaleByRmsWithCountState,
-        transform.ScaleByRStdDevWithCountState,
-      ),
+  counted = isinstance(
+    moments,
+    (
+      transform.ScaleByRmsWithCountState,
+      transform.ScaleByRStdDevWithCountState,
+    ),
+  )
+  if counted and bias_correction is None:
+    raise ValueError(
+      'effective_learning_rate: the state has a step count, which '
+      'bias_correction=True adds, and so do stochastic rounding and the '
+      "8-bit nu: pass the transformation's bias_correction (True, with its "
+      '`decay`, or False).'
+    )
+  if bias_correction and not counted:
+    raise ValueError(
+      'effective_learning_rate: bias_correction=True, but the state has no '
+      'step count: the transformation does not bias-correct.'
     )
   if bias_correction:
     if decay is None:
       raise ValueError(
-        'effective_learning_rate: the state has a step count, as with '
-        'bias_correction=True: pass the `decay` it uses (or '
-        'bias_correction=False if the count is there for stochastic '
-        'rounding or the 8-bit nu).'
+        'effective_learning_rate: bias_correction=True needs the `decay` '
+        'the transformation uses.'
       )
     # As the transformation: divide by 1 - decay**count (nothing to correct
     # before the first update, when count is 0).

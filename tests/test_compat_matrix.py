@@ -728,7 +728,7 @@ def test_case1_nnx_optimizer_with_8bit_state(jit):
   # The diagnostics read the optimizer's own state, with or without the
   # parameters.
   eff = lambda state, **kw: rmsprop_jax.effective_learning_rate(
-    state, 1e-3, bias_correction=False, **kw
+    state, 1e-3, eps=1e-8, eps_in_sqrt=True, bias_correction=False, **kw
   )
   for kwargs in ({}, {'params': nnx.state(model, nnx.Param)}):
     assert_same_leaves(
@@ -762,7 +762,9 @@ def test_8bit_moment_rebuilt_as_a_mapping():
   with pytest.raises(ValueError, match='pass the parameters'):
     rmsprop_jax.unpack_state(state)
   with pytest.raises(ValueError, match='pass the parameters'):
-    rmsprop_jax.effective_learning_rate(state, 1e-2, bias_correction=False)
+    rmsprop_jax.effective_learning_rate(
+      state, 1e-2, eps=1e-8, eps_in_sqrt=True, bias_correction=False
+    )
 
 
 def test_case2_donating_a_fresh_injected_state():

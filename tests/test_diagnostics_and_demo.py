@@ -47,11 +47,15 @@ def test_effective_learning_rate_centered_bias_corrected_by_hand():
   c = 1 - 0.5**2
   expected = 0.2 / np.sqrt(np.maximum(nu / c - (mu / c) ** 2, 0) + 1e-2)
   got = jax.jit(
-    lambda s: diagnostics.effective_learning_rate(s, 0.2, eps=1e-2, decay=0.5)
+    lambda s: diagnostics.effective_learning_rate(
+      s, 0.2, eps=1e-2, eps_in_sqrt=True, bias_correction=True, decay=0.5
+    )
   )(state)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
   with pytest.raises(ValueError, match='decay'):
-    diagnostics.effective_learning_rate(state, 0.2)
+    diagnostics.effective_learning_rate(
+      state, 0.2, eps=1e-2, eps_in_sqrt=True, bias_correction=True
+    )
 
 
 def test_effective_learning_rate_is_the_step_per_unit_gradient():
@@ -169,3 +173,75 @@ def test_demo4_runs_each_framework_and_says_how_far_apart(capsys):
     demo.CONVENTIONS_STEPS,
   )
   np.testing.assert_array_equal(runs['PyTorch'].params, by_hand.params)
+
+
+def _gd_steps_to_below_one(lr, x0=10.0, y0=10.0, limit=5000):
+  """Plain gradient descent on 100 x**2 + y**2 in closed form: x and y
+  shrink by (1 - 200 lr) and (1 - 2 lr) a step."""
+  t = np.arange(limit + 1)
+  f = 100 * (x0 * (1 - 200 * lr) ** t) ** 2 + (y0 * (1 - 2 * lr) ** t) ** 2
+  return int(np.argmax(f < 1.0)) if (f < 1.0).any() else None
+
+
+def test_demo2_conclusion_compares_what_it_says(capsys):
+  """Demo 2 states SGD's rates and step counts, and its reason holds: the
+  classic rate is ten times under the stability bound 2/200, a rate just
+  over it diverges, and one just under it is about as fast as RMSprop."""
+  from rmsprop_jax import demo
+
+  demo.demo2()
+  out = capsys.readouterr().out
+  conclusion = out[out.index('Conclusion:') :]
+  for lr in (demo.DEMO2_LR_SGD, demo.DEMO2_LR_SGD_TUNED):
+    steps = _gd_steps_to_below_one(lr)
+    assert f'lr {lr}' in conclusion and f'{steps} steps' in conclusion
+  assert demo.DEMO2_LR_SGD * 10 == pytest.approx(2 / 200)
+  assert abs(1 - 200 * demo.DEMO2_LR_SGD_UNSTABLE) > 1  # Diverges.
+  assert abs(1 - 200 * demo.DEMO2_LR_SGD_TUNED) < 1  # Converges.
+  rms = demo.run(
+    rmsprop_jax.presets.hinton2012(learning_rate=demo.DEMO2_LR_RMSPROP),
+    demo.ravine,
+    [10.0, 10.0],
+    1000,
+  )
+  rms_steps = int(np.argmax(rms.loss < 1.0))
+  assert rms.loss[rms_steps] < 1.0 and f'{rms_steps} steps' in conclusion
+  assert abs(_gd_steps_to_below_one(demo.DEMO2_LR_SGD_TUNED) - rms_steps) < 20
+
+
+def test_effective_learning_rate_requires_what_the_state_does_not_hold():
+  """The state does not record eps, its placement or bias correction; a
+  guess gave other numbers silently (0.0316 for 0.0224), so they are
+  required, and the answer is each transformation's step per unit
+  gradient."""
+  params = {'w': jnp.zeros(3)}
+  g = {'w': jnp.array([0.5, -4.0, 1e-3])}
+  cases = [
+    (rmsprop_jax.presets.keras(1e-2, epsilon=1e-3), 1e-3, True, None),
+    (rmsprop_jax.presets.pytorch(1e-2, eps=1e-3), 1e-3, False, None),
+    (
+      rmsprop_jax.rmsprop(
+        1e-2, eps=1e-3, nu_dtype=jnp.bfloat16, stochastic_rounding=True
+      ),
+      1e-3,
+      True,
+      False,
+    ),
+  ]
+  for tx, eps, inside, bias_correction in cases:
+    updates, state = tx.update(g, tx.init(params), params)
+    with pytest.raises(TypeError, match='eps'):
+      diagnostics.effective_learning_rate(state, 1e-2)
+    if bias_correction is not None:
+      with pytest.raises(ValueError, match='bias_correction'):
+        diagnostics.effective_learning_rate(
+          state, 1e-2, eps=eps, eps_in_sqrt=inside
+        )
+    eff = diagnostics.effective_learning_rate(
+      state, 1e-2, eps=eps, eps_in_sqrt=inside, bias_correction=bias_correction
+    )
+    np.testing.assert_allclose(
+      eff['w'],
+      -updates['w'] / g['w'],
+      rtol=1e-2 if bias_correction is False else 1e-6,
+    )

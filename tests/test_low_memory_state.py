@@ -300,9 +300,13 @@ def test_8bit_centered_momentum_vmap_and_effective_lr():
   mu = optax.tree.get(rmsprop_jax.unpack_state(state), 'mu')
   assert mu['w1'].dtype == jnp.float32 and mu['w1'].shape == (3, 64, 300)
   _, single = _steps(rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8), steps=2)
-  with pytest.raises(ValueError, match='bias_correction=False'):
-    rmsprop_jax.effective_learning_rate(single, 1e-2)
-  eff = rmsprop_jax.effective_learning_rate(single, 1e-2, bias_correction=False)
+  with pytest.raises(ValueError, match='bias_correction'):
+    rmsprop_jax.effective_learning_rate(
+      single, 1e-2, eps=1e-8, eps_in_sqrt=True
+    )
+  eff = rmsprop_jax.effective_learning_rate(
+    single, 1e-2, eps=1e-8, eps_in_sqrt=True, bias_correction=False
+  )
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(eff))
 
 

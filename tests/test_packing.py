@@ -226,7 +226,9 @@ def test_effective_learning_rate_reads_packed_state():
       params,
       grad_seq(2),
     )
-    out[packed] = rmsprop_jax.effective_learning_rate(state, 0.05)
+    out[packed] = rmsprop_jax.effective_learning_rate(
+      state, 0.05, eps=1e-8, eps_in_sqrt=True
+    )
   assert_trees_equal(out[True], out[False])
 
 

@@ -348,7 +348,12 @@ def test_centered_bias_corrected_first_step_is_finite(dtype, eps_in_sqrt):
   u, state = tx.update(grads, tx.init(params), params)
   assert _all_finite(u)
   eff = rmsprop_jax.effective_learning_rate(
-    state, 1e-4, eps=1e-2, eps_in_sqrt=eps_in_sqrt, decay=0.9
+    state,
+    1e-4,
+    eps=1e-2,
+    eps_in_sqrt=eps_in_sqrt,
+    bias_correction=True,
+    decay=0.9,
   )
   assert _all_finite(eff)
 
