@@ -146,7 +146,7 @@ def main(argv=None):
   )
 
   plt = pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
   for name, r in results.items():
     curves = r['losses'][r['best']]
     window = max(steps // 100, 1)
@@ -172,7 +172,8 @@ def main(argv=None):
   for ax in axes:
     ax.axhline(BASELINE, color='grey', ls=':', label='always answer 1')
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
+    # Below the axes: inside, it covered the baseline.
+    ax.legend(fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.16))
   axes[0].set(
     xlabel='training step',
     ylabel='MSE (moving average, log)',

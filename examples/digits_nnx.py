@@ -99,11 +99,18 @@ def main(argv=None):
   print(f'rmsprop_jax and optax.rmsprop losses identical: {same}')
 
   plt = pyplot()
+  from matplotlib.ticker import MaxNLocator
+
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for (name, (hist, _, te)), style in zip(results.items(), ['-', '--', '-']):
+  for (name, (hist, _, te)), style in zip(results.items(), ['o-', 'x--', 's-']):
     ax.semilogy(
-      np.arange(1, epochs + 1), hist, style, label=f'{name} (test acc {te:.3f})'
+      np.arange(1, epochs + 1),
+      hist,
+      style,
+      ms=4,
+      label=f'{name} (test acc {te:.3f})',
     )
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Whole epochs.
   ax.set(
     xlabel='epoch',
     ylabel='training loss (log scale)',
