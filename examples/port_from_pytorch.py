@@ -8,9 +8,11 @@ network trained with
 ``rmsprop_jax.presets.pytorch``, through ``rmsprop_jax.porting``, and
 training continues in JAX. Three continuations are drawn: PyTorch
 uninterrupted, JAX with the imported state (the curves overlap), and JAX
-with the optimizer state reset to zero but the schedule kept (the loss
-jumps: the first steps after a reset are about ``1/sqrt(1 - alpha)`` = 10
-times too large). Needs PyTorch (``pip install torch``).
+with the optimizer state reset to zero but the schedule kept: the first
+steps after a reset are about ``1/sqrt(1 - alpha)`` = 10 times larger, so
+the losses right after the move rise above PyTorch's; what follows is
+another run, which may end higher or lower than PyTorch's, not a
+continuation of it. Needs PyTorch (``pip install torch``).
 
     python examples/port_from_pytorch.py [--quick] [--out DIR] [--seed N]
 """
