@@ -31,9 +31,13 @@ def quick_results(tmp_path_factory):
 
   def get(suite):
     if suite not in results:
-      # The convergence suite on one problem: every method, every output.
-      # test_every_convergence_problem_trains covers the other problems.
-      extra = ['--problems', 'quadratic'] if suite == 'convergence' else []
+      # The convergence and low-memory suites on one problem each: every
+      # method and state, every output. test_every_convergence_problem_trains
+      # and test_every_low_memory_problem_trains cover the other problems.
+      extra = {
+        'convergence': ['--problems', 'quadratic'],
+        'low_memory': ['--low-memory-problems', 'digits_mlp'],
+      }.get(suite, [])
       results[suite] = main(
         ['--quick', '--suites', suite, '--out', str(out)] + extra
       )[suite]
@@ -138,6 +142,28 @@ def test_every_convergence_problem_trains(name):
   )
   assert losses.shape == (1, 1, problem.quick_steps // problem.record_every)
   assert np.isfinite(losses).all() and losses[0, 0, -1] < losses[0, 0, 0]
+
+
+@pytest.mark.parametrize('name', ['adding_gru', 'char_transformer'])
+def test_every_low_memory_problem_trains(name):
+  """The low-memory study's problems the quick run leaves out, with the
+  8-bit state (the one whose code differs most from float32's) for two
+  evaluations' worth of steps: finite held-out metrics."""
+  import jax.numpy as jnp
+
+  from benchmarks import low_memory
+
+  problem = low_memory.PROBLEMS[name]()
+  metrics = low_memory.train(
+    problem,
+    {'nu_dtype': jnp.uint8},
+    [problem.lrs[0]],
+    np.arange(1),
+    2 * low_memory.RECORDS,
+  )
+  assert metrics and all(
+    v.shape == (1, 1) and np.isfinite(v).all() for v in metrics.values()
+  )
 
 
 def test_convergence_grid_cell_equals_a_plain_optax_run():
