@@ -41,14 +41,25 @@ collect_ignore = ['_multiprocess_worker.py']
 
 
 def pytest_configure(config):
-  """Draws the run's Hypothesis seed, unless ``--hypothesis-seed`` gave it."""
+  """Draws the run's Hypothesis seed, unless ``--hypothesis-seed`` gave it;
+  a pytest-xdist worker takes the controller's, so that the seed printed
+  reruns every worker's examples."""
   seed = config.getoption('--hypothesis-seed', default=None)
+  workerinput = getattr(config, 'workerinput', {})
+  if seed is None:
+    seed = workerinput.get('hypothesis_seed')
   seed = int(seed) if seed is not None else secrets.randbits(32)
   hypothesis_core.global_force_seed = seed
   config.stash[_SEED] = seed
 
 
 _SEED = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+  """pytest-xdist: each worker draws the controller's Hypothesis seed."""
+  node.workerinput['hypothesis_seed'] = node.config.stash[_SEED]
 
 
 def _seed_line(config) -> str:
