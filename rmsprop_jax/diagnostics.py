@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import packing, transform
+from rmsprop_jax import _validation, packing, transform
 
 _MOMENT_STATES = (
   transform.ScaleByRmsState,
@@ -46,6 +46,13 @@ def _moment_state(state: Any):
       'effective_learning_rate: no rmsprop_jax second-moment state '
       '(ScaleByRmsState or ScaleByRStdDevState, or their WithCount '
       'variants) was found in the given state.'
+    )
+  if len(found) > 1:
+    raise ValueError(
+      f'effective_learning_rate: the state holds {len(found)} RMSprop '
+      'moment states (a chain of two, or optax.multi_transform with two '
+      'RMSprop branches): pass the one you mean, e.g. state[1] of a chain '
+      "or state.inner_states['label'] of multi_transform."
     )
   return found[0]
 
@@ -106,8 +113,13 @@ def effective_learning_rate(
     Works under ``jax.jit``.
 
   Raises:
-    TypeError: without ``eps`` or ``eps_in_sqrt``.
-    ValueError: if ``state`` holds no RMSprop moment state; if it has a
+    TypeError: without ``eps`` or ``eps_in_sqrt``; for an ``eps_in_sqrt``
+      or ``bias_correction`` that is not a bool, or a ``learning_rate``
+      that is not a real scalar.
+    ValueError: if ``state`` holds no RMSprop moment state, or several (a
+      chain of two: pass the one you mean); for a schedule as
+      ``learning_rate`` (pass its value); for a negative ``eps``; for
+      ``decay`` without ``bias_correction=True``; if it has a
       step count and ``bias_correction`` is not given, or no count and
       ``bias_correction=True``; with ``bias_correction=True`` and no
       ``decay``.
@@ -124,6 +136,18 @@ def effective_learning_rate(
     >>> eff['w']
     Array([0.06324553, 0.00790569], dtype=float32)
   """
+  owner = 'effective_learning_rate'
+  _validation.check_bool(owner, eps_in_sqrt=eps_in_sqrt)
+  _validation.check_type(owner, 'learning_rate', learning_rate)
+  _validation.check_type(owner, 'eps', eps)
+  _validation.check_non_negative(owner, 'eps', eps)
+  if bias_correction is not None:
+    _validation.check_bool(owner, bias_correction=bias_correction)
+  if decay is not None and not bias_correction:
+    raise ValueError(
+      f'{owner}: decay is read only with bias_correction=True (it '
+      'bias-corrects the moments).'
+    )
   moments = _moment_state(packing.unpack_state(state, params))
   nu = moments.nu
   mu = getattr(moments, 'mu', None)

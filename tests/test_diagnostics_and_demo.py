@@ -1,8 +1,11 @@
 """``effective_learning_rate`` against hand computations; the demo command."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import rmsprop_jax
@@ -245,3 +248,31 @@ def test_effective_learning_rate_requires_what_the_state_does_not_hold():
       -updates['w'] / g['w'],
       rtol=1e-2 if bias_correction is False else 1e-6,
     )
+
+
+def test_effective_learning_rate_refuses_what_would_be_a_wrong_number():
+  params = {'w': jnp.zeros(2)}
+  g = {'w': jnp.array([0.5, -4.0])}
+  tx = rmsprop_jax.rmsprop(1e-2, eps=0.1)
+  _, state = tx.update(g, tx.init(params), params)
+  eff = functools.partial(diagnostics.effective_learning_rate, state, 1e-2)
+  with pytest.raises(TypeError, match='eps_in_sqrt'):
+    eff(eps=0.1, eps_in_sqrt=None)
+  with pytest.raises(ValueError, match='eps'):
+    eff(eps=-0.1, eps_in_sqrt=True)
+  with pytest.raises(ValueError, match='decay is read only'):
+    eff(eps=0.1, eps_in_sqrt=True, decay=0.9)
+  with pytest.raises(ValueError, match='learning_rate'):
+    diagnostics.effective_learning_rate(
+      state, lambda count: 1e-2, eps=0.1, eps_in_sqrt=True
+    )
+  chained = optax.chain(tx, rmsprop_jax.rmsprop(1.0))
+  _, two = chained.update(g, chained.init(params), params)
+  with pytest.raises(ValueError, match='2 RMSprop moment states'):
+    diagnostics.effective_learning_rate(two, 1e-2, eps=0.1, eps_in_sqrt=True)
+  np.testing.assert_allclose(
+    diagnostics.effective_learning_rate(
+      two[0], 1e-2, eps=0.1, eps_in_sqrt=True
+    )['w'],
+    eff(eps=0.1, eps_in_sqrt=True)['w'],
+  )
