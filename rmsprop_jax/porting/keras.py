@@ -48,7 +48,8 @@ def import_keras_state(
   _check_keras_rmsprop(owner, optimizer)
   params = _tree.plain(params)
   values = {}
-  for name, slots in _keras_slots(owner, optimizer, param_map).items():
+  indices = _keras_indices(owner, optimizer, param_map)
+  for name, slots in _keras_slots(optimizer, indices).items():
     path, perm = param_map[name]
     for field, slot in _FIELDS:
       if slot in slots:  # Keras' momentum is the step taken: lr inside.
@@ -62,7 +63,7 @@ def import_keras_state(
   if not check:
     return _state.build_state(owner, tx, params, values, count)
   make_ref, source, lr, scales = _keras_reference(
-    owner, optimizer, param_map, params
+    owner, optimizer, param_map, params, indices
   )
   state = _state.build_state(owner, tx, params, values, count, source=source)
   _state.check_next_step(
@@ -92,7 +93,8 @@ def export_keras_state(
   _check_keras_rmsprop(owner, optimizer)
   moments, count = _state.read_state(state)
   count = _state.step(owner, count, step)
-  for name, slots in _keras_slots(owner, optimizer, param_map).items():
+  indices = _keras_indices(owner, optimizer, param_map)
+  for name, slots in _keras_slots(optimizer, indices).items():
     path, perm = param_map[name]
     for field, slot in _FIELDS:
       if (field in moments) != (slot in slots):
@@ -113,19 +115,18 @@ _FIELDS = (
 )
 
 
-def _keras_slots(owner, optimizer, param_map) -> dict:
-  """{param_map name: {slot: Keras variable}}, each name matched to the
-  model variable with that path (or, failing that, the one whose path with
-  "/" as "_" is the name's), and its slots taken by the optimizer's own
-  index of it, as Keras' update does. Two variables whose paths read the
-  same with "/" as "_" are told apart by their exact paths."""
+def _keras_indices(owner, optimizer, param_map) -> dict[str, int]:
+  """{param_map name: the optimizer's index of its variable}, each name
+  matched to the model variable with that path (or, failing that, the one
+  whose path with "/" as "_" is the name's). Two variables whose paths read
+  the same with "/" as "_" are told apart by their exact paths."""
   variables = list(getattr(optimizer, '_trainable_variables', None) or [])
   exact: dict[str, list[int]] = {}
   loose: dict[str, list[int]] = {}
   for i, variable in enumerate(variables):
     exact.setdefault(variable.path, []).append(i)
     loose.setdefault(variable.path.replace('/', '_'), []).append(i)
-  out: dict[str, dict] = {}
+  out: dict[str, int] = {}
   taken: dict[int, str] = {}
   for name in param_map:
     found = exact.get(name) or loose.get(name.replace('/', '_'), [])
@@ -150,6 +151,15 @@ def _keras_slots(owner, optimizer, param_map) -> dict:
         f'{variables[i].path!r}.'
       )
     taken[i] = name
+    out[name] = i
+  return out
+
+
+def _keras_slots(optimizer, indices) -> dict:
+  """{param_map name: {slot: Keras variable}}, the slots taken by the
+  optimizer's own index of the variable, as Keras' update does."""
+  out: dict[str, dict] = {}
+  for name, i in indices.items():
     slots = {'velocity': optimizer._velocities[i]}
     if optimizer._momentums:
       slots['momentum'] = optimizer._momentums[i]
@@ -175,11 +185,11 @@ class _Shown(str):
     return str(self)
 
 
-def _keras_reference(owner, optimizer, param_map, params):
+def _keras_reference(owner, optimizer, param_map, params, indices):
   """(make_ref(lr), the expression that builds it, the current learning
   rate, gradient scales to probe at) for the Keras optimizer's whole update
   (see :func:`import_keras_state`): its clip, its RMSprop step and its
-  weight decay with the exclusions."""
+  weight decay with the exclusions (``indices``: :func:`_keras_indices`)."""
   import optax
 
   from rmsprop_jax import presets, transform
@@ -207,16 +217,11 @@ def _keras_reference(owner, optimizer, param_map, params):
     hyper['weight_decay'] = shown['weight_decay'] = float(
       optimizer.weight_decay
     )
-    by_key = {
-      v.path.replace('/', '_'): v
-      for v in getattr(optimizer, '_trainable_variables', [])
+    variables = optimizer._trainable_variables
+    decayed = {
+      tuple(path): bool(optimizer._use_weight_decay(variables[indices[name]]))
+      for name, (path, _) in param_map.items()
     }
-    decayed = {}
-    for name, (path, _) in param_map.items():
-      variable = by_key.get(name.replace('/', '_'))
-      decayed[tuple(path)] = variable is None or bool(
-        optimizer._use_weight_decay(variable)
-      )
     excluded = [n for n, (p, _) in param_map.items() if not decayed[tuple(p)]]
     if excluded:
       hyper['weight_decay_mask'] = jax.tree_util.tree_map_with_path(
