@@ -262,8 +262,9 @@ def check_next_step(
       'pass check=False to change the rule on purpose.'
     )
 
+  base = probe(params)
   for scale in scales:
-    grads = jax.tree.map(lambda g, scale=scale: g * scale, probe(params))
+    grads = jax.tree.map(lambda g, scale=scale: g * scale, base)
     ours, ours_state = tx.update(grads, state, at)
 
     def step_at(rate, grads=grads):

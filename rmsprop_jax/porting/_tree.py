@@ -38,7 +38,7 @@ def port_params(
     return fill_tree(params, values, 'port_params')
   from flax import nnx
 
-  filled = fill_tree(nnx.to_pure_dict(params), values, 'port_params')
+  filled = fill_tree(plain(params), values, 'port_params')
   out = jax.tree.map(lambda x: x, params)  # New variables, same kinds.
   nnx.replace_by_pure_dict(out, filled)
   return out
