@@ -77,12 +77,21 @@ def _lowbias32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
+def _salt_bits(salt) -> jax.Array:
+  """``salt * 0xC2B2AE3D`` modulo 2**32, as uint32: from a Python int, or
+  from a uint32 scalar (what the compiled :func:`quantize` takes, so that
+  the leaves of a tree share one program)."""
+  if isinstance(salt, (int, np.integer)):
+    return jnp.asarray((int(salt) * 0xC2B2AE3D) & 0xFFFFFFFF, jnp.uint32)
+  return jnp.asarray(salt, jnp.uint32) * jnp.uint32(0xC2B2AE3D)
+
+
 def hash_bits(shape, step, salt: int) -> jax.Array:
   """32 pseudo-random bits per element: a hash of (position, step, salt).
 
   ``shape`` is the output's; ``step`` (an int32 scalar, traced or not) is
-  the optimizer's step count and ``salt`` (a Python int) tells leaves and
-  moments apart, so that every element, step and leaf gets its own bits.
+  the optimizer's step count and ``salt`` (a Python int, or a uint32
+  scalar) tells leaves and moments apart, so that every element, step and leaf gets its own bits.
   The bits do not depend on the values or on any seed: the members of a
   ``vmap`` (an ensemble, or seeds trained side by side) round with the same
   bits, each still without bias. Returns a uint32 array of ``shape``.
@@ -95,10 +104,14 @@ def hash_bits(shape, step, salt: int) -> jax.Array:
   whose low bits are still evenly spread: a full hash per element made the
   low-memory step compute-bound on a CPU.
   """
+  return _hash(shape, step, _salt_bits(salt))
+
+
+def _hash(shape, step, salt_bits: jax.Array) -> jax.Array:
+  """:func:`hash_bits` with the salt already mixed (:func:`_salt_bits`)."""
   u32 = lambda v: jnp.asarray(v, jnp.uint32)
   seed = _lowbias32(
-    jnp.asarray(step).astype(jnp.uint32) * u32(0x85EBCA77)
-    + u32((salt * 0xC2B2AE3D) & 0xFFFFFFFF)
+    jnp.asarray(step).astype(jnp.uint32) * u32(0x85EBCA77) + salt_bits
   )
   index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   h = (index ^ seed) * u32(0x9E3779B1)
@@ -440,6 +453,16 @@ def quantize(
     >>> quantization.dequantize(q)
     Array([9.536743e-07, 5.000000e-01, 2.000000e+00], dtype=float32)
   """
+  # One compiled program per shape (and dtype), for every leaf and salt:
+  # called eagerly (``tx.init`` outside ``jit``, an eager update, the
+  # conversions) it is one dispatch, not one per operation; under a trace
+  # it is inlined.
+  return _quantize(x, step, _salt_bits(salt), scale)
+
+
+@jax.jit
+def _quantize(x, step, salt_bits, scale):
+  """:func:`quantize`, the salt mixed by :func:`_salt_bits`."""
   shape = tuple(x.shape)
   # An infinite value (a finite gradient whose square overflows float32)
   # saturates at CEILING: an infinite block maximum would decode every
@@ -458,7 +481,7 @@ def quantize(
   # Stochastic rounding to 3 mantissa bits: add random bits below them and
   # truncate (a carry moves up to the next octave, as it should).
   bits = jax.lax.bitcast_convert_type(ratio, jnp.uint32)
-  noise = hash_bits(blocks.shape, step, salt) & jnp.uint32(
+  noise = _hash(blocks.shape, step, salt_bits) & jnp.uint32(
     (1 << _DROPPED_BITS) - 1
   )
   bits = bits + noise
@@ -493,6 +516,12 @@ def dequantize(q: Blockwise8bit) -> jax.Array:
   flushes subnormals to zero): it is never zero, even where
   ``scale * code`` would underflow.
   """
+  return _dequantize(q)
+
+
+@jax.jit
+def _dequantize(q: Blockwise8bit) -> jax.Array:
+  # Compiled as one program per shape (see quantize).
   return _from_blocks(
     _decode(_to_blocks(q.codes, q.shape, 0), q.scale), q.shape, like=q.codes
   )

@@ -249,11 +249,28 @@ def plain_loop(tx, params, grads, jit=True, state=None):
 
 
 @functools.cache
+def jitted_step(option):
+  """The plain loop's jitted step for ``option``, one per option: the
+  places that run this program (the reference, the resumed runs, the
+  members of the vmap) share its compilation, as a training script would."""
+  return jax.jit(train_step(build(option)))
+
+
+# ``optax.apply_updates`` compiled alone (nnx.Optimizer's reference).
+apply_updates = jax.jit(optax.apply_updates)
+
+
+@functools.cache
 def reference(option, seed=0, nan=True, jit=True):
   params = make_params(seed)
-  return plain_loop(
-    build(option), params, make_grads(option, params, seed, nan), jit
-  )
+  tx, grads = build(option), make_grads(option, params, seed, nan)
+  if not jit:
+    return plain_loop(tx, params, grads, jit=False)
+  step, state, trajectory = jitted_step(option), tx.init(params), []
+  for g in grads:
+    params, state = step(params, state, g)
+    trajectory.append(params)
+  return trajectory, state
 
 
 # -- Comparisons ---------------------------------------------------------------
@@ -374,7 +391,7 @@ def check_nnx(option, jit):
     update = lambda model, opt, grads: opt.update(model, grads)
   jitted = jax.jit if jit else (lambda f: f)
   ref_update = jitted(tx.update)
-  apply_alone = jitted(optax.apply_updates)
+  apply_alone = apply_updates if jit else optax.apply_updates
   fused = jitted(train_step(tx))
   ref_state = tx.init(pure_params)
   for t, (g, g_state) in enumerate(zip(grads, states)):
@@ -440,13 +457,15 @@ def place_linen_checkpoint(option, tmp_path):
   assert_same_state(restored.opt_state, reference(option)[1], strict=False)
 
 
+@functools.cache
 def _first_steps(option):
   """The transformation, its jitted step, the gradients, and the
-  parameters and state after the first ``SPLIT`` steps."""
+  parameters and state after the first ``SPLIT`` steps (computed once per
+  option: the places that resume from them never donate them)."""
   tx = build(option)
   params = make_params()
   grads = make_grads(option, params)
-  step = jax.jit(train_step(tx))
+  step = jitted_step(option)
   state = tx.init(params)
   for g in grads[:SPLIT]:
     params, state = step(params, state, g)
@@ -568,7 +587,7 @@ def place_vmap(option, tmp_path):
     )
   ]
   start = params
-  state = jax.vmap(tx.init)(params)
+  state = jax.jit(jax.vmap(tx.init))(params)
   step = jax.jit(jax.vmap(train_step(tx)))
   for g in grads:
     params, state = step(params, state, g)
