@@ -58,8 +58,8 @@ BLOCK = [
 def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
   if quick:
     return {
-      '50 distinct': [(64 + i,) for i in range(50)],
-      '100 in 4 blocks': BLOCK * 4,
+      '25 distinct': [(64 + i,) for i in range(25)],
+      '50 in 2 blocks': BLOCK * 2,
     }
   return {
     '1000 x 64': [(64,)] * 1000,

@@ -31,10 +31,12 @@ def quick_results(tmp_path_factory):
 
   def get(suite):
     if suite not in results:
-      # The convergence and low-memory suites on one problem each: every
-      # method and state, every output. test_every_convergence_problem_trains
-      # and test_every_low_memory_problem_trains cover the other problems.
+      # The step suite on the tree that packing stacks, the convergence
+      # and low-memory suites on one problem each: every variant, method
+      # and state, every output. test_every_convergence_problem_trains and
+      # test_every_low_memory_problem_trains cover the other problems.
       extra = {
+        'step': ['--trees', '16 x 4K'],
         'convergence': ['--problems', 'quadratic'],
         'low_memory': ['--low-memory-problems', 'digits_mlp'],
       }.get(suite, [])

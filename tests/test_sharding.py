@@ -189,7 +189,7 @@ else:
       jstep = jax.jit(step, donate_argnums=(0, 1))
       compiled = jstep.lower(params, eager, grads).compile()
       assert _collectives(compiled) == set()
-      new_params, new_state = jstep(params, eager, grads)
+      new_params, new_state = compiled(params, eager, grads)
       # Shardings and dtypes are the same after the update as before.
       _assert_same_places(new_params, grads)
       for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(jitted)):
@@ -243,7 +243,7 @@ else:
         out_shardings=(param_shardings, zero1),
       )
       compiled = jstep.lower(params, state, grads).compile()
-      return (_collectives(compiled), *jstep(params, state, grads))
+      return (_collectives(compiled), *compiled(params, state, grads))
 
   def test_zero1_shards_state_over_data_with_one_all_gather():
     mesh = _mesh('auto')
