@@ -416,12 +416,19 @@ def _skip_nonfinite(
     apply = lambda _: inner.update(
       updates, state.inner_state, params, **extra_args
     )
-    out_shapes = jax.eval_shape(apply, None)[0]
     skip = lambda _: (
-      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes),
+      jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(apply, None)[0]
+      ),
       state.inner_state,
     )
-    new_updates, inner_state = jax.lax.cond(finite, apply, skip, None)
+    if isinstance(finite, jax.core.Tracer):
+      new_updates, inner_state = jax.lax.cond(finite, apply, skip, None)
+    else:
+      # Called eagerly (outside jit, as an eager nnx.Optimizer does): the
+      # one branch that runs, run as the other eager steps are. lax.cond
+      # would trace and compile both branches again at every call.
+      new_updates, inner_state = apply(None) if bool(finite) else skip(None)
     return new_updates, optax.ApplyIfFiniteState(
       notfinite_count=jnp.where(
         finite,

@@ -148,10 +148,14 @@ def demo2() -> tuple[Run, Run, Run]:
   unstable = run(optax.sgd(DEMO2_LR_SGD_UNSTABLE), ravine, x0, steps)
   rms, sgd, tuned = (_first_steps(r, steps) for r in longs.values())
   print(ROW_NOTE)
-  print(f'{"Iteration":<12} {"RMSprop f(x,y)":<20} {"SGD f(x,y)":<20}')
-  print('-' * 60)
+  columns = (
+    f'RMSprop (lr {DEMO2_LR_RMSPROP:g}) f(x,y)',
+    f'SGD (lr {DEMO2_LR_SGD:g}) f(x,y)',
+  )
+  print(f'{"Iteration":<12} {columns[0]:<26} {columns[1]:<26}')
+  print('-' * 64)
   for i in range(0, steps, 20):
-    print(f'{i:<12} {rms.loss[i + 1]:<20.6f} {sgd.loss[i + 1]:<20.6f}')
+    print(f'{i:<12} {rms.loss[i + 1]:<26.6f} {sgd.loss[i + 1]:<26.6f}')
   print()
   when = {
     name: (
@@ -515,10 +519,25 @@ def _plot_conventions(plt, runs: dict[str, Run], save) -> None:
       lw=lw,
       alpha=0.5 if lw > 2 else 1,
     )
-  axes[0].set(
-    title='f(x, y) against steps', xlabel='step', ylabel='f(x, y) (log scale)'
-  )
   ref = runs['optax'].params
+  # Runs that stay within 0.05 of optax's point (but not on it) are drawn
+  # under its line at this scale: say so, the right panel shows them.
+  under = [
+    name
+    for name, r in runs.items()
+    if name != 'optax'
+    and 0 < np.linalg.norm(r.params - ref, axis=1).max() < 0.05
+  ]
+  axes[0].set(
+    title='f(x, y) against steps'
+    + (
+      f"\n({' and '.join(under)}: under optax's line; see the right panel)"
+      if under
+      else ''
+    ),
+    xlabel='step',
+    ylabel='f(x, y) (log scale)',
+  )
   for name, r in runs.items():
     if name == 'optax':
       continue

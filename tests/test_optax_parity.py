@@ -52,8 +52,26 @@ def _exact_kwargs(config):
   return {}
 
 
-@pytest.mark.parametrize('config', CONFIGS, ids=str)
-@pytest.mark.parametrize('lr', LEARNING_RATES.keys())
+# The schedule enters the chain at one place, the learning-rate scaling
+# before the momentum buffer: it runs with every combination of the
+# arguments around that place (centered, momentum and Nesterov, bias
+# correction, which counts steps too), with eps_in_sqrt and initial_scale
+# taking their four pairs in turn; the constant rate runs with every
+# combination.
+_AROUND = ('centered', 'momentum', 'nesterov', 'bias_correction')
+_GROUPS = list(dict.fromkeys(tuple(c[k] for k in _AROUND) for c in CONFIGS))
+SCHEDULE_CONFIGS = [
+  [c for c in CONFIGS if tuple(c[k] for k in _AROUND) == group][i % 4]
+  for i, group in enumerate(_GROUPS)
+]
+
+
+@pytest.mark.parametrize(
+  ('lr', 'config'),
+  [('constant', c) for c in CONFIGS]
+  + [('schedule', c) for c in SCHEDULE_CONFIGS],
+  ids=lambda x: x if isinstance(x, str) else str(x),
+)
 def test_rmsprop_matches_optax_float32(config, lr):
   params = random_tree(jax.random.PRNGKey(1))
   grads = gradient_sequence(STEPS, scale=2.0, shift=0.3)

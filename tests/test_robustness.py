@@ -236,6 +236,35 @@ def test_skip_nonfinite_leaves_the_whole_state_untouched_and_counts(bad_value):
   assert_trees_equal(u, reference[-1])
 
 
+def test_skip_nonfinite_eagerly_runs_one_branch_and_compiles_once():
+  """Outside ``jit`` (an eager ``nnx.Optimizer``) the skip is decided on the
+  concrete value: the updates are the plain optimizer's eager ones, a bad
+  step is skipped, and later steps compile nothing (``lax.cond`` compiled
+  both branches again at every call)."""
+  kwargs = dict(centered=True, momentum=0.9, nu_dtype=jnp.uint8)
+  params = _tree([(3,), (2, 300)], 0, jnp.float32)
+  good = [_tree([(3,), (2, 300)], i, jnp.float32) for i in range(1, 7)]
+  tx = rmsprop_jax.rmsprop(1e-2, **kwargs, skip_nonfinite=True)
+  plain = rmsprop_jax.rmsprop(1e-2, **kwargs)
+  state, plain_state = tx.init(params), plain.init(params)
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for t, g in enumerate(good):
+      if t == 2:
+        compiles.clear()  # What the first steps compiled is cached.
+      u, state = tx.update(g, state, params)
+      want, plain_state = plain.update(g, plain_state, params)
+      assert_trees_equal(u, want)
+      bad_u, state = tx.update(_bad(g, np.nan), state, params)
+      assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(bad_u))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert '/jax/core/compile/backend_compile_duration' not in compiles
+  assert int(optax.tree.get(state, 'total_notfinite')) == len(good)
+
+
 def test_apply_if_finite_recipe_and_its_limit():
   # The recipe for any preset: optax.apply_if_finite. It gives up after
   # max_consecutive_errors bad steps in a row and applies the next one; that

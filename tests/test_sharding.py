@@ -49,6 +49,9 @@ if jax.device_count() < N_DEVICES:
         '-q',
         '-p',
         'no:cacheprovider',
+        # One process: this test already holds one of the suite's workers.
+        '-n',
+        '0',
         __file__,
       ],
       env=env,
