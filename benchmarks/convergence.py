@@ -348,8 +348,9 @@ def plot(results, path):
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
   for ax, r in zip(axes.flat, results.values()):
     top, zeros = 0.0, []
-    # The narrow second moments follow float32 RMSprop's curve: their
-    # ratios are the table's and the low-memory study's figure.
+    # Not the narrow second moments: drawn here they hid float32 RMSprop's
+    # line where they end alike; the table's last section gives their
+    # ratios, and the low-memory study compares them with paired seeds.
     methods = {k: v for k, v in r['methods'].items() if k not in LOW_MEMORY}
     for i, (method, m) in enumerate(methods.items()):
       curves = np.where(np.isfinite(m['curves']), m['curves'], np.nan)

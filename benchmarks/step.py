@@ -532,8 +532,13 @@ def plot(rows, path):
   )
   variants = list(dict.fromkeys(r['variant'] for r in rows))
   tree_names = list(dict.fromkeys(r['tree'] for r in rows))
+  # One colour per variant in every figure of this suite (older results
+  # may name variants that are no longer run: they come after).
   colors = dict(
-    zip(variants, plt.rcParams['axes.prop_cycle'].by_key()['color'])
+    zip(
+      list(dict.fromkeys([*VARIANTS, *variants])),
+      plt.rcParams['axes.prop_cycle'].by_key()['color'] * 2,
+    )
   )
   panels = (
     (
@@ -593,11 +598,15 @@ def plot(rows, path):
     fontsize=9,
     frameon=False,
   )
-  fig.suptitle(
+  import textwrap
+
+  title = (
     'One jitted, donated RMSprop step (update + apply_updates), median of '
-    'times taken in turns in one process; a black line at 1: as fast',
-    fontsize=11,
+    'times taken in turns in one process; a black line at 1: as fast'
   )
+  # About 12 characters an inch at this size: one line where it fits.
+  width = int(fig.get_figwidth() * 12)
+  fig.suptitle(textwrap.fill(title, width), fontsize=11)
   fig.tight_layout(rect=(0, 0.03, 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -9,8 +9,9 @@ network trained with
 training continues in JAX. Three continuations are drawn: PyTorch
 uninterrupted, JAX with the imported state (the curves overlap), and JAX
 with the optimizer state reset to zero but the schedule kept: the first
-steps after a reset are about ``1/sqrt(1 - alpha)`` = 10 times larger, so
-the losses right after the move rise above PyTorch's; what follows is
+steps after a reset are larger (up to ``1/sqrt(1 - alpha)`` = 10 times
+per entry; about 7 times in norm on the first step here), so the losses
+right after the move rise above PyTorch's; what follows is
 another run, which may end higher or lower than PyTorch's, not a
 continuation of it. Needs PyTorch (``pip install torch``).
 

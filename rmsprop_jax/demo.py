@@ -165,6 +165,10 @@ def demo2() -> tuple[Run, Run, Run]:
     )
     for name, r in longs.items()
   }
+  first = int(np.argmax(longs['RMSprop'].loss < 1.0))
+  after = longs['RMSprop'].loss[first:]
+  bounce, bounce_step = float(after.max()), first + int(after.argmax())
+  final = float(longs['RMSprop'].loss[-1])
   print(
     f'Conclusion: reaching f < 1 takes RMSprop (lr {DEMO2_LR_RMSPROP}) '
     f"{when['RMSprop']} and SGD at the classic demo's lr {DEMO2_LR_SGD} "
@@ -176,9 +180,14 @@ def demo2() -> tuple[Run, Run, Run]:
     f'Just under the limit, at lr {DEMO2_LR_SGD_TUNED}, SGD takes '
     f'{when["tuned SGD"]}, about as many as RMSprop: on this ravine, '
     'gradient descent with its rate tuned to the steepest direction is as '
-    "fast. RMSprop's rate needed no such tuning: it divides each "
-    "coordinate's step by that coordinate's own gradient scale, so its lr "
-    'is a step size, whatever the curvature.\n'
+    'fast, and it keeps converging (f = '
+    f'{longs["tuned SGD"].loss[-1]:.2g} after {horizon} steps). RMSprop '
+    "divides each coordinate's step by that coordinate's own gradient "
+    'scale, so its lr is a step size whatever the curvature: one rate '
+    'suits both coordinates, but the steps stay about lr long, and at lr '
+    f'{DEMO2_LR_RMSPROP} it goes on bouncing around the minimum (f back up '
+    f'to {bounce:.2g} at step {bounce_step}, {final:.2g} after {horizon} '
+    'steps).\n'
   )
   return rms, sgd, tuned
 

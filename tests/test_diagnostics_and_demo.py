@@ -61,6 +61,36 @@ def test_effective_learning_rate_centered_bias_corrected_by_hand():
     )
 
 
+@pytest.mark.parametrize('nu_dtype', [jnp.bfloat16, jnp.uint8])
+def test_effective_learning_rate_of_a_narrow_centered_state(nu_dtype):
+  """Centered, where the mean dominates the spread (gradients 5 +- 0.05):
+  the stored moments' variance, computed in float64 by hand, not in the
+  storage dtype (in bfloat16, nu - mu**2 cancels to 0 and the rate read
+  lr / sqrt(eps), 2000 times too large)."""
+  params = jnp.zeros(512)
+  noise = np.random.default_rng(0).normal(size=(30, 512))
+  grads = [jnp.asarray(5 + 0.05 * n, jnp.float32) for n in noise]
+  tx = rmsprop_jax.rmsprop(
+    0.01,
+    decay=0.9,
+    eps=1e-8,
+    centered=True,
+    nu_dtype=nu_dtype,
+    stochastic_rounding=nu_dtype == jnp.bfloat16,
+  )
+  state = _after(tx, grads, params)
+  got = diagnostics.effective_learning_rate(
+    state, 0.01, eps=1e-8, eps_in_sqrt=True, bias_correction=False
+  )
+  stored = rmsprop_jax.unpack_state(state)
+  nu = np.asarray(optax.tree.get(stored, 'nu'), np.float64)
+  mu = np.asarray(optax.tree.get(stored, 'mu'), np.float64)
+  expected = 0.01 / np.sqrt(np.maximum(nu - mu**2, 0) + 1e-8)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-3)
+  assert np.median(got) < 0.1 * 0.01 / np.sqrt(1e-8)
+
+
 def test_effective_learning_rate_is_the_step_per_unit_gradient():
   # Without momentum, update = -eff_lr * g for the state *after* the update.
   params = {'a': jnp.ones(4), 'b': [jnp.ones((2, 2))]}
@@ -210,6 +240,17 @@ def test_demo2_conclusion_compares_what_it_says(capsys):
   rms_steps = int(np.argmax(rms.loss < 1.0))
   assert rms.loss[rms_steps] < 1.0 and f'{rms_steps} steps' in conclusion
   assert abs(_gd_steps_to_below_one(demo.DEMO2_LR_SGD_TUNED) - rms_steps) < 20
+  # And what follows: RMSprop's steps stay about lr long, so it bounces back
+  # above f = 1 and stays away from the minimum, where the tuned gradient
+  # descent keeps converging (closed form: |1 - 200 lr| < 1, |1 - 2 lr| < 1).
+  after = rms.loss[rms_steps:]
+  assert after.max() > 1 and f'{after.max():.2g} at step' in conclusion
+  assert rms.loss[-1] > 0.1
+  lr = demo.DEMO2_LR_SGD_TUNED
+  gd = (
+    100 * (10 * (1 - 200 * lr) ** 1000) ** 2 + (10 * (1 - 2 * lr) ** 1000) ** 2
+  )
+  assert gd < 1e-6 and 'keeps converging' in conclusion
 
 
 def test_effective_learning_rate_requires_what_the_state_does_not_hold():
