@@ -130,3 +130,22 @@ def keras64(x64):
   keras.config.set_floatx('float64')
   yield keras
   keras.config.set_floatx(old)
+
+
+# The files that take longest start first, so that pytest-xdist's workers
+# (one file each at a time, ``--dist loadfile``) end together instead of one
+# waiting on a long file started last. Order only: every test still runs,
+# and each file's tests keep their order.
+_LONGEST_FIRST = (
+  'test_compat_matrix.py',
+  'test_sharding.py',
+  'test_multiprocess.py',
+  'test_examples.py',
+  'test_benchmarks.py',
+  'test_optax_parity.py',
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
