@@ -581,8 +581,13 @@ def plot(rows, path):
           label=variant,
           color=colors[variant],
         )
+    narrow = any(
+      any(k in LOW_MEMORY for k in VARIANTS.get(v, {})) for v in present
+    )
     for row, (_, label, what) in enumerate(panels):
       ax = axes[row, col]
+      if not narrow:  # The note on the narrow states' bars, where there are.
+        what = what.split(' (narrow nu')[0]
       ax.axhline(1.0, color='black', lw=0.8)
       ax.set_xticks(np.arange(len(tree_names)) + 0.4 - width / 2, tree_names)
       ax.set(ylabel=label, title=f'{dtype} parameters: {what}')
