@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import platform
+import textwrap
 import time
 from typing import Callable
 
@@ -161,3 +162,12 @@ def pyplot():
   import matplotlib.pyplot as plt
 
   return plt
+
+
+def suptitle(fig, text: str, fontsize: float) -> None:
+  """``fig.suptitle(text)``, wrapped to the figure's width (about 12
+  characters an inch at 10-11 pt): one line where it fits, never cut off
+  at the sides of a narrow figure."""
+  fig.suptitle(
+    textwrap.fill(text, int(fig.get_figwidth() * 12)), fontsize=fontsize
+  )

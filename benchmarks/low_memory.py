@@ -542,14 +542,13 @@ def plot(payload, path):
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel('narrow state / float32 state')
   axes[0][0].legend(loc='lower left', fontsize=8)
-  import textwrap
-
-  title = (
+  common.suptitle(
+    fig,
     'Narrow second moments against float32 state, paired seeds: the ratio '
     'of the means with its 95 % bootstrap interval (dots: single seeds; '
-    'red: the 2 % target)'
+    'red: the 2 % target)',
+    fontsize=10,
   )
-  fig.suptitle(textwrap.fill(title, 45 * len(panels)), fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -41,6 +41,14 @@ VARIANTS = {
   '8-bit nu': {'nu_dtype': jnp.uint8},
 }
 LOW_MEMORY = ('nu_dtype', 'stochastic_rounding')
+
+
+def is_low_memory(variant: str) -> bool:
+  """Whether ``variant`` narrows the second moment (for float32 parameters
+  only; older results may name variants no longer run: not narrow)."""
+  return any(k in LOW_MEMORY for k in VARIANTS.get(variant, {}))
+
+
 TORCH_STALLED = 50  # Times the same-bytes ceiling: PyTorch was not running.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -394,9 +402,7 @@ def run(
   for tree_name in tree_names:
     for dtype_name in dtypes:
       for variant in variants:
-        if dtype_name != 'float32' and any(
-          k in LOW_MEMORY for k in VARIANTS[variant]
-        ):
+        if dtype_name != 'float32' and is_low_memory(variant):
           continue  # A narrower nu is for float32 parameters.
         row = measure(
           tree_name,
@@ -544,18 +550,20 @@ def plot(rows, path):
     (
       'speedup_vs_optax',
       'speed-up over optax.rmsprop (x)',
-      "as it comes: optax's own program, so 1\nup to timing noise "
-      "(narrow nu: their cost against optax's float32 state)",
+      "as it comes: optax's own program, so 1\nup to timing noise",
+      " (narrow nu: their cost against optax's float32 state)",
     ),
     (
       'packed_speedup_vs_optax',
       'speed-up over optax.rmsprop (x)',
       'packing=True, the speed option',
+      '',
     ),
     (
       'fraction_of_ceiling',
       'fraction of the same-run ceiling',
       'as it comes, against an elementwise kernel moving the same bytes',
+      '',
     ),
   )
   for col, dtype in enumerate(dtypes):
@@ -573,7 +581,7 @@ def plot(rows, path):
         if r['dtype'] == dtype and r['variant'] == variant
       }
       x = np.arange(len(tree_names)) + i * width
-      for row, (key, _, _) in enumerate(panels):
+      for row, (key, *_) in enumerate(panels):
         axes[row, col].bar(
           x,
           [sel[t][key] if t in sel else np.nan for t in tree_names],
@@ -581,13 +589,11 @@ def plot(rows, path):
           label=variant,
           color=colors[variant],
         )
-    narrow = any(
-      any(k in LOW_MEMORY for k in VARIANTS.get(v, {})) for v in present
-    )
-    for row, (_, label, what) in enumerate(panels):
+    narrow = any(is_low_memory(v) for v in present)
+    for row, (_, label, what, narrow_note) in enumerate(panels):
       ax = axes[row, col]
-      if not narrow:  # The note on the narrow states' bars, where there are.
-        what = what.split(' (narrow nu')[0]
+      if narrow:  # The note on the narrow states' bars, where there are.
+        what += narrow_note
       ax.axhline(1.0, color='black', lw=0.8)
       ax.set_xticks(np.arange(len(tree_names)) + 0.4 - width / 2, tree_names)
       ax.set(ylabel=label, title=f'{dtype} parameters: {what}')
@@ -603,15 +609,12 @@ def plot(rows, path):
     fontsize=9,
     frameon=False,
   )
-  import textwrap
-
-  title = (
+  common.suptitle(
+    fig,
     'One jitted, donated RMSprop step (update + apply_updates), median of '
-    'times taken in turns in one process; a black line at 1: as fast'
+    'times taken in turns in one process; a black line at 1: as fast',
+    fontsize=11,
   )
-  # About 12 characters an inch at this size: one line where it fits.
-  width = int(fig.get_figwidth() * 12)
-  fig.suptitle(textwrap.fill(title, width), fontsize=11)
   fig.tight_layout(rect=(0, 0.03, 1, 0.97))
   fig.savefig(path, dpi=110)
   plt.close(fig)

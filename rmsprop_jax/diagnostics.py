@@ -83,8 +83,8 @@ def effective_learning_rate(
   bias-corrected, and a wrong guess gives other numbers without a sign, so
   they are required: pass the ones the transformation was built with (for
   a preset, the framework's: ``presets.pytorch`` and ``hinton2012`` have
-  ``eps_in_sqrt=False``, ``keras``, ``tf1`` and ``timm`` ``True``). Centering is read from the
-  state.
+  ``eps_in_sqrt=False``, ``keras``, ``tf1`` and ``timm`` ``True``).
+  Centering is read from the state.
 
   The value is the step per unit of gradient that the state's moments give,
   before momentum: the rate of the last update (the next update first folds

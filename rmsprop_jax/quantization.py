@@ -91,7 +91,8 @@ def hash_bits(shape, step, salt: int) -> jax.Array:
 
   ``shape`` is the output's; ``step`` (an int32 scalar, traced or not) is
   the optimizer's step count and ``salt`` (a Python int, or a uint32
-  scalar) tells leaves and moments apart, so that every element, step and leaf gets its own bits.
+  scalar) tells leaves and moments apart, so that every element, step and
+  leaf gets its own bits.
   The bits do not depend on the values or on any seed: the members of a
   ``vmap`` (an ensemble, or seeds trained side by side) round with the same
   bits, each still without bias. Returns a uint32 array of ``shape``.

@@ -237,10 +237,12 @@ def train_step(tx):
   return step
 
 
-def plain_loop(tx, params, grads, jit=True, state=None):
-  """The parameters after each step, and the final state."""
+def plain_loop(tx, params, grads, jit=True, state=None, step=None):
+  """The parameters after each step, and the final state (``step``: the
+  step to run, if not ``tx``'s compiled afresh)."""
   state = tx.init(params) if state is None else state
-  step = jax.jit(train_step(tx)) if jit else train_step(tx)
+  if step is None:
+    step = jax.jit(train_step(tx)) if jit else train_step(tx)
   trajectory = []
   for g in grads:
     params, state = step(params, state, g)
@@ -263,14 +265,13 @@ apply_updates = jax.jit(optax.apply_updates)
 @functools.cache
 def reference(option, seed=0, nan=True, jit=True):
   params = make_params(seed)
-  tx, grads = build(option), make_grads(option, params, seed, nan)
-  if not jit:
-    return plain_loop(tx, params, grads, jit=False)
-  step, state, trajectory = jitted_step(option), tx.init(params), []
-  for g in grads:
-    params, state = step(params, state, g)
-    trajectory.append(params)
-  return trajectory, state
+  return plain_loop(
+    build(option),
+    params,
+    make_grads(option, params, seed, nan),
+    jit,
+    step=jitted_step(option) if jit else None,
+  )
 
 
 # -- Comparisons ---------------------------------------------------------------
