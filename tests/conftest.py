@@ -9,12 +9,24 @@ machine: the run's seed is drawn at random (or taken from
 ``pytest --hypothesis-seed=N``), printed in the header and again after a
 failure, and rerunning with that seed reproduces the failure. No example
 database is kept, so a clone's result never depends on its history.
+
+Most of the suite's time is XLA compiling, and many tests compile the same
+program twice: ours and optax's (with optax's arguments ``rmsprop`` lowers
+to optax's own program), a reference loop and the place under test. The
+run therefore keeps JAX's persistent compilation cache in a fresh
+temporary folder, shared by the pytest-xdist workers and the processes the
+tests launch, and deletes it at the end: a program identical to one
+already compiled in this run is loaded instead of compiled again. Every
+distinct program still compiles, nothing is kept between runs, and an
+executable from the cache is the one XLA compiled (the same bits).
 """
 
 import functools
 import importlib
 import os
 import secrets
+import shutil
+import tempfile
 
 # Keras must pick its backend before it is first imported.
 os.environ.setdefault('KERAS_BACKEND', 'jax')
@@ -51,15 +63,49 @@ def pytest_configure(config):
   seed = int(seed) if seed is not None else secrets.randbits(32)
   hypothesis_core.global_force_seed = seed
   config.stash[_SEED] = seed
+  _use_compilation_cache(config)
 
 
 _SEED = pytest.StashKey[int]()
+_CACHE = pytest.StashKey[str]()
+# Set while a test run's cache exists: a pytest that a test launches (the
+# 8-device tests) joins its parent's cache instead of making its own.
+_CACHE_ENV = 'RMSPROP_JAX_TEST_COMPILATION_CACHE'
+
+
+def _use_compilation_cache(config):
+  """This run's persistent compilation cache (see the module docstring):
+  made by the first pytest of the run, which deletes it at the end; its
+  xdist workers and the processes tests launch (through the environment)
+  use the same folder. Every entry is kept, however fast it compiled."""
+  folder = getattr(config, 'workerinput', {}).get('compilation_cache')
+  folder = folder or os.environ.get(_CACHE_ENV)
+  if folder is None:
+    folder = tempfile.mkdtemp(prefix='rmsprop_jax-tests-xla-cache-')
+    config.stash[_CACHE] = folder  # This process made it: it deletes it.
+  os.environ[_CACHE_ENV] = folder
+  settings = {
+    'jax_compilation_cache_dir': folder,
+    'jax_persistent_cache_min_compile_time_secs': 0,
+    'jax_persistent_cache_min_entry_size_bytes': 0,
+  }
+  for name, value in settings.items():
+    os.environ[name.upper()] = str(value)  # For the processes tests launch.
+    jax.config.update(name, value)
+
+
+def pytest_unconfigure(config):
+  folder = config.stash.get(_CACHE, None)
+  if folder is not None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-  """pytest-xdist: each worker draws the controller's Hypothesis seed."""
+  """pytest-xdist: each worker draws the controller's Hypothesis seed and
+  uses its compilation cache."""
   node.workerinput['hypothesis_seed'] = node.config.stash[_SEED]
+  node.workerinput['compilation_cache'] = os.environ[_CACHE_ENV]
 
 
 def _seed_line(config) -> str:
