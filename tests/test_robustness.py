@@ -5,6 +5,7 @@ Property tests use Hypothesis; the references are optax itself, the same
 computation in a wider dtype, or exact identities of the update rule.
 """
 
+import os
 import pickle
 import subprocess
 import sys
@@ -549,12 +550,19 @@ print(h.hexdigest())
 
 
 def test_bit_identical_from_run_to_run():
+  """Two fresh interpreters, each compiling the step itself: without the
+  test run's compilation cache (see conftest.py), which would hand the
+  second the first one's program."""
+  env = {
+    k: v for k, v in os.environ.items() if k != 'JAX_COMPILATION_CACHE_DIR'
+  }
   runs = [
     subprocess.run(
       [sys.executable, '-c', _SCRIPT],
       capture_output=True,
       text=True,
       check=True,
+      env=env,
     ).stdout.strip()
     for _ in range(2)
   ]
