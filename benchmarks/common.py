@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import pathlib
@@ -88,6 +89,19 @@ def adding_gru(length: int = 20, hidden: int = 16):
     return mse(params, *batch(key, batch_size))
 
   return init, loss, mse, batch
+
+
+def compile_uncached(lowered):
+  """``lowered.compile()``, always by XLA: a debug option that changes no
+  code gets a value of its own, so that a persistent compilation cache
+  (``JAX_COMPILATION_CACHE_DIR``, whose key includes the compile options)
+  never answers in XLA's place and a compile time is one."""
+  return lowered.compile(
+    {'xla_debug_buffer_assignment_show_max': str(next(_SALT))}
+  )
+
+
+_SALT = itertools.count(1_000_000 + time.time_ns() % 1_000_000_000)
 
 
 def calibrate(call: Callable[[], None], target_s: float) -> int:

@@ -10,7 +10,6 @@ for ``optax.rmsprop``, taking turns, and reports the median seconds of each.
 
 from __future__ import annotations
 
-import itertools
 import time
 
 import jax
@@ -80,15 +79,10 @@ def compile_seconds(tx, shapes) -> float:
 
   state = jax.eval_shape(tx.init, params)
   start = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
-  # A debug option that changes no code, set to a value of its own, so that
-  # a persistent compilation cache (JAX_COMPILATION_CACHE_DIR) never answers
-  # in XLA's place: its key includes the compile options.
-  lowered.compile({'xla_debug_buffer_assignment_show_max': str(next(_SALT))})
+  common.compile_uncached(
+    jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+  )
   return time.perf_counter() - start
-
-
-_SALT = itertools.count(1_000_000 + time.time_ns() % 1_000_000_000)
 
 
 def run(out, *, quick, log=print) -> dict:

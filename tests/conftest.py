@@ -10,15 +10,18 @@ machine: the run's seed is drawn at random (or taken from
 failure, and rerunning with that seed reproduces the failure. No example
 database is kept, so a clone's result never depends on its history.
 
-Most of the suite's time is XLA compiling, and many tests compile the same
-program twice: ours and optax's (with optax's arguments ``rmsprop`` lowers
-to optax's own program), a reference loop and the place under test. The
-run therefore keeps JAX's persistent compilation cache in a fresh
-temporary folder, shared by the pytest-xdist workers and the processes the
-tests launch, and deletes it at the end: a program identical to one
+Most of the suite's time is XLA compiling, and many tests compile a
+program that another test already compiled: an update for two initial
+states (the start of the accumulator is an input, not part of the
+program), the same reference step in several files. The run therefore
+keeps JAX's persistent compilation cache in a fresh temporary folder,
+shared by the pytest-xdist workers and the processes the tests launch, and
+deletes it at the end: a program identical, as JAX lowered it, to one
 already compiled in this run is loaded instead of compiled again. Every
-distinct program still compiles, nothing is kept between runs, and an
-executable from the cache is the one XLA compiled (the same bits).
+distinct program still compiles and an executable from the cache is the
+one XLA compiled (the same bits). Nothing is read from an earlier run: a
+run killed without cleanup (SIGTERM, SIGKILL) leaves its folder in the
+temporary directory, and no later run reads it.
 """
 
 import functools
