@@ -79,10 +79,9 @@ _CACHE_ENV = 'RMSPROP_JAX_TEST_COMPILATION_CACHE'
 def _use_compilation_cache(config):
   """This run's persistent compilation cache (see the module docstring):
   made by the first pytest of the run, which deletes it at the end; its
-  xdist workers and the processes tests launch (through the environment)
-  use the same folder. Every entry is kept, however fast it compiled."""
-  folder = getattr(config, 'workerinput', {}).get('compilation_cache')
-  folder = folder or os.environ.get(_CACHE_ENV)
+  xdist workers and the processes tests launch find the same folder in the
+  environment. Every entry is kept, however fast it compiled."""
+  folder = os.environ.get(_CACHE_ENV)  # xdist workers inherit it too.
   if folder is None:
     folder = tempfile.mkdtemp(prefix='rmsprop_jax-tests-xla-cache-')
     config.stash[_CACHE] = folder  # This process made it: it deletes it.
@@ -105,10 +104,8 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-  """pytest-xdist: each worker draws the controller's Hypothesis seed and
-  uses its compilation cache."""
+  """pytest-xdist: each worker draws the controller's Hypothesis seed."""
   node.workerinput['hypothesis_seed'] = node.config.stash[_SEED]
-  node.workerinput['compilation_cache'] = os.environ[_CACHE_ENV]
 
 
 def _seed_line(config) -> str:
