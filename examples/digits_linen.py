@@ -66,6 +66,16 @@ def accuracy(state, x, y):
   )
 
 
+@jax.jit
+def lr_summary(opt_state, learning_rate):
+  """Min, median and max effective learning rate of each leaf, as one
+  compiled program (eagerly, each leaf's operations would compile apart)."""
+  eff = rmsprop_jax.effective_learning_rate(
+    opt_state, learning_rate, eps=EPS, eps_in_sqrt=True
+  )
+  return rmsprop_jax.diagnostics.summarize(eff)
+
+
 def train(rmsprop, data, epochs, seed, bar, log=None):
   x_tr, x_te, y_tr, y_te = data
   steps_per_epoch = len(x_tr) // BATCH
@@ -88,10 +98,7 @@ def train(rmsprop, data, epochs, seed, bar, log=None):
       bar.update()
     history.append(np.mean(losses))
     if log is not None:
-      eff = rmsprop_jax.effective_learning_rate(
-        state.opt_state, schedule(state.step), eps=EPS, eps_in_sqrt=True
-      )
-      summary = rmsprop_jax.diagnostics.summarize(eff)
+      summary = lr_summary(state.opt_state, schedule(state.step))
       eff_median.append({k: float(v['median']) for k, v in summary.items()})
       log(
         f'epoch {epoch + 1}: loss {history[-1]:.3g}; effective lr '

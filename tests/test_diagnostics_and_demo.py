@@ -149,10 +149,14 @@ def test_demo1_table_matches_the_reference_numpy_class(capsys):
 
 
 @pytest.mark.parametrize('kind', ['cannot be created', 'is a file', 'empty'])
-def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
-  """One line on stderr, exit status 2, nothing printed or run first."""
+def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind, capsys):
+  """One line on stderr, exit status 2, nothing printed or run first: the
+  first kind through ``python -m rmsprop_jax`` in a fresh interpreter, the
+  others through the same ``main`` in this process."""
   import subprocess
   import sys
+
+  from rmsprop_jax.__main__ import main
 
   if kind == 'empty':
     out = ''  # Would write into the current folder.
@@ -163,15 +167,23 @@ def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind):
     blocker = tmp_path / 'blocker'
     blocker.write_text('')
     out = blocker / 'sub'  # A folder inside a file cannot be created.
-  result = subprocess.run(
-    [sys.executable, '-m', 'rmsprop_jax', 'demo', '--out', str(out)],
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert result.returncode == 2
-  assert result.stdout == ''
-  lines = result.stderr.strip().splitlines()
+  argv = ['demo', '--out', str(out)]
+  if kind == 'cannot be created':
+    result = subprocess.run(
+      [sys.executable, '-m', 'rmsprop_jax', *argv],
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    code, stdout, stderr = result.returncode, result.stdout, result.stderr
+  else:
+    with pytest.raises(SystemExit) as exit_info:
+      main(argv)
+    code = exit_info.value.code
+    stdout, stderr = capsys.readouterr()
+  assert code == 2
+  assert stdout == ''
+  lines = stderr.strip().splitlines()
   assert len(lines) == 1 and str(out) in lines[0] and 'error' in lines[0]
 
 
