@@ -179,27 +179,32 @@ def keras64(x64):
 
 
 # The files that take longest start first, so that pytest-xdist's workers
-# (one file each at a time, ``--dist loadfile``) end together instead of one
-# waiting on a long file started last; the many short files come last and
-# fill the gaps. Worker-seconds measured in a clean-clone run, longest
-# first. ``--no-loadscope-reorder`` (addopts) keeps this order: by default
+# (``--dist loadfile``: a worker is handed its next file when its current
+# one has two tests or fewer left) end together instead of one waiting on a
+# long file started last; the many short files come last and fill the gaps.
+# Roughly longest first, from the worker-seconds of several runs on 2 cores
+# (they vary by a third from run to run with the machine's load).
+# ``--no-loadscope-reorder`` (addopts) keeps this order: by default
 # pytest-xdist orders the files by their number of tests, which started the
 # one-test files that launch interpreters (test_sharding.py, about a
 # minute) last, alone on one core. Order only: every test still runs, and
 # each file's tests keep their order.
 _LONGEST_FIRST = (
-  'test_compat_matrix.py',  # 236 s
-  'test_examples.py',  # 151 s
-  'test_benchmarks.py',  # 109 s
-  'test_multiprocess.py',  # 97 s
-  'test_optax_parity.py',  # 92 s
-  'test_sharding.py',  # 54 s
-  'test_robustness.py',  # 48 s
-  'test_low_memory_state.py',  # 46 s
-  'test_packing.py',  # 32 s
-  'test_optax_state.py',  # 29 s
-  'test_dtypes.py',  # 29 s
-  'test_porting.py',  # 18 s
+  'test_compat_matrix.py',  # 236 to 333 s
+  'test_examples.py',  # 151 to 184 s
+  'test_benchmarks.py',  # 109 to 154 s
+  'test_multiprocess.py',  # 97 to 112 s
+  'test_optax_parity.py',  # 92 to 149 s
+  'test_sharding.py',  # 54 to 85 s
+  'test_robustness.py',  # 48 to 70 s
+  'test_low_memory_state.py',  # 46 to 72 s
+  'test_packaging.py',  # 30 to 40 s (mypy, cold)
+  'test_packing.py',  # 32 to 44 s
+  'test_dtypes.py',  # 29 to 45 s
+  'test_optax_state.py',  # 29 to 39 s
+  'test_porting.py',  # 18 to 29 s
+  'test_docs.py',  # 12 to 16 s (the documentation build)
+  'test_state_across_devices.py',  # 12 to 16 s
 )
 
 

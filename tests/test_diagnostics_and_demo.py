@@ -149,14 +149,24 @@ def test_demo1_table_matches_the_reference_numpy_class(capsys):
 
 
 @pytest.mark.parametrize('kind', ['cannot be created', 'is a file', 'empty'])
-def test_demo_refuses_a_bad_out_before_any_work(tmp_path, kind, capsys):
+def test_demo_refuses_a_bad_out_before_any_work(
+  tmp_path, kind, capsys, monkeypatch
+):
   """One line on stderr, exit status 2, nothing printed or run first: the
-  first kind through ``python -m rmsprop_jax`` in a fresh interpreter, the
-  others through the same ``main`` in this process."""
+  first kind through ``python -m rmsprop_jax`` in a fresh interpreter
+  (the entry point, and nothing printed at import), the others through the
+  same ``main`` in this process, where the demo itself must not start."""
   import subprocess
   import sys
 
+  from rmsprop_jax import demo
   from rmsprop_jax.__main__ import main
+
+  def started(**kwargs):
+    raise AssertionError('the demo started before --out was checked')
+
+  monkeypatch.setattr(demo, 'main', started)
+  monkeypatch.chdir(tmp_path)  # Where an empty --out would write.
 
   if kind == 'empty':
     out = ''  # Would write into the current folder.

@@ -71,6 +71,36 @@ def test_digits_linen_trainstate(tmp_path, monkeypatch):
     np.isfinite(v) and v > 0 for e in ours[3] for v in e.values()
   )
   assert (tmp_path / 'digits_linen.png').exists()
+  # The epoch's summary (one jitted program) is the eager computation's,
+  # on the state after a step: same layers, same numbers (equal bit for bit
+  # here; compiled, XLA may contract nu - mu**2 of the centered state into
+  # a fused multiply-add, one rounding fewer, hence float32's rtol).
+  import jax
+  import optax
+  from flax.training import train_state
+
+  import rmsprop_jax
+
+  x, _, y, _ = module.load(0)
+  model = module.CNN()
+  state = train_state.TrainState.create(
+    apply_fn=model.apply,
+    params=model.init(jax.random.PRNGKey(0), x[:1])['params'],
+    tx=module.make_tx(rmsprop_jax.rmsprop, optax.constant_schedule(1e-3)),
+  )
+  state, _ = module.train_step(state, x[: module.BATCH], y[: module.BATCH])
+  got = module.lr_summary(state.opt_state, 1e-3)
+  want = rmsprop_jax.diagnostics.summarize(
+    rmsprop_jax.effective_learning_rate(
+      state.opt_state, 1e-3, eps=module.EPS, eps_in_sqrt=True
+    )
+  )
+  assert list(got) == list(want) and len(got) == 8
+  for layer in want:
+    for stat in ('min', 'median', 'max'):
+      np.testing.assert_allclose(
+        got[layer][stat], want[layer][stat], rtol=1e-6, err_msg=layer
+      )
 
 
 def test_adding_gru(tmp_path, monkeypatch):
