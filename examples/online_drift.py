@@ -158,7 +158,7 @@ def main(argv=None):
 
   plt = pyplot()
   scenario = 'weights and input scale jump'
-  fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
   window = max(steps // 200, 1)
   smooth = lambda v: np.convolve(v, np.ones(window) / window, mode='valid')
   for name in OPTIMIZERS:
@@ -180,7 +180,11 @@ def main(argv=None):
   )
   for ax in axes:
     ax.grid(True, which='both', alpha=0.3)
-    ax.legend()
+    # The curves fill the panels: the keys go below them.
+    handles = ax.get_legend_handles_labels()[0]
+    ax.legend(
+      loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=len(handles)
+    )
   save_figure(fig, args.out / 'online_drift.png')
   return results
 

@@ -214,7 +214,7 @@ def main(argv=None):
 
   plt = pyplot()
   fig, axes = plt.subplots(
-    1, 2, figsize=(13, 4.8), gridspec_kw=dict(width_ratios=(3, 2))
+    1, 2, figsize=(13, 5.4), gridspec_kw=dict(width_ratios=(3, 2))
   )
   steps = np.arange(len(order))
   zoom = slice(max(half - 10, 0), min(half + 40, len(order)))
@@ -261,7 +261,10 @@ def main(argv=None):
       ylabel='minibatch cross-entropy (log)',
     )
     ax.grid(True, which='both', alpha=0.3)
-  axes[0].legend(fontsize=8)
+  # The runs fill the panel after the move: the key goes below it.
+  axes[0].legend(
+    fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.14), ncol=2
+  )
   axes[0].set_title('The whole run')
   axes[1].set_title(
     f'Around the move. Reset: the first {window.stop} '
