@@ -228,6 +228,25 @@ def test_demo4_runs_each_framework_and_says_how_far_apart(capsys):
     demo.CONVENTIONS_STEPS,
   )
   np.testing.assert_array_equal(runs['PyTorch'].params, by_hand.params)
+  # The conclusion's extra run (optax's rule, the learning rate after the
+  # buffer) is named as one that the table and figure do not show, with
+  # its distance from optax's final point.
+  lr_after = demo.run(
+    rmsprop_jax.rmsprop(
+      demo.CONVENTIONS_LR,
+      decay=0.9,
+      eps=1e-8,
+      momentum=0.9,
+      lr_in_momentum=False,
+    ),
+    demo.ravine,
+    [10.0, 10.0],
+    demo.CONVENTIONS_STEPS,
+  ).params[-1]
+  assert set(runs) == {'PyTorch', 'Keras', 'TF1', 'optax'}
+  conclusion = out[out.index('Conclusion:') :]
+  assert 'in neither the table nor the figure' in conclusion
+  assert f'{np.linalg.norm(lr_after - ref):.2g} from optax' in conclusion
 
 
 def _gd_steps_to_below_one(lr, x0=10.0, y0=10.0, limit=5000):
