@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _validation, packing, transform
+from rmsprop_jax import _validation, packing, quantization, transform
 
 _MOMENT_STATES = (
   transform.ScaleByRmsState,
@@ -55,6 +55,17 @@ def _moment_state(state: Any):
       "or state.inner_states['label'] of multi_transform."
     )
   return found[0]
+
+
+def _may_round(state) -> bool:
+  """Whether ``state`` holds a bfloat16 or 8-bit leaf (an 8-bit moment, or
+  its codes as a client rebuilt them): a step count there may come from
+  stochastic rounding or the 8-bit code, not only from bias correction."""
+  coded = lambda x: isinstance(x, quantization.Blockwise8bit)
+  return any(
+    coded(x) or jnp.result_type(x) in (jnp.bfloat16, jnp.uint8)
+    for x in jax.tree.leaves(state, is_leaf=coded)
+  )
 
 
 def effective_learning_rate(
@@ -127,8 +138,10 @@ def effective_learning_rate(
       ``learning_rate`` (pass its value); for a negative ``eps``; for
       ``decay`` without ``bias_correction=True``; if it has a
       step count and ``bias_correction`` is not given, or no count and
-      ``bias_correction=True``; with ``bias_correction=True`` and no
-      ``decay``.
+      ``bias_correction=True``; with ``bias_correction=False`` where the
+      count can only come from ``bias_correction=True`` (no moment is
+      bfloat16, whose stochastic rounding adds one, or 8-bit); with
+      ``bias_correction=True`` and no ``decay``.
 
   Examples:
     >>> import jax.numpy as jnp, rmsprop_jax
@@ -174,6 +187,14 @@ def effective_learning_rate(
       'bias_correction=True adds, and so do stochastic rounding and the '
       "8-bit nu: pass the transformation's bias_correction (True, with its "
       '`decay`, or False).'
+    )
+  if counted and bias_correction is False and not _may_round(state):
+    raise ValueError(
+      'effective_learning_rate: bias_correction=False, but the state has a '
+      'step count and no bfloat16 or 8-bit moment: only '
+      'bias_correction=True adds a count to such a state (stochastic '
+      'rounding needs a bfloat16 nu). Pass bias_correction=True with the '
+      "transformation's decay."
     )
   if bias_correction and not counted:
     raise ValueError(

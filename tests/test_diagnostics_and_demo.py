@@ -332,6 +332,36 @@ def test_effective_learning_rate_requires_what_the_state_does_not_hold():
     )
 
 
+@pytest.mark.parametrize('centered', [False, True])
+def test_bias_correction_false_on_a_bias_corrected_state_is_refused(centered):
+  """A float32 state's step count comes only from bias_correction=True:
+  False there would leave nu (and mu) uncorrected, a wrong number (here
+  the true rate, optax's adam-like step per unit gradient, is asked for
+  under jit too). A bfloat16 or 8-bit state's count may come from its
+  rounding, so False stays allowed there."""
+  params = {'w': jnp.zeros(3)}
+  g = {'w': jnp.array([0.5, -4.0, 1e-3])}
+  tx = rmsprop_jax.rmsprop(
+    1e-2, eps=1e-3, bias_correction=True, centered=centered
+  )
+  updates, state = tx.update(g, tx.init(params), params)
+  eff = functools.partial(
+    diagnostics.effective_learning_rate, eps=1e-3, eps_in_sqrt=True
+  )
+  for call in (eff, jax.jit(eff, static_argnames='bias_correction')):
+    with pytest.raises(ValueError, match='only bias_correction=True adds'):
+      call(state, 1e-2, bias_correction=False)
+  right = eff(state, 1e-2, bias_correction=True, decay=0.9)
+  np.testing.assert_allclose(right['w'], -updates['w'] / g['w'], rtol=1e-6)
+  for kwargs in (
+    dict(nu_dtype=jnp.bfloat16, stochastic_rounding=True),
+    dict(nu_dtype=jnp.uint8),
+  ):
+    tx = rmsprop_jax.rmsprop(1e-2, eps=1e-3, centered=centered, **kwargs)
+    _, state = tx.update(g, tx.init(params), params)
+    eff(state, 1e-2, bias_correction=False)  # No error.
+
+
 def test_effective_learning_rate_refuses_what_would_be_a_wrong_number():
   params = {'w': jnp.zeros(2)}
   g = {'w': jnp.array([0.5, -4.0])}
