@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rmsprop_jax import _validation, packing, quantization, transform
+from rmsprop_jax import _validation, packing, transform
 
 _MOMENT_STATES = (
   transform.ScaleByRmsState,
@@ -58,13 +58,13 @@ def _moment_state(state: Any):
 
 
 def _may_round(state) -> bool:
-  """Whether ``state`` holds a bfloat16 or 8-bit leaf (an 8-bit moment, or
-  its codes as a client rebuilt them): a step count there may come from
-  stochastic rounding or the 8-bit code, not only from bias correction."""
-  coded = lambda x: isinstance(x, quantization.Blockwise8bit)
+  """Whether ``state`` holds a bfloat16 or uint8 leaf (an 8-bit moment's
+  codes, in its node or as a client rebuilt them): a step count there may
+  come from stochastic rounding or the 8-bit code, not only from bias
+  correction."""
   return any(
-    coded(x) or jnp.result_type(x) in (jnp.bfloat16, jnp.uint8)
-    for x in jax.tree.leaves(state, is_leaf=coded)
+    jnp.result_type(x) in (jnp.bfloat16, jnp.uint8)
+    for x in jax.tree.leaves(state)
   )
 
 
