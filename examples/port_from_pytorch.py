@@ -143,9 +143,11 @@ def main(argv=None):
   opt = torch.optim.RMSprop(net.parameters(), lr=LR, alpha=ALPHA)
   first = train_torch(net, opt, x_tr, y_tr, order[:half], schedule, bar)
 
-  # Move the weights and the optimizer state into Flax NNX.
-  model = FlaxCNN(nnx.Rngs(args.seed))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  # Move the weights and the optimizer state into Flax NNX. The network is
+  # built abstractly (shapes and dtypes, no random initialisation): every
+  # weight comes from PyTorch.
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FlaxCNN(nnx.Rngs(0))))
+  params = nnx.to_pure_dict(abstract)
   param_map = porting.torch_to_flax_map(net.named_parameters(), params)
   names = porting.torch_param_names(opt, net)
   params = porting.port_params(net.state_dict(), param_map, params)
@@ -158,10 +160,9 @@ def main(argv=None):
     ('imported', state),
     ('reset', optax.tree.set(tx.init(params), count=jnp.asarray(half))),
   ):
-    model = FlaxCNN(nnx.Rngs(args.seed))
-    weights = nnx.state(model, nnx.Param)
+    weights = nnx.clone(abstract)
     nnx.replace_by_pure_dict(weights, params)
-    nnx.update(model, weights)
+    model = nnx.merge(graphdef, weights)
     nnx_opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     set_optimizer_state(nnx_opt, start, half)
     runs[name] = (

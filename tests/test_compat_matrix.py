@@ -442,9 +442,14 @@ def place_linen_checkpoint(option, tmp_path):
   create = lambda: train_state.TrainState.create(
     apply_fn=None, params=flax_core.freeze(make_params()), tx=tx
   )
-  step = jax.jit(lambda s, g: s.apply_gradients(grads=g))
   state = create()
   assert isinstance(state.params, flax_core.FrozenDict)
+  # One compiled program before and after the restore (see _first_steps).
+  step = (
+    jax.jit(lambda s, g: s.apply_gradients(grads=g))
+    .lower(state, grads[0])
+    .compile()
+  )
   for g in grads[:SPLIT]:
     state = step(state, g)
   checkpoints.save_checkpoint(tmp_path / 'linen', state, step=SPLIT)
@@ -461,14 +466,20 @@ def place_linen_checkpoint(option, tmp_path):
 
 @functools.cache
 def _first_steps(option):
-  """The transformation, its jitted step, the gradients, and the
+  """The transformation, its compiled step, the gradients, and the
   parameters and state after the first ``SPLIT`` steps (computed once per
-  option: the places that resume from them never donate them)."""
+  option: the places that resume from them never donate them).
+
+  The step is the plain loop's program, compiled ahead of time so that the
+  restored state continues in the very program that ran before the save:
+  a restore returns arrays committed to their device, for which ``jax.jit``
+  would lower the same program again with sharding annotations and compile
+  it a second time (the same code)."""
   tx = build(option)
   params = make_params()
   grads = make_grads(option, params)
-  step = jitted_step(option)
   state = tx.init(params)
+  step = jitted_step(option).lower(params, state, grads[0]).compile()
   for g in grads[:SPLIT]:
     params, state = step(params, state, g)
   return tx, step, grads, params, state
