@@ -186,10 +186,11 @@ def make_params(seed=0, extra=False):
   ``extra``, also a zero-size leaf and a ``None``."""
   shapes = {'b': (5,), 'big': (20, 16), 'scalar': (), 'w1': (3, 4)}
   shapes['w2'] = (3, 4)
-  key = jax.random.PRNGKey(seed)
+  # NumPy draws the values (jax.random would compile a program per shape).
+  rng = np.random.default_rng(seed)
   params = {
-    name: jax.random.normal(jax.random.fold_in(key, i), shape)
-    for i, (name, shape) in enumerate(shapes.items())
+    name: jnp.asarray(rng.standard_normal(shape, np.float32))
+    for name, shape in shapes.items()
   }
   if extra:
     params['empty'] = jnp.zeros((0, 3))
@@ -202,18 +203,14 @@ def make_grads(option, params, seed=0, nan=True):
   ``None``); for ``skip_nonfinite`` (and ``nan``), step ``NAN_STEP`` holds
   a NaN so that a step is skipped."""
   leaves, treedef = jax.tree.flatten(params)
-  key = jax.random.PRNGKey(1000 + seed)
+  rng = np.random.default_rng(1000 + seed)
   grads = []
   for t in range(STEPS):
-    g = [
-      jax.random.normal(
-        jax.random.fold_in(key, 100 * t + i), jnp.shape(x), jnp.result_type(x)
-      )
-      for i, x in enumerate(leaves)
-    ]
+    g = [rng.standard_normal(jnp.shape(x), np.float32) for x in leaves]
     if nan and 'skip_nonfinite' in option and t == NAN_STEP:
       i = next(i for i, x in enumerate(g) if x.size > 1)
-      g[i] = g[i].reshape(-1).at[0].set(jnp.nan).reshape(g[i].shape)
+      g[i].reshape(-1)[0] = np.nan
+    g = [jnp.asarray(x, jnp.result_type(y)) for x, y in zip(g, leaves)]
     grads.append(jax.tree.unflatten(treedef, g))
   return grads
 
