@@ -441,7 +441,8 @@ def place_linen_checkpoint(option, tmp_path):
   )
   state = create()
   assert isinstance(state.params, flax_core.FrozenDict)
-  # One compiled program before and after the restore (see _first_steps).
+  # One compiled program before and after the restore (see _first_steps:
+  # restore_checkpoint, like Orbax, returns committed arrays).
   step = (
     jax.jit(lambda s, g: s.apply_gradients(grads=g))
     .lower(state, grads[0])
@@ -468,10 +469,11 @@ def _first_steps(option):
   option: the places that resume from them never donate them).
 
   The step is the plain loop's program, compiled ahead of time so that the
-  restored state continues in the very program that ran before the save:
-  a restore returns arrays committed to their device, for which ``jax.jit``
+  restored state continues in the very program that ran before the save.
+  Orbax returns arrays committed to their device, for which ``jax.jit``
   would lower the same program again with sharding annotations and compile
-  it a second time (the same code)."""
+  it a second time (the same code); pickle and ``flax.serialization`` give
+  uncommitted arrays and NumPy arrays, which the same program takes."""
   tx = build(option)
   params = make_params()
   grads = make_grads(option, params)
