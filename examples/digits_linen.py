@@ -49,6 +49,15 @@ def make_tx(rmsprop, schedule):
   )
 
 
+def create_state(rmsprop, schedule, x, seed):
+  """A fresh TrainState: the CNN initialised on ``x[:1]`` from ``seed``."""
+  model = CNN()
+  params = model.init(jax.random.PRNGKey(seed), x[:1])['params']
+  return train_state.TrainState.create(
+    apply_fn=model.apply, params=params, tx=make_tx(rmsprop, schedule)
+  )
+
+
 @jax.jit
 def train_step(state, x, y):
   def loss_fn(params):
@@ -82,11 +91,7 @@ def train(rmsprop, data, epochs, seed, bar, log=None):
   schedule = optax.warmup_cosine_decay_schedule(
     0.0, 1e-3, steps_per_epoch, epochs * steps_per_epoch, end_value=1e-5
   )
-  model = CNN()
-  params = model.init(jax.random.PRNGKey(seed), x_tr[:1])['params']
-  state = train_state.TrainState.create(
-    apply_fn=model.apply, params=params, tx=make_tx(rmsprop, schedule)
-  )
+  state = create_state(rmsprop, schedule, x_tr, seed)
   rng = np.random.default_rng(seed)
   history, eff_median = [], []
   for epoch in range(epochs):

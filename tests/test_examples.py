@@ -75,18 +75,13 @@ def test_digits_linen_trainstate(tmp_path, monkeypatch):
   # on the state after a step: same layers, same numbers (equal bit for bit
   # here; compiled, XLA may contract nu - mu**2 of the centered state into
   # a fused multiply-add, one rounding fewer, hence float32's rtol).
-  import jax
   import optax
-  from flax.training import train_state
 
   import rmsprop_jax
 
   x, _, y, _ = module.load(0)
-  model = module.CNN()
-  state = train_state.TrainState.create(
-    apply_fn=model.apply,
-    params=model.init(jax.random.PRNGKey(0), x[:1])['params'],
-    tx=module.make_tx(rmsprop_jax.rmsprop, optax.constant_schedule(1e-3)),
+  state = module.create_state(
+    rmsprop_jax.rmsprop, optax.constant_schedule(1e-3), x, 0
   )
   state, _ = module.train_step(state, x[: module.BATCH], y[: module.BATCH])
   got = module.lr_summary(state.opt_state, 1e-3)
