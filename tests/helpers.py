@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def random_tree(key, dtype=jnp.float32, scale=1.0, shift=0.0):
-  """A nested parameter-like pytree with leaves of assorted shapes."""
+def random_tree(seed, dtype=jnp.float32, scale=1.0, shift=0.0):
+  """A nested parameter-like pytree with leaves of assorted shapes, drawn
+  by NumPy from ``seed`` (an int or a sequence of ints): ``jax.random``
+  would compile and run a program per leaf."""
   shapes = {
     'dense': {'w': (4, 3), 'b': (3,)},
     'list': [(2,), (1, 2, 2)],
@@ -15,21 +17,17 @@ def random_tree(key, dtype=jnp.float32, scale=1.0, shift=0.0):
   leaves, treedef = jax.tree.flatten(
     shapes, is_leaf=lambda x: isinstance(x, tuple)
   )
-  keys = jax.random.split(key, len(leaves))
+  rng = np.random.default_rng(seed)
   arrays = [
-    (shift + scale * jax.random.normal(k, s)).astype(dtype)
-    for k, s in zip(keys, leaves)
+    jnp.asarray((shift + scale * rng.standard_normal(s)).astype(dtype))
+    for s in leaves
   ]
   return jax.tree.unflatten(treedef, arrays)
 
 
 def gradient_sequence(steps, dtype=jnp.float32, seed=0, **kwargs):
   """``steps`` random gradient trees (same structure as ``random_tree``)."""
-  key = jax.random.PRNGKey(seed)
-  return [
-    random_tree(jax.random.fold_in(key, i), dtype, **kwargs)
-    for i in range(steps)
-  ]
+  return [random_tree((seed, i), dtype, **kwargs) for i in range(steps)]
 
 
 def run(tx, params, grads_seq, jit=True, apply=False):

@@ -19,7 +19,7 @@ KWARGS = dict(decay=0.9, momentum=0.9, centered=True)
 
 
 def _both(wrap, steps=6, grads=None):
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   grads = grads or gradient_sequence(steps, scale=3.0)
   ours, our_state = run(
     wrap(rmsprop_jax.rmsprop(0.01, **KWARGS, clamp_variance=False)),

@@ -73,7 +73,7 @@ SCHEDULE_CONFIGS = [
   ids=lambda x: x if isinstance(x, str) else str(x),
 )
 def test_rmsprop_matches_optax_float32(config, lr):
-  params = random_tree(jax.random.PRNGKey(1))
+  params = random_tree(1)
   grads = gradient_sequence(STEPS, scale=2.0, shift=0.3)
   lr = LEARNING_RATES[lr]
   ours, our_state = run(
@@ -93,7 +93,7 @@ def test_rmsprop_matches_optax_float32(config, lr):
 
 @pytest.mark.parametrize('config', CONFIGS[::3], ids=str)
 def test_rmsprop_matches_optax_eagerly(config):
-  params = random_tree(jax.random.PRNGKey(2))
+  params = random_tree(2)
   grads = gradient_sequence(5, seed=3)
   ours, _ = run(
     rmsprop_jax.rmsprop(0.01, **config, **_exact_kwargs(config)),
@@ -107,7 +107,7 @@ def test_rmsprop_matches_optax_eagerly(config):
 
 @pytest.mark.parametrize('config', CONFIGS[::2], ids=str)
 def test_rmsprop_matches_optax_float64(config, x64):
-  params = random_tree(jax.random.PRNGKey(4), jnp.float64)
+  params = random_tree(4, jnp.float64)
   grads = gradient_sequence(STEPS, jnp.float64, seed=5)
   ours, _ = run(
     rmsprop_jax.rmsprop(0.02, decay=0.95, **config, **_exact_kwargs(config)),
@@ -121,7 +121,7 @@ def test_rmsprop_matches_optax_float64(config, x64):
 
 @pytest.mark.parametrize('config', CONFIGS[1::4], ids=str)
 def test_rmsprop_matches_optax_bfloat16(config):
-  params = random_tree(jax.random.PRNGKey(6), jnp.bfloat16)
+  params = random_tree(6, jnp.bfloat16)
   grads = gradient_sequence(STEPS, jnp.bfloat16, seed=7)
   ours, state = run(
     rmsprop_jax.rmsprop(0.02, **config, **_exact_kwargs(config)), params, grads
@@ -145,7 +145,7 @@ BLOCK_ARGS = [
 @pytest.mark.parametrize('kwargs', BLOCK_ARGS, ids=str)
 @pytest.mark.parametrize('name', ['scale_by_rms', 'scale_by_stddev'])
 def test_building_blocks_match_optax(name, kwargs):
-  params = random_tree(jax.random.PRNGKey(8))
+  params = random_tree(8)
   grads = gradient_sequence(STEPS, seed=9, shift=-0.5)
   extra = dict(clamp_variance=False) if name == 'scale_by_stddev' else {}
   ours, our_state = run(
@@ -201,7 +201,7 @@ def test_clamp_changes_only_negative_variances(eps_in_sqrt):
 
 
 def test_clamp_makes_centered_bias_corrected_first_step_finite():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   grads = gradient_sequence(1, scale=3.0, seed=11)
   ours, _ = run(
     rmsprop_jax.rmsprop(
@@ -214,7 +214,7 @@ def test_clamp_makes_centered_bias_corrected_first_step_finite():
 
 
 def test_state_fields_are_found_by_name():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   tx = rmsprop_jax.rmsprop(0.1, centered=True, momentum=0.9)
   state = tx.init(params)
   chex.assert_trees_all_equal_structs(optax.tree.get(state, 'nu'), params)

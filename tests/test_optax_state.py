@@ -44,7 +44,7 @@ def make(lib, name):
   return lib.rmsprop(**ARGS[name])
 
 
-PARAMS = random_tree(jax.random.PRNGKey(0))
+PARAMS = random_tree(0)
 GRADS = gradient_sequence(6, seed=3, scale=2.0)
 
 

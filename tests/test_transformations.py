@@ -40,7 +40,7 @@ def _assert_close_to_rounding(actual, desired):
 
 
 def test_jit_does_not_recompile():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   tx = rmsprop_jax.rmsprop(
     optax.cosine_decay_schedule(0.1, 100), **ALL_FEATURES
   )
@@ -60,7 +60,7 @@ def test_jit_does_not_recompile():
 def test_vmap_over_a_batch_of_parameter_trees_equals_a_loop():
   tx = rmsprop_jax.rmsprop(0.05, centered=True, momentum=0.5)
   batch = 3
-  params = [random_tree(jax.random.PRNGKey(i)) for i in range(batch)]
+  params = [random_tree(i) for i in range(batch)]
   grads = [gradient_sequence(5, seed=10 + i) for i in range(batch)]
   loop = [run(tx, p, g)[0][-1] for p, g in zip(params, grads)]
 
@@ -76,7 +76,7 @@ def test_vmap_over_a_batch_of_parameter_trees_equals_a_loop():
 
 
 def test_vmap_over_hyperparameters_equals_a_loop():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   grads = gradient_sequence(6)
   lrs = jnp.array([0.1, 0.01, 0.001])
   decays = jnp.array([0.5, 0.9, 0.99])
@@ -91,15 +91,23 @@ def test_vmap_over_hyperparameters_equals_a_loop():
 
   batched = jax.jit(jax.vmap(final_params))(lrs, decays)
   for i in range(3):
-    chex.assert_trees_all_close(
-      jax.tree.map(lambda x, i=i: x[i], batched),
-      final_params(float(lrs[i]), float(decays[i])),
-      rtol=1e-6,
-    )
+    member = jax.tree.map(lambda x, i=i: x[i], batched)
+    alone = final_params(float(lrs[i]), float(decays[i]))  # Eagerly.
+    assert jax.tree.structure(member) == jax.tree.structure(alone)
+    # Compiled, XLA:CPU contracts some multiply-adds into FMAs that the
+    # eager loop rounds twice: an ulp or two of each step's terms, which is
+    # a large part of a parameter that the steps bring near zero. Hence a
+    # tolerance relative to each entry or to its leaf's largest (measured:
+    # 3.2e-7 of the largest at most; a wrong member's hyperparameters are
+    # off by far more).
+    for x, y in zip(jax.tree.leaves(member), jax.tree.leaves(alone)):
+      np.testing.assert_allclose(
+        x, y, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(y)))
+      )
 
 
 def test_inject_hyperparams_matches_fixed_hyperparameters():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   grads = gradient_sequence(5)
   kwargs = dict(decay=0.8, eps=1e-6, momentum=0.9, weight_decay=0.01)
   injected = optax.inject_hyperparams(rmsprop_jax.rmsprop)(
@@ -130,7 +138,7 @@ def test_inject_hyperparams_matches_fixed_hyperparameters():
   ],
 )
 def test_presets_work_inside_inject_hyperparams(preset, kwargs):
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   grads = gradient_sequence(3)
   ours, _ = run(optax.inject_hyperparams(preset)(**kwargs), params, grads)
   ref, _ = run(preset(**kwargs), params, grads)
@@ -138,7 +146,7 @@ def test_presets_work_inside_inject_hyperparams(preset, kwargs):
 
 
 def test_schedule_equals_stepwise_constants():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   grads = gradient_sequence(6)
   schedule = optax.exponential_decay(0.1, transition_steps=1, decay_rate=0.7)
   ours, _ = run(
@@ -157,7 +165,7 @@ def test_schedule_equals_stepwise_constants():
 
 
 def test_unknown_extra_arguments_are_accepted():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   tx = rmsprop_jax.rmsprop(0.1, **ALL_FEATURES)
   assert isinstance(tx, optax.GradientTransformationExtraArgs)
   state = tx.init(params)
@@ -189,7 +197,7 @@ def test_nested_pytrees_with_scalars_and_empty_subtrees():
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_dtypes_are_preserved(dtype):
-  params = random_tree(jax.random.PRNGKey(0), dtype)
+  params = random_tree(0, dtype)
   grads = gradient_sequence(3, dtype)
   tx = rmsprop_jax.rmsprop(0.01, **ALL_FEATURES)
   updates, state = run(tx, params, grads)
@@ -208,7 +216,7 @@ def test_dtypes_are_preserved_in_float64(x64):
 
 @pytest.mark.parametrize('centered', [False, True])
 def test_nu_dtype_is_honoured(centered):
-  params = random_tree(jax.random.PRNGKey(0), jnp.bfloat16)
+  params = random_tree(0, jnp.bfloat16)
   grads = gradient_sequence(8, jnp.bfloat16, seed=1)
   names = ['nu', 'mu'] if centered else ['nu']
   block = rmsprop_jax.scale_by_stddev if centered else rmsprop_jax.scale_by_rms
@@ -253,7 +261,7 @@ def test_nu_dtype_is_honoured(centered):
 
 
 def test_nu_dtype_bfloat16_state_for_float32_params():
-  params = random_tree(jax.random.PRNGKey(0))
+  params = random_tree(0)
   tx = rmsprop_jax.scale_by_rms(nu_dtype='bfloat16')
   updates, state = run(tx, params, gradient_sequence(3))
   assert {x.dtype for x in jax.tree.leaves(state.nu)} == {

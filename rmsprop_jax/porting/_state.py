@@ -173,14 +173,15 @@ def moment(trees, path, owner, name):
 
 
 def probe(params, seed=0):
-  """A tree like ``params``: fixed, varied values of both signs."""
+  """A tree like ``params``: fixed, varied values of both signs, drawn on
+  the host by NumPy (``jax.random`` would compile a program per shape)."""
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  rng = np.random.default_rng(seed)
   return jax.tree.unflatten(
     treedef,
     [
-      jax.random.normal(k, jnp.shape(x)).astype(jnp.result_type(x))
-      for k, x in zip(keys, leaves)
+      jnp.asarray(rng.standard_normal(jnp.shape(x)).astype(jnp.result_type(x)))
+      for x in leaves
     ],
   )
 
