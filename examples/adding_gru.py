@@ -9,13 +9,16 @@ Recurrent networks are where RMSprop was first made to work: Graves (2013)
 trained his LSTMs with centered RMSprop and momentum
 (``rmsprop_jax.presets.graves2013``). Here it races plain RMSprop
 (``rmsprop_jax.rmsprop``: decay 0.9, eps 1e-8) on a Flax Linen GRU. Each
-optimizer gets the same learning-rate grid; every (learning rate, seed) pair
-trains at once, as one ``jax.vmap`` of a ``lax.scan`` over the training steps
-(fresh batches every step). The best learning rate of each is the one with
-the lowest median loss over the last tenth of the steps.
+optimizer gets the same learning-rate grid, the same initial parameters and
+the same batches (fresh ones every step); every (learning rate, seed) pair
+trains at once, as one ``jax.vmap`` of a ``lax.scan`` over the training
+steps. The best learning rate of each is the one with the lowest median
+loss over the last tenth of the steps.
 
     python examples/adding_gru.py [--quick] [--out DIR] [--seed N]
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -50,36 +53,54 @@ def adding_batch(key, batch, length):
   return jnp.stack([values, marks], -1), jnp.sum(values * marks, 1)
 
 
+@functools.cache
+def make_runs(length, hidden, batch, steps):
+  """``runs(seeds)``: each seed's initial GRU parameters and its ``steps``
+  batches (inputs ``(seeds, steps, batch, length, 2)``, targets ``(seeds,
+  steps, batch)``), made by one jitted program that every optimizer's
+  trainer shares (the random draws and the initializers are the slowest
+  part to compile)."""
+  model = GRURegressor(hidden)
+
+  def one(seed):
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    params = model.init(init_key, jnp.zeros((1, length, 2)))
+    keys = jax.random.split(data_key, steps)
+    return params, jax.vmap(lambda k: adding_batch(k, batch, length))(keys)
+
+  return jax.jit(jax.vmap(one))
+
+
 def make_trainer(make_tx, length, hidden, batch, steps, bar=None):
+  """``train(lrs, seeds) -> losses[lr, seed, step]``: every (learning
+  rate, seed) pair from the seed's parameters and batches
+  (:func:`make_runs`), the optimizer ``make_tx(lr)``."""
   model = GRURegressor(hidden)
 
   def loss_fn(params, x, y):
     return jnp.mean((model.apply(params, x) - y) ** 2)
 
-  def train(lr, seed):
+  def train(lr, params, data):
     tx = make_tx(lr)
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = model.init(init_key, jnp.zeros((1, length, 2)))
 
     def step(carry, inputs):
-      i, key = inputs
+      i, (x, y) = inputs
       if bar is not None:
         bar.tick(i)
       params, state = carry
-      x, y = adding_batch(key, batch, length)
       loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
       updates, state = tx.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
 
     _, losses = jax.lax.scan(
-      step,
-      (params, tx.init(params)),
-      (jnp.arange(steps), jax.random.split(data_key, steps)),
+      step, (params, tx.init(params)), (jnp.arange(steps), data)
     )
     return losses
 
-  # All (learning rate, seed) pairs at once: losses[lr, seed, step].
-  return jax.jit(jax.vmap(jax.vmap(train, (None, 0)), (0, None)))
+  # All (learning rate, seed) pairs at once.
+  run = jax.jit(jax.vmap(jax.vmap(train, (None, 0, 0)), (0, None, None)))
+  runs = make_runs(length, hidden, batch, steps)
+  return lambda lrs, seeds: run(lrs, *runs(seeds))
 
 
 OPTIMIZERS = {
