@@ -14,6 +14,7 @@ own source files).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -259,6 +260,20 @@ def train(problem: Problem, options: dict, lrs, seeds, steps) -> dict:
   return {k: np.concatenate([g[k] for g in groups], axis=1) for k in groups[0]}
 
 
+@functools.cache
+def _start(problem: Problem, every: int):
+  """Each seed's initial parameters and minibatch keys (``RECORDS`` chunks
+  of ``every``), one jitted program per problem that every state shares
+  (the initializers' random draws are slow to compile)."""
+
+  def start(seed):
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    keys = jax.random.split(data_key, RECORDS * every)
+    return problem.init(init_key), keys.reshape(RECORDS, every, -1)
+
+  return jax.jit(jax.vmap(start))
+
+
 def train_group(problem: Problem, options: dict, lrs, seeds, steps) -> dict:
   """Held-out metrics at the end of training: {metric: array[lr, seed]},
   each the mean of the last ``TAIL`` of ``RECORDS`` evaluations spread
@@ -274,12 +289,6 @@ def train_group(problem: Problem, options: dict, lrs, seeds, steps) -> dict:
   every = steps // RECORDS
   make = lambda lr: rmsprop_jax.rmsprop(lr, decay=DECAY, **options)
 
-  def start(seed):
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-    params = problem.init(init_key)
-    keys = jax.random.split(data_key, RECORDS * every)
-    return params, make(1.0).init(params), keys.reshape(RECORDS, every, -1)
-
   def chunk(lr, params, state, keys):
     tx = make(lr)
 
@@ -293,7 +302,8 @@ def train_group(problem: Problem, options: dict, lrs, seeds, steps) -> dict:
     return params, state, problem.metrics(params)
 
   lrs = jnp.asarray(lrs, jnp.float32)
-  params, state, keys = jax.jit(jax.vmap(start))(jnp.asarray(seeds))
+  params, keys = _start(problem, every)(jnp.asarray(seeds))
+  state = jax.jit(jax.vmap(make(1.0).init))(params)
   # Every learning rate starts from each seed's parameters and state.
   tile = lambda x: jnp.broadcast_to(x, (len(lrs),) + x.shape)
   params, state = jax.tree.map(tile, (params, state))
