@@ -18,9 +18,10 @@ from rmsprop_jax import packing
 from helpers import assert_trees_equal, run
 
 
-def layered_tree(key, dtype=jnp.float32, scale=1.0):
+def layered_tree(seed, dtype=jnp.float32, scale=1.0):
   """Three identical 'layers' (groups to stack, including a (4, 3) leaf and
-  scalars), a large leaf, a lone small leaf and a bfloat16 pair."""
+  scalars), a large leaf, a lone small leaf and a bfloat16 pair; drawn by
+  NumPy from ``seed`` (``jax.random`` compiles a program per shape)."""
   shapes = {
     'layers': [
       {'w': (4, 3), 'b': (3,), 'ln': (8,), 'gain': ()} for _ in range(3)
@@ -31,25 +32,17 @@ def layered_tree(key, dtype=jnp.float32, scale=1.0):
   leaves, treedef = jax.tree.flatten(
     shapes, is_leaf=lambda x: isinstance(x, tuple)
   )
-  keys = jax.random.split(key, len(leaves) + 2)
-  tree = jax.tree.unflatten(
-    treedef,
-    [
-      (scale * jax.random.normal(k, s)).astype(dtype)
-      for k, s in zip(keys, leaves)
-    ],
+  rng = np.random.default_rng(seed)
+  draw = lambda s, dtype: jnp.asarray(
+    (scale * rng.standard_normal(s)).astype(dtype)
   )
-  tree['half'] = [
-    (scale * jax.random.normal(k, (5,))).astype(jnp.bfloat16) for k in keys[-2:]
-  ]
+  tree = jax.tree.unflatten(treedef, [draw(s, dtype) for s in leaves])
+  tree['half'] = [draw((5,), jnp.bfloat16) for _ in range(2)]
   return tree
 
 
 def grad_seq(steps, **kwargs):
-  return [
-    layered_tree(jax.random.PRNGKey(100 + i), scale=3.0, **kwargs)
-    for i in range(steps)
-  ]
+  return [layered_tree(100 + i, scale=3.0, **kwargs) for i in range(steps)]
 
 
 VARIANTS = {
@@ -81,7 +74,7 @@ def _lr(name):
 
 @pytest.mark.parametrize('name', list(VARIANTS))
 def test_packing_changes_no_bit(name):
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   grads = grad_seq(4)
   packed_tx = rmsprop_jax.rmsprop(_lr(name), **VARIANTS[name], packing=True)
   plain_tx = rmsprop_jax.rmsprop(_lr(name), **VARIANTS[name], packing=False)
@@ -112,7 +105,7 @@ OPTAX_ARGS = {
 
 @pytest.mark.parametrize('name', list(OPTAX_ARGS))
 def test_packed_equals_optax(name):
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   grads = grad_seq(4)
   clamp = {'clamp_variance': False} if 'centered' in name else {}
   ours, state = run(
@@ -165,7 +158,7 @@ def test_layout_stacks_only_repeated_small_leaves():
 
 
 def test_packing_is_opt_in():
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   state = rmsprop_jax.rmsprop(0.1).init(params)
   assert not rmsprop_jax.packing.is_packed(state)
   assert jax.tree.structure(state) == jax.tree.structure(
@@ -185,7 +178,7 @@ def test_vmap_over_packed_state():
   """A batch of optimizers (e.g. a seed sweep): vmapped init and update."""
   batch = jax.tree.map(
     lambda *x: jnp.stack(x),
-    *[layered_tree(jax.random.PRNGKey(i)) for i in range(3)],
+    *[layered_tree(i) for i in range(3)],
   )
   grads = jax.tree.map(lambda *x: jnp.stack(x), *grad_seq(3))
   results = {}
@@ -199,7 +192,7 @@ def test_vmap_over_packed_state():
 
 
 def test_inject_hyperparams_and_eval_shape():
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   grads = grad_seq(3)
   injected = {
     packed: optax.inject_hyperparams(rmsprop_jax.rmsprop)(
@@ -218,7 +211,7 @@ def test_inject_hyperparams_and_eval_shape():
 
 
 def test_effective_learning_rate_reads_packed_state():
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   out = {}
   for packed in (True, False):
     _, state = run(
@@ -234,7 +227,7 @@ def test_effective_learning_rate_reads_packed_state():
 
 def test_mismatched_gradients_are_named():
   tx = rmsprop_jax.rmsprop(0.05, packing=True)
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   state = tx.init(params)
   grads = grad_seq(1)[0]
   wrong_shape = dict(grads, lone=jnp.zeros(6))
@@ -298,7 +291,7 @@ def test_flax_nnx_optimizer_with_repeated_layers():
 
 def test_orbax_round_trip_of_packed_state(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
-  params = layered_tree(jax.random.PRNGKey(0))
+  params = layered_tree(0)
   tx = rmsprop_jax.rmsprop(0.05, centered=True, momentum=0.9, packing=True)
   _, state = run(tx, params, grad_seq(2))
   with ocp.StandardCheckpointer() as ckpt:

@@ -17,6 +17,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import rmsprop_jax
@@ -45,8 +46,8 @@ def params_on(mesh=None):
   leaves, treedef = jax.tree.flatten(
     shapes, is_leaf=lambda x: isinstance(x, tuple)
   )
-  keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-  values = [jax.random.normal(k, s) for k, s in zip(keys, leaves)]
+  rng = np.random.default_rng(0)  # (jax.random compiles a program a shape.)
+  values = [jnp.asarray(rng.standard_normal(s, np.float32)) for s in leaves]
   if mesh is not None:
     spec = lambda x: jax.sharding.PartitionSpec(*(('x',) if x.ndim else ()))
     values = [
