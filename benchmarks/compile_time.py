@@ -58,8 +58,8 @@ BLOCK = [
 def trees(quick: bool) -> dict[str, list[tuple[int, ...]]]:
   if quick:
     return {
-      '25 distinct': [(64 + i,) for i in range(25)],
-      '50 in 2 blocks': BLOCK * 2,
+      '10 distinct': [(64 + i,) for i in range(10)],
+      '25 in 1 block': BLOCK,
     }
   return {
     '1000 x 64': [(64,)] * 1000,
