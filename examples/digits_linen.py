@@ -52,7 +52,8 @@ def make_tx(rmsprop, schedule):
 def create_state(rmsprop, schedule, x, seed):
   """A fresh TrainState: the CNN initialised on ``x[:1]`` from ``seed``."""
   model = CNN()
-  params = model.init(jax.random.PRNGKey(seed), x[:1])['params']
+  # Jitted: one program (eagerly, each layer's initializer compiles apart).
+  params = jax.jit(model.init)(jax.random.PRNGKey(seed), x[:1])['params']
   return train_state.TrainState.create(
     apply_fn=model.apply, params=params, tx=make_tx(rmsprop, schedule)
   )
