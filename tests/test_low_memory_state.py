@@ -243,17 +243,19 @@ def test_slow_average_keeps_moving_only_with_stochastic_rounding():
 # --- In the optimizer -----------------------------------------------------------
 
 
-def model_tree(key):
-  keys = jax.random.split(key, 4)
+def model_tree(seed):
+  """Two kernels and their biases; NumPy draws the kernels (jax.random
+  compiles a program per shape)."""
+  rng = np.random.default_rng(seed)
   return {
-    'w1': jax.random.normal(keys[0], (64, 300)) * 0.1,
-    'w2': jax.random.normal(keys[1], (300, 10)) * 0.1,
+    'w1': jnp.asarray(rng.standard_normal((64, 300), np.float32) * 0.1),
+    'w2': jnp.asarray(rng.standard_normal((300, 10), np.float32) * 0.1),
     'b': [jnp.zeros(300), jnp.zeros(10)],
   }
 
 
 def _steps(tx, steps=20):
-  params = model_tree(jax.random.PRNGKey(0))
+  params = model_tree(0)
   state = tx.init(params)
   update = jax.jit(tx.update)
   for i in range(steps):
@@ -292,8 +294,8 @@ def test_8bit_centered_momentum_vmap_and_effective_lr():
   tx = rmsprop_jax.rmsprop(
     1e-2, nu_dtype=jnp.uint8, centered=True, momentum=0.9
   )
-  batch = jax.vmap(lambda k: model_tree(k))(
-    jax.random.split(jax.random.PRNGKey(0), 3)
+  batch = jax.tree.map(
+    lambda *x: jnp.asarray(np.stack(x)), *map(model_tree, range(3))
   )
   state = jax.vmap(tx.init)(batch)
   _, state = jax.jit(jax.vmap(tx.update))(batch, state, batch)
