@@ -151,12 +151,10 @@ def test_stochastic_bf16_is_unbiased_and_nearest_is_not():
   ],
 )
 def test_8bit_codes_match_numpy(shape, scale_shape):
-  key = jax.random.PRNGKey(1)
   size = int(np.prod(shape))
-  x = jnp.abs(jax.random.normal(key, (size,))) ** 3 * 10.0 ** (
-    jnp.arange(size) % 9 - 4.0
-  )
-  x = x.reshape(shape)
+  rng = np.random.default_rng(1)  # (jax.random compiles a program a shape.)
+  x = np.abs(rng.standard_normal(size)) ** 3 * 10.0 ** (np.arange(size) % 9 - 4)
+  x = jnp.asarray(x.astype(np.float32).reshape(shape))
   q = quantization.quantize(x, 9, 4)
   codes, scale = np_quantize(np.asarray(x), 9, 4)
   assert q.codes.shape == shape and q.codes.dtype == jnp.uint8
@@ -385,7 +383,7 @@ def test_each_leaf_and_moment_rounds_with_its_own_bits():
   unrounded float32 moments, with the step count and a salt per leaf (0, 1,
   ...) and per moment (``nu`` from 0, ``mu`` from 2**20): two leaves with
   the same gradients are rounded with different bits."""
-  g = jax.random.normal(jax.random.PRNGKey(3), (2, 500)) * 1e-2
+  g = jnp.asarray(np.random.default_rng(3).normal(0, 1e-2, (2, 500)), 'f4')
   grads = {'a': g[0], 'b': g[0], 'c': g[1]}
   params = jax.tree.map(jnp.zeros_like, grads)
   wide = rmsprop_jax.scale_by_stddev(decay=0.9, bias_correction=True)
@@ -453,7 +451,7 @@ def test_each_8bit_leaf_codes_with_its_own_bits():
   of its unrounded float32 moment, with the step count and salt ``i``,
   against the block scales decay * old scale + (1 - decay) * the block's
   largest g**2 (which bound the new moment from above)."""
-  g = jax.random.normal(jax.random.PRNGKey(4), (2, 700)) * 1e-2
+  g = jnp.asarray(np.random.default_rng(4).normal(0, 1e-2, (2, 700)), 'f4')
   grads = {'a': g[0], 'b': g[0], 'c': g[1]}
   params = jax.tree.map(jnp.zeros_like, grads)
   wide = rmsprop_jax.scale_by_rms(decay=0.9, bias_correction=True)
@@ -559,10 +557,12 @@ def _checkpoint_0_1_0(tx, params, grads):
 
 def test_0_1_0_8bit_checkpoint_is_refused_by_name_then_upgraded():
   tx = rmsprop_jax.rmsprop(1e-2, momentum=0.9, nu_dtype=jnp.uint8)
-  key = jax.random.PRNGKey(0)
+  rng = np.random.default_rng(0)
   params = {
-    'kernel': jax.random.normal(key, (8, 512)),  # Same blocks in both.
-    'odd': jax.random.normal(key, (3, 300)),  # Blocks of 256 over rows.
+    # Same blocks in both layouts.
+    'kernel': jnp.asarray(rng.standard_normal((8, 512), 'f4')),
+    # Blocks of 256 over rows.
+    'odd': jnp.asarray(rng.standard_normal((3, 300), 'f4')),
     'bias': jnp.zeros(5),
     'scalar': jnp.zeros(()),
   }
@@ -628,7 +628,7 @@ def test_8bit_scale_follows_a_slow_decay(decay):
   times too short for good."""
   tx = rmsprop_jax.scale_by_rms(decay=decay, nu_dtype=jnp.uint8)
   wide = rmsprop_jax.scale_by_rms(decay=decay)
-  g = jax.random.normal(jax.random.PRNGKey(0), (4, 256))
+  g = jnp.asarray(np.random.default_rng(0).standard_normal((4, 256), 'f4'))
   run = jax.jit(
     lambda tx, scale, n: jax.lax.scan(
       lambda s, i: (tx.update(g * jnp.where(i < 20, scale, 1e-3), s)[1], None),
