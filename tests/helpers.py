@@ -7,8 +7,8 @@ import numpy as np
 
 def random_tree(seed, dtype=jnp.float32, scale=1.0, shift=0.0):
   """A nested parameter-like pytree with leaves of assorted shapes, drawn
-  by NumPy from ``seed`` (an int or a sequence of ints): ``jax.random``
-  would compile and run a program per leaf."""
+  by NumPy from ``seed`` (what ``np.random.default_rng`` takes):
+  ``jax.random`` would compile and run a program per leaf."""
   shapes = {
     'dense': {'w': (4, 3), 'b': (3,)},
     'list': [(2,), (1, 2, 2)],
@@ -26,8 +26,13 @@ def random_tree(seed, dtype=jnp.float32, scale=1.0, shift=0.0):
 
 
 def gradient_sequence(steps, dtype=jnp.float32, seed=0, **kwargs):
-  """``steps`` random gradient trees (same structure as ``random_tree``)."""
-  return [random_tree((seed, i), dtype, **kwargs) for i in range(steps)]
+  """``steps`` random gradient trees (same structure as ``random_tree``),
+  each from its own stream of ``seed`` (a child of it: never the stream of
+  ``random_tree(seed)``, so the parameters are not the first gradient)."""
+  return [
+    random_tree(np.random.SeedSequence(seed, spawn_key=(i,)), dtype, **kwargs)
+    for i in range(steps)
+  ]
 
 
 def run(tx, params, grads_seq, jit=True, apply=False):

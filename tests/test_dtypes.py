@@ -433,9 +433,10 @@ def test_dtype_policy_property(param_dtype, grad_dtype, variant, way, seed):
   assert jax.tree.structure(s_end) == jax.tree.structure(state)
   assert dtypes_of(s_end) == dtypes_of(state)
   assert dtypes_of(p_end) == dtypes_of(params)
-  assert [x.shape for x in jax.tree.leaves(s_end)] == [
-    x.shape for x in jax.tree.leaves(state)
-  ]
+  shapes = lambda tree: [x.shape for x in jax.tree.leaves(tree)]
+  assert shapes(s_end) == shapes(state)
+  assert jax.tree.structure(p_end) == jax.tree.structure(params)
+  assert shapes(p_end) == shapes(updates) == shapes(params)
   # The updates' dtype follows the policy: never a hyperparameter's.
   want = (
     g_dtype if 'nu_dtype' in kwargs else jnp.promote_types(g_dtype, p_dtype)

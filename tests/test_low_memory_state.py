@@ -152,7 +152,7 @@ def test_stochastic_bf16_is_unbiased_and_nearest_is_not():
 )
 def test_8bit_codes_match_numpy(shape, scale_shape):
   size = int(np.prod(shape))
-  rng = np.random.default_rng(1)  # (jax.random compiles a program a shape.)
+  rng = np.random.default_rng(1)  # (jax.random compiles a program per shape.)
   x = np.abs(rng.standard_normal(size)) ** 3 * 10.0 ** (np.arange(size) % 9 - 4)
   x = jnp.asarray(x.astype(np.float32).reshape(shape))
   q = quantization.quantize(x, 9, 4)

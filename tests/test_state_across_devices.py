@@ -46,7 +46,7 @@ def params_on(mesh=None):
   leaves, treedef = jax.tree.flatten(
     shapes, is_leaf=lambda x: isinstance(x, tuple)
   )
-  rng = np.random.default_rng(0)  # (jax.random compiles a program a shape.)
+  rng = np.random.default_rng(0)  # (jax.random compiles a program per shape.)
   values = [jnp.asarray(rng.standard_normal(s, np.float32)) for s in leaves]
   if mesh is not None:
     spec = lambda x: jax.sharding.PartitionSpec(*(('x',) if x.ndim else ()))
