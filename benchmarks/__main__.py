@@ -30,8 +30,8 @@ def main(argv=None):
     '--quick',
     action='store_true',
     help='small trees and problems, few repetitions: a '
-    'smoke run of about 3.5 minutes on a quiet 2-core '
-    'machine (measured)',
+    'smoke run of about 5.5 minutes on a 2-core machine '
+    '(measured)',
   )
   parser.add_argument(
     '--suites',
