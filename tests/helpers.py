@@ -5,24 +5,33 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def normal_tree(shapes, seed, dtype=jnp.float32, scale=1.0, shift=0.0):
+  """A tree like ``shapes`` (a pytree whose leaves are shape tuples) of
+  ``shift + scale * N(0, 1)`` arrays of ``dtype``, drawn by NumPy from
+  ``seed`` (what ``np.random.default_rng`` takes): ``jax.random`` would
+  compile and run a program per leaf shape."""
+  leaves, treedef = jax.tree.flatten(
+    shapes, is_leaf=lambda x: isinstance(x, tuple)
+  )
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(
+    treedef,
+    [
+      jnp.asarray((shift + scale * rng.standard_normal(s)).astype(dtype))
+      for s in leaves
+    ],
+  )
+
+
 def random_tree(seed, dtype=jnp.float32, scale=1.0, shift=0.0):
-  """A nested parameter-like pytree with leaves of assorted shapes, drawn
-  by NumPy from ``seed`` (what ``np.random.default_rng`` takes):
-  ``jax.random`` would compile and run a program per leaf."""
+  """A nested parameter-like pytree with leaves of assorted shapes
+  (:func:`normal_tree`)."""
   shapes = {
     'dense': {'w': (4, 3), 'b': (3,)},
     'list': [(2,), (1, 2, 2)],
     'scalar': (),
   }
-  leaves, treedef = jax.tree.flatten(
-    shapes, is_leaf=lambda x: isinstance(x, tuple)
-  )
-  rng = np.random.default_rng(seed)
-  arrays = [
-    jnp.asarray((shift + scale * rng.standard_normal(s)).astype(dtype))
-    for s in leaves
-  ]
-  return jax.tree.unflatten(treedef, arrays)
+  return normal_tree(shapes, seed, dtype, scale, shift)
 
 
 def gradient_sequence(steps, dtype=jnp.float32, seed=0, **kwargs):

@@ -59,7 +59,7 @@ import rmsprop_jax
 from rmsprop_jax import presets
 
 from conftest import require
-from helpers import assert_trees_equal
+from helpers import assert_trees_equal, normal_tree
 
 nnx = require('flax.nnx')
 ocp = require('orbax.checkpoint')
@@ -186,12 +186,7 @@ def make_params(seed=0, extra=False):
   ``extra``, also a zero-size leaf and a ``None``."""
   shapes = {'b': (5,), 'big': (20, 16), 'scalar': (), 'w1': (3, 4)}
   shapes['w2'] = (3, 4)
-  # NumPy draws the values (jax.random would compile a program per shape).
-  rng = np.random.default_rng(seed)
-  params = {
-    name: jnp.asarray(rng.standard_normal(shape, np.float32))
-    for name, shape in shapes.items()
-  }
+  params = normal_tree(shapes, seed)
   if extra:
     params['empty'] = jnp.zeros((0, 3))
     params['none'] = None

@@ -16,6 +16,8 @@ import pytest
 import rmsprop_jax
 from rmsprop_jax import quantization
 
+from helpers import normal_tree
+
 M32 = 0xFFFFFFFF
 
 
@@ -242,14 +244,9 @@ def test_slow_average_keeps_moving_only_with_stochastic_rounding():
 
 
 def model_tree(seed):
-  """Two kernels and their biases; NumPy draws the kernels (jax.random
-  compiles a program per shape)."""
-  rng = np.random.default_rng(seed)
-  return {
-    'w1': jnp.asarray(rng.standard_normal((64, 300), np.float32) * 0.1),
-    'w2': jnp.asarray(rng.standard_normal((300, 10), np.float32) * 0.1),
-    'b': [jnp.zeros(300), jnp.zeros(10)],
-  }
+  """Two kernels and their biases."""
+  kernels = normal_tree({'w1': (64, 300), 'w2': (300, 10)}, seed, scale=0.1)
+  return {**kernels, 'b': [jnp.zeros(300), jnp.zeros(10)]}
 
 
 def _steps(tx, steps=20):

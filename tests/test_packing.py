@@ -15,13 +15,12 @@ import pytest
 import rmsprop_jax
 from rmsprop_jax import packing
 
-from helpers import assert_trees_equal, run
+from helpers import assert_trees_equal, normal_tree, run
 
 
 def layered_tree(seed, dtype=jnp.float32, scale=1.0):
   """Three identical 'layers' (groups to stack, including a (4, 3) leaf and
-  scalars), a large leaf, a lone small leaf and a bfloat16 pair; drawn by
-  NumPy from ``seed`` (``jax.random`` compiles a program per shape)."""
+  scalars), a large leaf, a lone small leaf and a bfloat16 pair."""
   shapes = {
     'layers': [
       {'w': (4, 3), 'b': (3,), 'ln': (8,), 'gain': ()} for _ in range(3)
@@ -29,15 +28,8 @@ def layered_tree(seed, dtype=jnp.float32, scale=1.0):
     'head': (8, 600),  # 4,800 elements: above PACK_MAX_SIZE.
     'lone': (7,),
   }
-  leaves, treedef = jax.tree.flatten(
-    shapes, is_leaf=lambda x: isinstance(x, tuple)
-  )
-  rng = np.random.default_rng(seed)
-  draw = lambda s, dtype: jnp.asarray(
-    (scale * rng.standard_normal(s)).astype(dtype)
-  )
-  tree = jax.tree.unflatten(treedef, [draw(s, dtype) for s in leaves])
-  tree['half'] = [draw((5,), jnp.bfloat16) for _ in range(2)]
+  tree = normal_tree(shapes, (seed, 0), dtype, scale)
+  tree['half'] = normal_tree([(5,), (5,)], (seed, 1), jnp.bfloat16, scale)
   return tree
 
 

@@ -17,10 +17,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import rmsprop_jax
+
+from helpers import normal_tree
 
 N_DEVICES = 8
 SCHEDULE = optax.cosine_decay_schedule(0.05, 20)
@@ -43,18 +44,14 @@ def make(lib, name, **extra):
 def params_on(mesh=None):
   """Parameters, split over the mesh's one axis where a mesh is given."""
   shapes = {'w': (16, 8), 'b': (8,), 'layers': [(8,)] * 4, 'scale': ()}
-  leaves, treedef = jax.tree.flatten(
-    shapes, is_leaf=lambda x: isinstance(x, tuple)
+  params = normal_tree(shapes, 0)
+  if mesh is None:
+    return params
+  spec = lambda x: jax.sharding.PartitionSpec(*(('x',) if x.ndim else ()))
+  return jax.tree.map(
+    lambda x: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x))),
+    params,
   )
-  rng = np.random.default_rng(0)  # (jax.random compiles a program per shape.)
-  values = [jnp.asarray(rng.standard_normal(s, np.float32)) for s in leaves]
-  if mesh is not None:
-    spec = lambda x: jax.sharding.PartitionSpec(*(('x',) if x.ndim else ()))
-    values = [
-      jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(x)))
-      for x in values
-    ]
-  return jax.tree.unflatten(treedef, values)
 
 
 def grads_for(params, step):
