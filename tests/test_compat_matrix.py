@@ -182,10 +182,12 @@ NAN_STEP = 1  # skip_nonfinite: this step's gradient holds a NaN.
 
 def make_params(seed=0, extra=False):
   """A small tree: a leaf of 320 elements (two blocks of the 8-bit code),
-  two (3, 4) leaves (stacked by packing), a vector and a scalar; with
-  ``extra``, also a zero-size leaf and a ``None``."""
-  shapes = {'b': (5,), 'big': (20, 16), 'scalar': (), 'w1': (3, 4)}
-  shapes['w2'] = (3, 4)
+  two (3, 4) leaves (stacked by packing) and a scalar (one block, not
+  stacked); with ``extra``, also a zero-size leaf and a ``None``. Four
+  leaves: each leaf adds its own kernels to every program a cell compiles
+  (most of the matrix's time), and a vector would take no path that these
+  do not (the 8-bit code and packing see a leaf's size, not its rank)."""
+  shapes = {'big': (20, 16), 'scalar': (), 'w1': (3, 4), 'w2': (3, 4)}
   params = normal_tree(shapes, seed)
   if extra:
     params['empty'] = jnp.zeros((0, 3))
@@ -334,15 +336,15 @@ def assert_same_run(option, params, state, seed=0, nan=True, jit=True):
 
 
 class Net(nnx.Module):
-  """Two linear layers (the second's kernel, 8 x 40, spans two blocks of
-  the 8-bit code) around a BatchNorm (its scale and bias, with the first
+  """Two linear layers (the second has no bias, and its kernel, 8 x 40,
+  spans two blocks of the 8-bit code) around a BatchNorm (its scale and bias, with the first
   bias, are three (8,) Params that packing stacks; its statistics are
   BatchStat variables that ``wrt=nnx.Param`` leaves out)."""
 
   def __init__(self, rngs):
     self.l1 = nnx.Linear(4, 8, rngs=rngs)
     self.bn = nnx.BatchNorm(8, rngs=rngs)
-    self.l2 = nnx.Linear(8, 40, rngs=rngs)
+    self.l2 = nnx.Linear(8, 40, use_bias=False, rngs=rngs)
 
   def __call__(self, x):
     return self.l2(self.bn(self.l1(x)))
