@@ -24,16 +24,13 @@ def normal_tree(shapes, seed, dtype=jnp.float32, scale=1.0, shift=0.0):
 
 
 def random_tree(seed, dtype=jnp.float32, scale=1.0, shift=0.0):
-  """A nested parameter-like pytree (:func:`normal_tree`): a dict in a
-  dict and a list, leaves of rank 3, 1 and 0, 31 numbers.
-
-  Three leaves: XLA compiles each leaf's update as its own kernels, so a
-  test's compile time grows with the number of leaves (about 25 to 60 ms a
-  leaf for an RMSprop step on CPU), while every entry of every leaf runs
-  the same elementwise code; what a comparison can catch grows with the
-  number of entries, which this tree keeps above the 22 of its earlier
-  five leaves."""
-  shapes = {'dense': {'w': (4, 3, 2), 'b': (6,)}, 'list': [()]}
+  """A nested parameter-like pytree with leaves of assorted shapes
+  (:func:`normal_tree`)."""
+  shapes = {
+    'dense': {'w': (4, 3), 'b': (3,)},
+    'list': [(2,), (1, 2, 2)],
+    'scalar': (),
+  }
   return normal_tree(shapes, seed, dtype, scale, shift)
 
 
