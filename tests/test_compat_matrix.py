@@ -185,8 +185,10 @@ def make_params(seed=0, extra=False):
   two (3, 4) leaves (stacked by packing) and a scalar (one block, not
   stacked); with ``extra``, also a zero-size leaf and a ``None``. Four
   leaves: each leaf adds its own kernels to every program a cell compiles
-  (most of the matrix's time), and a vector would take no path that these
-  do not (the 8-bit code and packing see a leaf's size, not its rank)."""
+  (most of the matrix's time). A small vector would take no path that these
+  do not: packing leaves it unstacked, like the scalar, and the 8-bit code
+  cuts a leaf this small into blocks of its flattened values, one block
+  like the (3, 4) leaves (larger leaves are cut along trailing axes)."""
   shapes = {'big': (20, 16), 'scalar': (), 'w1': (3, 4), 'w2': (3, 4)}
   params = normal_tree(shapes, seed)
   if extra:
