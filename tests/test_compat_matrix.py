@@ -339,9 +339,10 @@ def assert_same_run(option, params, state, seed=0, nan=True, jit=True):
 
 class Net(nnx.Module):
   """Two linear layers (the second has no bias, and its kernel, 8 x 40,
-  spans two blocks of the 8-bit code) around a BatchNorm (its scale and bias, with the first
-  bias, are three (8,) Params that packing stacks; its statistics are
-  BatchStat variables that ``wrt=nnx.Param`` leaves out)."""
+  spans two blocks of the 8-bit code) around a BatchNorm (its scale and
+  bias, with the first bias, are three (8,) Params that packing stacks;
+  its statistics are BatchStat variables that ``wrt=nnx.Param`` leaves
+  out)."""
 
   def __init__(self, rngs):
     self.l1 = nnx.Linear(4, 8, rngs=rngs)
