@@ -200,6 +200,53 @@ def test_clamp_changes_only_negative_variances(eps_in_sqrt):
   chex.assert_trees_all_equal(s_ours.nu, s_ref.nu)  # The state is untouched.
 
 
+@pytest.mark.parametrize('bias_correction', [False, True])
+@pytest.mark.parametrize('eps_in_sqrt', [True, False])
+def test_unclamped_variance_is_optax_own_where_it_is_negative(
+  eps_in_sqrt, bias_correction
+):
+  """``clamp_variance=False`` is optax's expression where ``nu - mu**2``
+  rounds below zero too: NaN where optax takes the root of a negative
+  number, the same bits elsewhere, with eps inside or outside the root
+  (PyTorch's centered RMSprop), with or without bias correction. The
+  random trees of the parity grid make a variance negative only by chance;
+  these gradients make it certain (as in
+  test_clamp_changes_only_negative_variances)."""
+  steps, size = 600, 500
+  noise = np.random.default_rng(1).standard_normal((steps, size), 'f4')
+  grads = {'w': 1e3 + 1e-3 * noise}
+  params = {'w': jnp.zeros(size)}
+  kwargs = dict(
+    decay=0.95,
+    eps=1e-8,
+    centered=True,
+    eps_in_sqrt=eps_in_sqrt,
+    bias_correction=bias_correction,
+  )
+  ours = rmsprop_jax.rmsprop(0.01, clamp_variance=False, **kwargs)
+  ref = optax.rmsprop(0.01, **kwargs)
+
+  def scan(tx):
+    """The updates and the variance ``nu - mu**2`` (not bias-corrected:
+    0.95**t is below float32's resolution of 1 long before it cancels) of
+    each step, and the last state: one program per optimizer, so that
+    XLA cannot share our expressions with optax's."""
+
+    def step(state, g):
+      u, state = tx.update(g, state)
+      return state, (u, _optax_variance(state[0]))
+
+    return jax.jit(lambda g: jax.lax.scan(step, tx.init(params), g))(grads)
+
+  s_ours, (u_ours, _) = scan(ours)
+  s_ref, (u_ref, var) = scan(ref)
+  assert int(np.sum(np.asarray(var['w']) < 0)) > 100
+  # |nu - mu**2| is far above eps there: optax's root is NaN either way.
+  assert np.isnan(np.asarray(u_ref['w'])).any()
+  assert_trees_equal(u_ours, u_ref)
+  assert_trees_equal(s_ours, s_ref)
+
+
 def test_clamp_makes_centered_bias_corrected_first_step_finite():
   params = random_tree(0)
   grads = gradient_sequence(1, scale=3.0, seed=11)
