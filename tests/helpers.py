@@ -24,11 +24,16 @@ def normal_tree(shapes, seed, dtype=jnp.float32, scale=1.0, shift=0.0):
 
 
 def random_tree(seed, dtype=jnp.float32, scale=1.0, shift=0.0):
-  """A nested parameter-like pytree with leaves of assorted shapes
-  (:func:`normal_tree`)."""
+  """A nested parameter-like pytree (:func:`normal_tree`): dicts and a
+  list, a leaf of each rank from 0 to 3.
+
+  Each leaf adds its own kernels to every compiled step (XLA:CPU compiles
+  about 25 to 60 ms a leaf for an RMSprop step), so the tree holds four;
+  the shapes matter, not only the number of entries (XLA:CPU compiles a
+  (4, 3) leaf's centered variance otherwise than that of other shapes)."""
   shapes = {
     'dense': {'w': (4, 3), 'b': (3,)},
-    'list': [(2,), (1, 2, 2)],
+    'list': [(1, 2, 2)],
     'scalar': (),
   }
   return normal_tree(shapes, seed, dtype, scale, shift)
