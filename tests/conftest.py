@@ -111,9 +111,11 @@ def pytest_xdist_auto_num_workers(config):
   when the last test files leave a core idle. Measured on 2 cores, three
   workers keep the cores busier (idle 1 % of the run against 3 %) and the
   run takes about 4 % less time. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` or ``-n
-  N`` still decide."""
-  if os.environ.get('PYTEST_XDIST_AUTO_NUM_WORKERS'):
-    return None  # pytest-xdist's own hook reads it.
+  N`` still decide, and ``-n logical`` is pytest-xdist's own count."""
+  if config.option.numprocesses != 'auto' or os.environ.get(
+    'PYTEST_XDIST_AUTO_NUM_WORKERS'
+  ):
+    return None  # pytest-xdist's own hook decides.
   if hasattr(os, 'sched_getaffinity'):  # Linux: the cores it may use.
     return len(os.sched_getaffinity(0)) + 1
   return (os.cpu_count() or 1) + 1
