@@ -104,7 +104,7 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_auto_num_workers(config):
-  """pytest-xdist's ``-n auto``: one worker more than this process's cores.
+  """pytest-xdist's ``-n auto``: one worker more than the cores it counts.
 
   A worker sometimes waits: on the processes a test launches (the 8-device
   and multi-process tests), on Orbax's writes, and at the end of the run,
@@ -116,9 +116,9 @@ def pytest_xdist_auto_num_workers(config):
     'PYTEST_XDIST_AUTO_NUM_WORKERS'
   ):
     return None  # pytest-xdist's own hook decides.
-  if hasattr(os, 'sched_getaffinity'):  # Linux: the cores it may use.
-    return len(os.sched_getaffinity(0)) + 1
-  return (os.cpu_count() or 1) + 1
+  from xdist.plugin import pytest_xdist_auto_num_workers as cores
+
+  return cores(config) + 1
 
 
 @pytest.hookimpl(optionalhook=True)

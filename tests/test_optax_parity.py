@@ -162,15 +162,18 @@ def _optax_variance(state):
   return jax.tree.map(lambda m, n: n - m * m, state.mu, state.nu)
 
 
+def _cancelling(seed):
+  """Parameters (500 zeros) and 600 gradients ``1e3 + 1e-3 * noise``:
+  catastrophic cancellation, once the zero start has decayed away, |mean|
+  >> std makes nu - mu**2 round below zero in many entries."""
+  noise = np.random.default_rng(seed).standard_normal((600, 500), 'f4')
+  return {'w': jnp.zeros(500)}, {'w': 1e3 + 1e-3 * noise}
+
+
 @pytest.mark.parametrize('eps_in_sqrt', [True, False])
 def test_clamp_changes_only_negative_variances(eps_in_sqrt):
-  # Catastrophic cancellation: once the zero start has decayed away,
-  # |mean| >> std makes nu - mu**2 round below zero.
   eps = 1e-8
-  steps, size = 600, 500
-  noise = np.random.default_rng(0).standard_normal((steps, size), 'f4')
-  grads = {'w': 1e3 + 1e-3 * noise}
-  params = {'w': jnp.zeros(size)}
+  params, grads = _cancelling(0)
   ours = rmsprop_jax.scale_by_stddev(
     decay=0.95, eps=eps, eps_in_sqrt=eps_in_sqrt
   )
@@ -210,12 +213,8 @@ def test_unclamped_variance_is_optax_own_where_it_is_negative(
   number, the same bits elsewhere, with eps inside or outside the root
   (PyTorch's centered RMSprop), with or without bias correction. The
   random trees of the parity grid make a variance negative only by chance;
-  these gradients make it certain (as in
-  test_clamp_changes_only_negative_variances)."""
-  steps, size = 600, 500
-  noise = np.random.default_rng(1).standard_normal((steps, size), 'f4')
-  grads = {'w': 1e3 + 1e-3 * noise}
-  params = {'w': jnp.zeros(size)}
+  these gradients (:func:`_cancelling`) make it certain."""
+  params, grads = _cancelling(1)
   kwargs = dict(
     decay=0.95,
     eps=1e-8,
