@@ -23,13 +23,20 @@ A phase does some of:
 - ``--save DIR``: saves the states it ended with, one Orbax checkpoint per
   optimizer, written by every process.
 
+The one-device runs are the same in every phase (the same program from the
+same values, step after step): the first phase runs them on for every step
+a later phase compares at and writes them to ``--write-refs FILE``, which
+the later phases read (``--refs FILE``) instead of running them again.
+
     python tests/_multiprocess_worker.py --processes N --process-id I
         --port P --mesh 4x2 --out report.json [--fresh] [--restore DIR
-        --start S] [--save DIR] [--perturb]
+        --start S] [--save DIR] [--write-refs FILE --ref-steps N | --refs
+        FILE] [--perturb]
 """
 
 import argparse
 import json
+import pickle
 import sys
 import time
 import traceback
@@ -48,6 +55,18 @@ def _parse(argv):
   parser.add_argument('--restore', help='checkpoint folder to restore from')
   parser.add_argument('--start', type=int, default=0, help='its step')
   parser.add_argument('--save', help='checkpoint folder to save into')
+  parser.add_argument(
+    '--write-refs', help='where to write the one-device runs (process 0)'
+  )
+  parser.add_argument(
+    '--ref-steps',
+    type=int,
+    default=0,
+    help='with --write-refs: also keep every K-th step up to this one',
+  )
+  parser.add_argument(
+    '--refs', help='the one-device runs an earlier phase wrote'
+  )
   parser.add_argument(
     '--perturb',
     action='store_true',
@@ -312,7 +331,7 @@ class World:
     return params, state
 
 
-def one_device(name, stops, perturb=False):
+def one_device(name, stops):
   """The reference: ``name``'s optimizer on one local device, jitted
   without shardings, from the initial parameters; (params, state) as numpy
   after each number of steps in ``stops``."""
@@ -326,9 +345,6 @@ def one_device(name, stops, perturb=False):
     params, state = step(params, state, jax.device_put(host_noise(i), device))
     if i + 1 in stops:
       out[i + 1] = to_host(params, state)
-  if perturb:  # To see the checks fail: one entry moved by 1e-5.
-    for p, _ in out.values():
-      p['w1'][3, 5] += np.float32(1e-5)
   return out
 
 
@@ -348,10 +364,20 @@ def main():
   if args.restore:
     stops |= {args.start, args.start + k}
   refs = None
-  if first:  # Only process 0 compares: the gathered values are everyone's.
+  if first and args.refs:  # Only process 0 compares: the gathered values
+    # are everyone's.
+    refs = pickle.loads(pathlib.Path(args.refs).read_bytes())
+    assert all(stops <= set(r) for r in refs.values()), (stops, args.refs)
+  elif first:
     start = time.perf_counter()
-    refs = {name: one_device(name, stops, args.perturb) for name in MAKERS}
+    stops |= set(range(k, args.ref_steps + 1, k))
+    refs = {name: one_device(name, stops) for name in MAKERS}
     print(f'one-device runs: {time.perf_counter() - start:.1f} s', flush=True)
+    if args.write_refs:
+      pathlib.Path(args.write_refs).write_bytes(pickle.dumps(refs))
+  if first and args.perturb:  # To see the checks fail: one entry moved.
+    for p, _ in (x for r in refs.values() for x in r.values()):
+      p['w1'][3, 5] += np.float32(1e-5)
   report = {}
   ended = {}  # name -> {mode: (params, state)}: what --save writes.
   fresh_ends = {}  # (name, mode) -> (params, state) as numpy, fresh runs.

@@ -4,8 +4,9 @@ processes (or 1), on a ``data x model`` mesh that spans them.
 Each test launches N fresh interpreters running ``_multiprocess_worker.py``
 (JAX's multi-controller runtime: ``jax.distributed.initialize`` on
 localhost); this process never touches their JAX state. Every worker runs
-the optimizer on the mesh, gathers the results and compares them with a
-one-device run that it computes itself, for the default, centered with
+the optimizer on the mesh, gathers the results and compares them with
+runs on one local device (the first phase runs them and writes them for
+the later ones: the same program from the same values), for the default, centered with
 momentum, bfloat16 with stochastic rounding and the 8-bit state, with the
 state sharded like the parameters and with ZeRO-1, and for
 ``optax.rmsprop``. Orbax checkpoints saved by 2 processes on a 4 x 2 mesh
@@ -33,9 +34,11 @@ WORKER = pathlib.Path(__file__).resolve().parent / '_multiprocess_worker.py'
 ROOT = WORKER.parent.parent
 TIMEOUT_S = 240  # Per launch; a launch takes 10-40 s on 2 quiet cores.
 K = 3  # Steps per phase.
-# Each phase: processes, mesh (data x model), and what it does.
+# Each phase: processes, mesh (data x model), and what it does. The first
+# runs the one-device references up to the last phase's last step and
+# writes them for the others.
 PHASES = {
-  'two': dict(processes=2, mesh='4x2', fresh=True, save=True),
+  'two': dict(processes=2, mesh='4x2', fresh=True, save=True, refs=3 * K),
   'four': dict(
     processes=4, mesh='2x4', fresh=True, restore='two', start=K, save=True
   ),
@@ -164,6 +167,11 @@ class Phases:
       args += ['--start', str(spec['start'])]
     if spec.get('save'):
       args += ['--save', str(self.root / name / 'ckpt')]
+    refs = self.root / 'one_device_runs.pickle'
+    if spec.get('refs'):
+      args += ['--write-refs', str(refs), '--ref-steps', str(spec['refs'])]
+    else:  # A later phase: the first one ran (it restores its checkpoints).
+      args += ['--refs', str(refs)]
     self.done[name] = launch(self.root / name, spec['processes'], args)
     return self.done[name]
 
