@@ -690,13 +690,14 @@ def upgrade_state(state, params):
     batch = _legacy_batch(x) if isinstance(x, Blockwise8bit) else None
     if batch is None:
       return x
-    # Members of a vmap (an ensemble) are upgraded one by one.
+    # Members of a vmap (an ensemble) are upgraded one by one; each leaf
+    # in one compiled program (eagerly, each operation would compile apart).
     one = lambda c, s: quantize(
       _legacy_decode(Blockwise8bit(c, s, x.shape)), 0, 0
     )
     for _ in batch:
       one = jax.vmap(one)
-    return one(x.codes, x.scale)
+    return jax.jit(one)(x.codes, x.scale)
 
   return jax.tree.map(
     upgrade, state, is_leaf=lambda x: isinstance(x, Blockwise8bit)
