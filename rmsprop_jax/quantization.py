@@ -41,6 +41,7 @@ table), and rounds stochastically, without bias, like the bfloat16 state.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -690,18 +691,28 @@ def upgrade_state(state, params):
     batch = _legacy_batch(x) if isinstance(x, Blockwise8bit) else None
     if batch is None:
       return x
-    # Members of a vmap (an ensemble) are upgraded one by one; each leaf
-    # in one compiled program (eagerly, each operation would compile apart).
-    one = lambda c, s: quantize(
-      _legacy_decode(Blockwise8bit(c, s, x.shape)), 0, 0
+    return _upgrade_leaf(
+      jnp.asarray(x.codes),
+      jnp.asarray(x.scale, jnp.float32),
+      tuple(x.shape),
+      len(batch),
     )
-    for _ in batch:
-      one = jax.vmap(one)
-    return jax.jit(one)(x.codes, x.scale)
 
   return jax.tree.map(
     upgrade, state, is_leaf=lambda x: isinstance(x, Blockwise8bit)
   )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _upgrade_leaf(codes, scale, shape: tuple[int, ...], depth: int):
+  """One 0.1.0 code (``codes`` and float32 ``scale`` of an array of
+  ``shape``, with ``depth`` leading ``vmap`` axes) in this version's
+  layout, each member upgraded apart: one compiled program per shape
+  (eagerly, each operation would compile apart)."""
+  one = lambda c, s: quantize(_legacy_decode(Blockwise8bit(c, s, shape)), 0, 0)
+  for _ in range(depth):
+    one = jax.vmap(one)
+  return one(codes, scale)
 
 
 def _legacy_decode(q: Blockwise8bit) -> jax.Array:

@@ -367,7 +367,9 @@ def main():
   if first and args.refs:  # Only process 0 compares: the gathered values
     # are everyone's.
     refs = pickle.loads(pathlib.Path(args.refs).read_bytes())
-    assert all(stops <= set(r) for r in refs.values()), (stops, args.refs)
+    assert set(refs) == set(MAKERS) and all(
+      stops <= set(r) for r in refs.values()
+    ), f'{args.refs} lacks runs: {sorted(MAKERS)} at {sorted(stops)} needed'
   elif first:
     start = time.perf_counter()
     stops |= set(range(k, args.ref_steps + 1, k))

@@ -6,10 +6,10 @@ Each test launches N fresh interpreters running ``_multiprocess_worker.py``
 localhost); this process never touches their JAX state. Every worker runs
 the optimizer on the mesh, gathers the results and compares them with
 runs on one local device (the first phase runs them and writes them for
-the later ones: the same program from the same values), for the default, centered with
-momentum, bfloat16 with stochastic rounding and the 8-bit state, with the
-state sharded like the parameters and with ZeRO-1, and for
-``optax.rmsprop``. Orbax checkpoints saved by 2 processes on a 4 x 2 mesh
+the later ones: the same program from the same values), for the default,
+centered with momentum, bfloat16 with stochastic rounding and the 8-bit
+state, with the state sharded like the parameters and with ZeRO-1, and
+for ``optax.rmsprop``. Orbax checkpoints saved by 2 processes on a 4 x 2 mesh
 are restored by 4 on a 2 x 4 mesh (optax's state into ours and back
 included), continued and saved again; those are restored by 1 process on an
 8 x 1 mesh and continued. Each launch is bounded in time; on a failure or a
