@@ -35,15 +35,16 @@ ROOT = WORKER.parent.parent
 TIMEOUT_S = 240  # Per launch; a launch takes 10-40 s on 2 quiet cores.
 K = 3  # Steps per phase.
 # Each phase: processes, mesh (data x model), and what it does. The first
-# runs the one-device references up to the last phase's last step and
-# writes them for the others.
+# (``refs``) runs the one-device references up to the last phase's last
+# step and writes them for the others.
 PHASES = {
-  'two': dict(processes=2, mesh='4x2', fresh=True, save=True, refs=3 * K),
+  'two': dict(processes=2, mesh='4x2', fresh=True, save=True, refs=True),
   'four': dict(
     processes=4, mesh='2x4', fresh=True, restore='two', start=K, save=True
   ),
   'one': dict(processes=1, mesh='8x1', restore='four', start=2 * K),
 }
+LAST_STEP = max(spec.get('start', 0) + K for spec in PHASES.values())
 
 
 def _free_port() -> int:
@@ -169,7 +170,7 @@ class Phases:
       args += ['--save', str(self.root / name / 'ckpt')]
     refs = self.root / 'one_device_runs.pickle'
     if spec.get('refs'):
-      args += ['--write-refs', str(refs), '--ref-steps', str(spec['refs'])]
+      args += ['--write-refs', str(refs), '--ref-steps', str(LAST_STEP)]
     else:  # A later phase: the first one ran (it restores its checkpoints).
       args += ['--refs', str(refs)]
     self.done[name] = launch(self.root / name, spec['processes'], args)
