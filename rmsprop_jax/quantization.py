@@ -368,8 +368,11 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
   blocks), float32 of shape :func:`scale_shape`.
 
   For real ``g`` it is the square of the larger of the block's maximum and
-  minus its minimum: two reductions over ``g`` itself, which XLA reads in
-  place, where reducing ``g**2`` would first write that array out.
+  minus its minimum, both from one reduction over ``g`` itself (a variadic
+  ``lax.reduce``), which XLA reads in place and once: reducing ``g**2`` (or
+  ``|g|``) would first write that array out, and a ``max`` and a ``min``
+  apart read ``g`` twice and compile two kernels. Maxima and minima are
+  exact, so every way of computing them gives the same bits.
   """
   shape = tuple(g.shape)
   if jnp.iscomplexobj(g):
@@ -377,8 +380,13 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
     return jnp.max(_to_blocks(sq, shape, 0), axis=-1).astype(jnp.float32)
   # A short last block is filled with zeros, which leave max |g| as it is.
   blocks = _to_blocks(g, shape, 0)
-  top = jnp.max(blocks, axis=-1)
-  bottom = jnp.min(blocks, axis=-1)
+  inf = jnp.array(jnp.inf, blocks.dtype)
+  top, bottom = jax.lax.reduce(
+    (blocks, blocks),
+    (-inf, inf),
+    lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+    (blocks.ndim - 1,),
+  )
   return jnp.square(jnp.maximum(top, -bottom)).astype(jnp.float32)
 
 
