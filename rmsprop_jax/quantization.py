@@ -382,12 +382,17 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
   blocks = _to_blocks(g, shape, 0)
   inf = jnp.array(jnp.inf, blocks.dtype)
   top, bottom = jax.lax.reduce(
-    (blocks, blocks),
-    (-inf, inf),
-    lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
-    (blocks.ndim - 1,),
+    (blocks, blocks), (-inf, inf), _max_and_min, (blocks.ndim - 1,)
   )
   return jnp.square(jnp.maximum(top, -bottom)).astype(jnp.float32)
+
+
+def _max_and_min(a, b):
+  """:func:`_block_abs_max_sq`'s reduction: (max, min) pairs. One function
+  for every call: ``lax.reduce`` caches its traced computation by this
+  function, so an eager update compiles the reduction once per shape (a
+  new ``lambda`` at each call compiled it at every call)."""
+  return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 
 def _round_bits(x: jax.Array, bits: int, up: bool) -> jax.Array:
