@@ -371,8 +371,13 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
   minus its minimum, both from one reduction over ``g`` itself (a variadic
   ``lax.reduce``), which XLA reads in place and once: reducing ``g**2`` (or
   ``|g|``) would first write that array out, and a ``max`` and a ``min``
-  apart read ``g`` twice and compile two kernels. Maxima and minima are
-  exact, so every way of computing them gives the same bits.
+  apart compiled two kernels on small trees.
+
+  A NaN in a block makes its result NaN, on every shape and backend. (A
+  ``jnp.max`` and a ``jnp.min`` did so only on some: XLA:CPU ran large
+  ones as a library kernel that skips NaN, so the rest of the block's
+  moment stayed finite there and became NaN elsewhere.) Without NaN the
+  result is the same as theirs, bit for bit: maxima and minima are exact.
   """
   shape = tuple(g.shape)
   if jnp.iscomplexobj(g):
@@ -380,9 +385,17 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
     return jnp.max(_to_blocks(sq, shape, 0), axis=-1).astype(jnp.float32)
   # A short last block is filled with zeros, which leave max |g| as it is.
   blocks = _to_blocks(g, shape, 0)
-  inf = jnp.array(jnp.inf, blocks.dtype)
+  # The reduction starts from the dtype's finite extremes, not from -inf
+  # and inf, which some float8 types lack. Every block holds at least one
+  # value, so the result is the same: the start only ever wins where a
+  # block's values all lie beyond it (all -inf, or all inf), and there
+  # the other side is infinite.
+  info = jnp.finfo(blocks.dtype)
   top, bottom = jax.lax.reduce(
-    (blocks, blocks), (-inf, inf), _max_and_min, (blocks.ndim - 1,)
+    (blocks, blocks),
+    (jnp.array(info.min, blocks.dtype), jnp.array(info.max, blocks.dtype)),
+    _max_and_min,
+    (blocks.ndim - 1,),
   )
   return jnp.square(jnp.maximum(top, -bottom)).astype(jnp.float32)
 
@@ -390,8 +403,8 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
 def _max_and_min(a, b):
   """:func:`_block_abs_max_sq`'s reduction: (max, min) pairs. One function
   for every call: ``lax.reduce`` caches its traced computation by this
-  function, so an eager update compiles the reduction once per shape (a
-  new ``lambda`` at each call compiled it at every call)."""
+  function, so an eager update compiles the reduction once per shape and
+  dtype (a new ``lambda`` at each call compiled it at every call)."""
   return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
 
 

@@ -515,6 +515,43 @@ def test_8bit_block_survives_a_finite_gradient_whose_square_overflows():
   np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0.15)
 
 
+def _block_of(shape, index):
+  """The entries of an array of ``shape`` in the 8-bit block of ``index``,
+  from ``block_layout``'s description: the same leading indices, and the
+  same run of ``b`` entries of the trailing axes in row-major order."""
+  k, m, b = quantization.block_layout(shape)
+  run = np.arange(m).reshape(shape[k:]) // b
+  mask = np.broadcast_to(run == run[index[k:]], shape).copy()
+  for axis, i in enumerate(index[:k]):
+    other = [slice(None)] * len(shape)
+    other[axis] = np.arange(shape[axis]) != i
+    mask[tuple(other)] = False
+  return mask
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape', [(4096, 16), (64, 512), (3, 300)])
+def test_a_nan_gradient_makes_its_block_nan_on_every_shape(shape, dtype):
+  """docs/guides/failure_modes.md: with the 8-bit nu a NaN gradient makes
+  its whole block NaN, and no other. On every shape: XLA:CPU ran a large
+  ``jnp.max`` or ``jnp.min`` as a library kernel that skips NaN, so on
+  (4096, 16) the block's scale stayed finite, and only there."""
+  rng = np.random.default_rng(0)
+  tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8)
+  update = jax.jit(tx.update)
+  params = jnp.zeros(shape, dtype)
+  g = rng.standard_normal(shape).astype(np.float32)
+  index = tuple(int(rng.integers(n)) for n in shape)
+  g[index] = np.nan
+  _, state = update(jnp.asarray(g, dtype), tx.init(params), params)
+  scale = np.asarray(optax.tree.get(state, 'nu').scale)
+  assert np.isnan(scale).sum() == 1, scale
+  u, _ = update(jnp.asarray(rng.standard_normal(shape), dtype), state, params)
+  np.testing.assert_array_equal(
+    np.isnan(np.asarray(u)), _block_of(shape, index)
+  )
+
+
 # --- 0.1.0's 8-bit layout -----------------------------------------------------
 
 
