@@ -228,17 +228,25 @@ def effective_learning_rate(
 def summarize(tree: Any) -> dict[str, dict[str, jax.Array]]:
   """Min, median and max of each leaf, keyed by its path: for logging.
 
+  A leaf holding a NaN gives NaN for all three, whatever its size (XLA:CPU
+  runs a large ``jnp.min`` or ``jnp.max`` as a library kernel that skips
+  NaN, which would log a finite range for a leaf gone NaN).
+
   Examples:
     >>> import jax.numpy as jnp, rmsprop_jax
     >>> rmsprop_jax.diagnostics.summarize({'w': jnp.array([1.0, 2.0, 4.0])})
     {'w': {'min': Array(1., dtype=float32), 'median': Array(2., dtype=float32), 'max': Array(4., dtype=float32)}}
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+
+  def nan_if_any(x, value):
+    return jnp.where(jnp.isnan(x).any(), jnp.array(jnp.nan, value.dtype), value)
+
   return {
     jax.tree_util.keystr(path, simple=True, separator='/'): {
-      'min': jnp.min(x),
+      'min': nan_if_any(x, jnp.min(x)),
       'median': jnp.median(x),
-      'max': jnp.max(x),
+      'max': nan_if_any(x, jnp.max(x)),
     }
     for path, x in leaves
   }

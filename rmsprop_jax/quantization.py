@@ -382,7 +382,7 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
   shape = tuple(g.shape)
   if jnp.iscomplexobj(g):
     sq = (g.conj() * g).real
-    return jnp.max(_to_blocks(sq, shape, 0), axis=-1).astype(jnp.float32)
+    return _block_max(_to_blocks(sq, shape, 0)).astype(jnp.float32)
   # A short last block is filled with zeros, which leave max |g| as it is.
   blocks = _to_blocks(g, shape, 0)
   # The reduction starts from the dtype's finite extremes, not from -inf
@@ -406,6 +406,30 @@ def _max_and_min(a, b):
   function, so an eager update compiles the reduction once per shape and
   dtype (a new ``lambda`` at each call compiled it at every call)."""
   return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+
+def _block_max(blocks: jax.Array) -> jax.Array:
+  """The maximum over the last axis of real ``blocks``, NaN where that
+  axis holds a NaN, on every shape and backend.
+
+  XLA:CPU runs a large ``jnp.max`` as a library kernel that skips NaN (a
+  (4096, 16) array cut into rows of 256 gave the largest number of a row
+  holding a NaN), so the NaN is tracked apart, in the same single
+  reduction: ``(max, any NaN)`` pairs."""
+  lowest = jnp.array(jnp.finfo(blocks.dtype).min, blocks.dtype)
+  top, nan = jax.lax.reduce(
+    (blocks, jnp.isnan(blocks)),
+    (lowest, jnp.array(False)),
+    _max_and_any,
+    (blocks.ndim - 1,),
+  )
+  return jnp.where(nan, jnp.array(jnp.nan, blocks.dtype), top)
+
+
+def _max_and_any(a, b):
+  """:func:`_block_max`'s reduction: (max, or) pairs (one function for
+  every call, as :func:`_max_and_min`)."""
+  return jnp.maximum(a[0], b[0]), a[1] | b[1]
 
 
 def _round_bits(x: jax.Array, bits: int, up: bool) -> jax.Array:
@@ -501,7 +525,7 @@ def _quantize(x, step, salt_bits, scale):
     0,
   )
   if scale is None:
-    scale = jnp.max(blocks, axis=-1)
+    scale = _block_max(blocks)
     ratio = blocks / jnp.where(scale > 0, scale, 1)[..., None]  # In [0, 1].
   else:
     scale = jnp.minimum(scale, jnp.float32(CEILING))

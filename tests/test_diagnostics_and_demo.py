@@ -118,6 +118,19 @@ def test_summarize():
   ]
 
 
+@pytest.mark.parametrize('shape', [(300,), (4096, 16)])
+def test_summarize_reports_a_nan_leaf_as_nan_at_any_size(shape):
+  """A leaf gone NaN logs as NaN, not as the range of its other entries
+  (XLA:CPU's large jnp.min and jnp.max skip NaN: (4096, 16) did)."""
+  x = np.ones(shape, np.float32)
+  x.reshape(-1)[77] = np.nan
+  for summary in (
+    diagnostics.summarize({'w': jnp.asarray(x)}),
+    jax.jit(diagnostics.summarize)({'w': jnp.asarray(x)}),
+  ):
+    assert all(np.isnan(float(v)) for v in summary['w'].values()), summary
+
+
 def test_demo_runs_and_writes_four_figures(tmp_path, capsys):
   pytest.importorskip('matplotlib')
   from rmsprop_jax.__main__ import main

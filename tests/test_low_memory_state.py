@@ -552,6 +552,31 @@ def test_a_nan_gradient_makes_its_block_nan_on_every_shape(shape, dtype):
   )
 
 
+@pytest.mark.parametrize('shape', [(4096, 16), (64, 512), (3, 300)])
+def test_nan_stays_nan_in_the_8bit_code_and_complex_scale_on_every_shape(
+  shape,
+):
+  """``quantize``'s docstring: NaN stays NaN (it decodes as NaN, with the
+  rest of its block); and a complex gradient's NaN makes its block's
+  ``next_scale`` NaN. On (4096, 16) XLA:CPU's ``jnp.max`` skipped it."""
+  rng = np.random.default_rng(1)
+  index = tuple(int(rng.integers(n)) for n in shape)
+  x = np.abs(rng.standard_normal(shape)).astype(np.float32)
+  x[index] = np.nan
+  decoded = np.asarray(quantization.dequantize(quantization.quantize(x, 0, 0)))
+  np.testing.assert_array_equal(np.isnan(decoded), _block_of(shape, index))
+  g = (rng.standard_normal(shape) + 1j).astype(np.complex64)
+  g[index] = np.nan
+  scale = quantization.next_scale(
+    jnp.ones(quantization.scale_shape(shape)), jnp.asarray(g), 0.9
+  )
+  k, m, b = quantization.block_layout(shape)
+  want = np.zeros(quantization.scale_shape(shape), bool)
+  flat = np.ravel_multi_index(index[k:], shape[k:])
+  want[index[:k] + (flat // b,)] = True
+  np.testing.assert_array_equal(np.isnan(np.asarray(scale)), want)
+
+
 # --- 0.1.0's 8-bit layout -----------------------------------------------------
 
 
