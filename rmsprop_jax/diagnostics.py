@@ -240,6 +240,8 @@ def summarize(tree: Any) -> dict[str, dict[str, jax.Array]]:
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
 
   def nan_if_any(x, value):
+    if not jnp.issubdtype(value.dtype, jnp.inexact):
+      return value  # An integer leaf (a step count, 8-bit codes).
     return jnp.where(jnp.isnan(x).any(), jnp.array(jnp.nan, value.dtype), value)
 
   return {

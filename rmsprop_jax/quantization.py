@@ -373,7 +373,7 @@ def _block_abs_max_sq(g: jax.Array) -> jax.Array:
   ``|g|``) would first write that array out, and a ``max`` and a ``min``
   apart compiled two kernels on small trees.
 
-  A NaN in a block makes its result NaN, on every shape and backend. (A
+  A NaN in a block makes its result NaN, on every shape. (A
   ``jnp.max`` and a ``jnp.min`` did so only on some: XLA:CPU ran large
   ones as a library kernel that skips NaN, so the rest of the block's
   moment stayed finite there and became NaN elsewhere.) Without NaN the
@@ -410,7 +410,7 @@ def _max_and_min(a, b):
 
 def _block_max(blocks: jax.Array) -> jax.Array:
   """The maximum over the last axis of real ``blocks``, NaN where that
-  axis holds a NaN, on every shape and backend.
+  axis holds a NaN, on every shape.
 
   XLA:CPU runs a large ``jnp.max`` as a library kernel that skips NaN (a
   (4096, 16) array cut into rows of 256 gave the largest number of a row
@@ -485,7 +485,8 @@ def quantize(
   x: jax.Array, step, salt: int, scale: jax.Array | None = None
 ) -> Blockwise8bit:
   """Stores non-negative ``x`` (negative values count as zero, values
-  above :data:`CEILING` and +inf as it, NaN stays NaN) in 8 bits,
+  above :data:`CEILING` and +inf as it, NaN as NaN, with its whole block)
+  in 8 bits,
   rounding stochastically without bias; ``step`` and ``salt`` seed the
   random bits, as in :func:`hash_bits`. The blocks that share a scale are
   :func:`block_layout`'s.
@@ -494,7 +495,10 @@ def quantize(
   blocks' scales instead of their maxima: an upper bound of each block's
   values, which the optimizer's update computes without reading the new
   moments first (see :func:`rmsprop_jax.scale_by_rms`). A value above it
-  is stored as it. Without it, each block's scale is its maximum.
+  is stored as it. Without it, each block's scale is its maximum. A NaN
+  is kept only through the scale: a given ``scale`` must be NaN where its
+  block holds a NaN, as :func:`next_scale`'s is (a NaN under a finite
+  scale is stored as 1.5 times it).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -131,6 +131,16 @@ def test_summarize_reports_a_nan_leaf_as_nan_at_any_size(shape):
     assert all(np.isnan(float(v)) for v in summary['w'].values()), summary
 
 
+def test_summarize_takes_integer_leaves():
+  """A whole optimizer state: its step count and 8-bit codes are integers."""
+  state = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8).init({'w': jnp.ones(3)})
+  summary = diagnostics.summarize({'n': jnp.arange(5), 'state': state})
+  assert [int(summary['n'][k]) for k in ('min', 'median', 'max')] == [0, 2, 4]
+  assert summary['n']['max'].dtype == jnp.arange(5).dtype
+  codes = [v for k, v in summary.items() if k.endswith('codes')]
+  assert len(codes) == 1 and codes[0]['max'].dtype == jnp.uint8
+
+
 def test_demo_runs_and_writes_four_figures(tmp_path, capsys):
   pytest.importorskip('matplotlib')
   from rmsprop_jax.__main__ import main
