@@ -351,7 +351,8 @@ def _from_blocks(x: jax.Array, shape: tuple[int, ...], like=None) -> jax.Array:
   laid out as ``like`` (the array that was cut into blocks)."""
   k, m, b = block_layout(shape)
   batch = x.shape[: x.ndim - k - 2]
-  x = x.reshape(batch + tuple(shape[:k]) + (-1,))
+  # The blocks' length written out: -1 is undefined for a zero-size slab.
+  x = x.reshape(batch + tuple(shape[:k]) + (x.shape[-2] * x.shape[-1],))
   if x.shape[-1] != m:
     x = x[..., :m]
   x = x.reshape(batch + tuple(shape))

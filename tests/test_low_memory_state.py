@@ -577,6 +577,27 @@ def test_nan_stays_nan_in_the_8bit_code_and_complex_scale_on_every_shape(
   np.testing.assert_array_equal(np.isnan(np.asarray(scale)), want)
 
 
+@pytest.mark.parametrize('packing', [False, True])
+def test_8bit_state_of_zero_size_leaves_with_long_trailing_axes(packing):
+  """A (0, 300) leaf is cut into blocks along its last axis (300 entries a
+  row, none of them there): init, update and unpack work, eagerly and
+  jitted, and the other leaves train as without it (the blocks' length
+  was inferred as -1, a division by zero)."""
+  tx = rmsprop_jax.rmsprop(1e-2, nu_dtype=jnp.uint8, packing=packing)
+  empty = {'e': jnp.zeros((0, 300)), 'f': jnp.zeros((2, 0, 300))}
+  params = {'w': jnp.linspace(-1.0, 1.0, 300), **empty}
+  alone = {'w': params['w']}
+  for update in (tx.update, jax.jit(tx.update)):
+    u, state = update(params, tx.init(params), params)
+    want, _ = update(alone, tx.init(alone), alone)
+    assert {k: v.shape for k, v in u.items()} == {
+      k: v.shape for k, v in params.items()
+    }
+    np.testing.assert_array_equal(u['w'], want['w'])
+    nu = rmsprop_jax.unpack_state(state, params)[0].nu
+    assert nu['e'].shape == (0, 300) and nu['f'].shape == (2, 0, 300)
+
+
 # --- 0.1.0's 8-bit layout -----------------------------------------------------
 
 
