@@ -239,16 +239,16 @@ def summarize(tree: Any) -> dict[str, dict[str, jax.Array]]:
   """
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
 
-  def nan_if_any(x, value):
-    if not jnp.issubdtype(value.dtype, jnp.inexact):
-      return value  # An integer leaf (a step count, 8-bit codes).
-    return jnp.where(jnp.isnan(x).any(), jnp.array(jnp.nan, value.dtype), value)
+  def stats(x):
+    low, high = jnp.min(x), jnp.max(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):  # Not a step count or codes.
+      nan = jnp.isnan(x).any()
+      low, high = (
+        jnp.where(nan, jnp.array(jnp.nan, x.dtype), v) for v in (low, high)
+      )
+    return {'min': low, 'median': jnp.median(x), 'max': high}
 
   return {
-    jax.tree_util.keystr(path, simple=True, separator='/'): {
-      'min': nan_if_any(x, jnp.min(x)),
-      'median': jnp.median(x),
-      'max': nan_if_any(x, jnp.max(x)),
-    }
+    jax.tree_util.keystr(path, simple=True, separator='/'): stats(x)
     for path, x in leaves
   }

@@ -487,10 +487,9 @@ def quantize(
 ) -> Blockwise8bit:
   """Stores non-negative ``x`` (negative values count as zero, values
   above :data:`CEILING` and +inf as it, NaN as NaN, with its whole block)
-  in 8 bits,
-  rounding stochastically without bias; ``step`` and ``salt`` seed the
-  random bits, as in :func:`hash_bits`. The blocks that share a scale are
-  :func:`block_layout`'s.
+  in 8 bits, rounding stochastically without bias; ``step`` and ``salt``
+  seed the random bits, as in :func:`hash_bits`. The blocks that share a
+  scale are :func:`block_layout`'s.
 
   ``scale`` (float32, :func:`scale_shape`), if given, is used as the
   blocks' scales instead of their maxima: an upper bound of each block's
