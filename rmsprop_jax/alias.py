@@ -416,9 +416,13 @@ def _skip_nonfinite(
     apply = lambda _: inner.update(
       updates, state.inner_state, params, **extra_args
     )
+    # On a mesh with Explicit axes the zeros take the applied updates'
+    # shardings (lax.cond requires the same types); elsewhere ``sharding``
+    # is None and the zeros are those of optax's wrapper.
     skip = lambda _: (
       jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(apply, None)[0]
+        lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding),
+        jax.eval_shape(apply, None)[0],
       ),
       state.inner_state,
     )

@@ -224,6 +224,51 @@ else:
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  @pytest.mark.parametrize('nu_dtype', [None, jnp.uint8], ids=['f32', 'u8'])
+  @pytest.mark.parametrize('kind', ['auto', 'explicit'])
+  def test_skip_nonfinite_on_a_mesh(kind, nu_dtype):
+    """``skip_nonfinite`` on a mesh of either axis type, jitted and eagerly:
+    the step with a NaN is skipped (zero updates, sharded like the
+    parameters on Explicit axes; the state kept), and the jitted steps
+    equal optax's own ``apply_if_finite`` around the same optimizer, bit
+    for bit and placed alike. (On Explicit axes the skipped branch's zeros
+    had no sharding: 'cond branches must have equal output types'.)"""
+    mesh = _mesh(kind)
+    kwargs = dict(nu_dtype=nu_dtype) if nu_dtype else {}
+    tx = rmsprop_jax.rmsprop(1e-2, skip_nonfinite=True, **kwargs)
+    theirs = optax.apply_if_finite(
+      rmsprop_jax.rmsprop(1e-2, **kwargs), max_consecutive_errors=2**30
+    )
+    params = _params(mesh)
+    finite = _params(mesh, seed=1)
+    with_nan = np.asarray(finite['w1']).copy()
+    with_nan[3, 700] = np.nan
+    nan = dict(finite, w1=jax.device_put(with_nan, finite['w1'].sharding))
+    with jax.set_mesh(mesh):
+      for update in (tx.update, jax.jit(tx.update)):
+        state = tx.init(params)
+        ref_state = theirs.init(params)
+        for t, grads in enumerate((finite, nan, finite)):
+          before = state
+          updates, state = update(grads, state, params)
+          if kind == 'explicit':  # (On Auto axes XLA places them.)
+            _assert_same_places(updates, params)
+          if t == 1:
+            assert not np.any(
+              [np.any(np.asarray(u)) for u in jax.tree.leaves(updates)]
+            )
+            for a, b in zip(
+              jax.tree.leaves(state.inner_state),
+              jax.tree.leaves(before.inner_state),
+            ):
+              np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+          if update is not tx.update:  # optax's wrapper fails eagerly here.
+            want, ref_state = jax.jit(theirs.update)(grads, ref_state, params)
+            for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+              np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+              assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+        assert int(state.total_notfinite) == 1
+
   def _bytes_per_device(tree, mesh):
     return max(
       sum(
