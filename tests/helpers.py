@@ -135,3 +135,57 @@ def assert_trajectories_close(ours, ref):
   for step_ours, step_ref in zip(ours, ref):
     for a, b in zip(step_ours, step_ref):
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def lowered_graph(fn, *args):
+  """The computation ``jax.jit(fn)(*args)`` lowers to (StableHLO), as a
+  hash of its dataflow graph: each value is named by the operation that
+  makes it (its name, attributes and result types, and any region it holds,
+  printed) and by the names of its operands, calls inlined; the outputs'
+  names, in order, make the hash. The order in which independent
+  operations are written, SSA names and function names do not enter. Two
+  functions with the same hash compute the same operations on the same
+  values, so XLA compiles them into the same program (``args`` may be
+  ``jax.ShapeDtypeStruct``s: nothing runs)."""
+  import hashlib
+
+  from jax._src.lib.mlir import ir
+
+  module = jax.jit(fn).lower(*args).compiler_ir('stablehlo')
+  funcs = {
+    ir.StringAttr(op.attributes['sym_name']).value: op
+    for op in module.body.operations
+  }
+
+  def sha(x):
+    return hashlib.sha256(repr(x).encode()).hexdigest()
+
+  def call(func, inputs):
+    block = func.regions[0].blocks[0]
+    names = dict(zip(block.arguments, inputs))
+    for op in block.operations:
+      operands = tuple(names[v] for v in op.operands)
+      if op.name == 'func.return':
+        return operands
+      if op.name == 'func.call':
+        callee = ir.FlatSymbolRefAttr(op.attributes['callee']).value
+        outputs = call(funcs[callee], operands)
+      else:
+        key = sha(
+          (
+            op.name,
+            sorted(f'{a}={op.attributes[a]}' for a in op.attributes),
+            [str(r.type) for r in op.results],
+            [str(r) for r in op.regions],
+            operands,
+          )
+        )
+        outputs = [f'{key}#{i}' for i in range(len(op.results))]
+      names.update(zip(op.results, outputs))
+    raise AssertionError('a function without a return')
+
+  main = funcs['main']
+  arguments = main.regions[0].blocks[0].arguments
+  return sha(
+    call(main, [f'argument {i}: {a.type}' for i, a in enumerate(arguments)])
+  )

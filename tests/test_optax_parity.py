@@ -11,7 +11,13 @@ import pytest
 
 import rmsprop_jax
 
-from helpers import assert_trees_equal, gradient_sequence, random_tree, run
+from helpers import (
+  assert_trees_equal,
+  gradient_sequence,
+  lowered_graph,
+  random_tree,
+  run,
+)
 
 STEPS = 12
 
@@ -66,9 +72,103 @@ SCHEDULE_CONFIGS = [
 ]
 
 
+# Every configuration, learning rate and dtype lowers to optax's own
+# computation (cheap: nothing compiles or runs); a cover of them is also
+# compiled and run against optax, bit for bit, below. Two computations with
+# the same graph compile into the same XLA program (the compiled programs
+# are compared instruction for instruction in
+# test_default_compiles_optax_own_program).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': None}
+
+
+@pytest.mark.parametrize('config', CONFIGS, ids=str)
+@pytest.mark.parametrize('lr', list(LEARNING_RATES))
+@pytest.mark.parametrize('dtype', list(DTYPES))
+def test_rmsprop_lowers_to_optax_own_computation(dtype, lr, config, request):
+  """``rmsprop_jax.rmsprop`` with optax's arguments is optax.rmsprop: the
+  same operations on the same values (:func:`helpers.lowered_graph`), and
+  the same initial state."""
+  if dtype == 'float64':
+    request.getfixturevalue('x64')
+  params = random_tree(1, DTYPES[dtype] or jnp.float64)
+  lr = LEARNING_RATES[lr]
+  ours = rmsprop_jax.rmsprop(
+    lr, decay=0.85, eps=1e-6, **config, **_exact_kwargs(config)
+  )
+  ref = optax.rmsprop(lr, decay=0.85, eps=1e-6, **config)
+  state, ref_state = ours.init(params), ref.init(params)
+  assert_trees_equal(jax.tree.leaves(state), jax.tree.leaves(ref_state))
+  assert lowered_graph(ours.update, params, state, params) == lowered_graph(
+    ref.update, params, ref_state, params
+  )
+
+
+def test_lowered_graph_tells_optimizers_apart():
+  """The comparison above can fail: another eps, optax's centered
+  variance against the default clamp, or another dtype, is another
+  computation; the order of the operations is not."""
+  params = random_tree(1)
+  graph = lambda tx, p=params: lowered_graph(tx.update, p, tx.init(p), p)
+  optax_centered = graph(optax.rmsprop(0.1, centered=True))
+  assert graph(rmsprop_jax.rmsprop(0.1, eps=1e-7)) != graph(optax.rmsprop(0.1))
+  assert graph(rmsprop_jax.rmsprop(0.1, centered=True)) != optax_centered
+  assert (
+    graph(rmsprop_jax.rmsprop(0.1, centered=True, clamp_variance=False))
+    == optax_centered
+  )
+  half = random_tree(1, jnp.bfloat16)
+  assert graph(optax.rmsprop(0.1), half) != graph(optax.rmsprop(0.1))
+
+  def one_order(g, state, params=None):
+    return jax.tree.map(lambda x: 2 * x, g), jax.tree.map(jnp.sqrt, g)
+
+  def other_order(g, state, params=None):
+    roots = jax.tree.map(jnp.sqrt, g)
+    return jax.tree.map(lambda x: 2 * x, g), roots
+
+  assert lowered_graph(one_order, params, None) == lowered_graph(
+    other_order, params, None
+  )
+
+
+def _pairwise_cover(configs):
+  """Configurations of ``configs`` (greedily, in their order) that hold
+  every pair of values that any two arguments take together in it."""
+
+  def pairs(c):
+    return set(itertools.combinations(sorted(c.items(), key=str), 2))
+
+  missing = set().union(*map(pairs, configs))
+  cover = []
+  while missing:
+    best = max(configs, key=lambda c: len(pairs(c) & missing))
+    cover.append(best)
+    missing -= pairs(best)
+  return cover
+
+
+# Run against optax, compiled: a pairwise cover of the configurations (9 of
+# 64) in each dtype, and with the schedule each combination of the
+# arguments around it (SCHEDULE_CONFIGS).
+RUN_CONFIGS = _pairwise_cover(CONFIGS)
+
+
+def test_run_configs_hold_every_pair_of_argument_values():
+  for cover, grid in (
+    (RUN_CONFIGS, CONFIGS),
+    (BLOCK_RUN_ARGS, BLOCK_ARGS),
+  ):
+    for a, b in itertools.combinations(grid[0], 2):
+      assert {(c[a], c[b]) for c in cover} == {(c[a], c[b]) for c in grid}, (
+        a,
+        b,
+      )
+    assert len(cover) < len(grid) / 4
+
+
 @pytest.mark.parametrize(
   ('lr', 'config'),
-  [('constant', c) for c in CONFIGS]
+  [('constant', c) for c in RUN_CONFIGS]
   + [('schedule', c) for c in SCHEDULE_CONFIGS],
   ids=lambda x: x if isinstance(x, str) else str(x),
 )
@@ -106,7 +206,7 @@ def test_rmsprop_matches_optax_eagerly(config):
   assert_trees_equal(ours, ref)
 
 
-@pytest.mark.parametrize('config', CONFIGS[::2], ids=str)
+@pytest.mark.parametrize('config', RUN_CONFIGS, ids=str)
 def test_rmsprop_matches_optax_float64(config, x64):
   params = random_tree(4, jnp.float64)
   grads = gradient_sequence(STEPS, jnp.float64, seed=5)
@@ -120,7 +220,7 @@ def test_rmsprop_matches_optax_float64(config, x64):
   assert all(x.dtype == jnp.float64 for x in jax.tree.leaves(ours))
 
 
-@pytest.mark.parametrize('config', CONFIGS[1::4], ids=str)
+@pytest.mark.parametrize('config', RUN_CONFIGS, ids=str)
 def test_rmsprop_matches_optax_bfloat16(config):
   params = random_tree(6, jnp.bfloat16)
   grads = gradient_sequence(STEPS, jnp.bfloat16, seed=7)
@@ -141,18 +241,40 @@ BLOCK_ARGS = [
     [0.9, 0.5], [1e-8, 0.1], [0.0, 2.0], [True, False], [False, True]
   )
 ]
+BLOCKS = ['scale_by_rms', 'scale_by_stddev']
+BLOCK_RUN_ARGS = _pairwise_cover(BLOCK_ARGS)
+
+
+def _blocks(name, kwargs):
+  extra = dict(clamp_variance=False) if name == 'scale_by_stddev' else {}
+  return (
+    getattr(rmsprop_jax, name)(**kwargs, **extra),
+    getattr(optax, name)(**kwargs),
+  )
 
 
 @pytest.mark.parametrize('kwargs', BLOCK_ARGS, ids=str)
-@pytest.mark.parametrize('name', ['scale_by_rms', 'scale_by_stddev'])
+@pytest.mark.parametrize('name', BLOCKS)
+def test_building_blocks_lower_to_optax_own_computation(name, kwargs):
+  params = random_tree(8)
+  ours, ref = _blocks(name, kwargs)
+  state, ref_state = ours.init(params), ref.init(params)
+  assert state._fields == ref_state._fields
+  assert_trees_equal(tuple(state), tuple(ref_state))
+  assert lowered_graph(ours.update, params, state) == lowered_graph(
+    ref.update, params, ref_state
+  )
+
+
+# Run against optax, compiled: a pairwise cover of the grid above.
+@pytest.mark.parametrize('kwargs', BLOCK_RUN_ARGS, ids=str)
+@pytest.mark.parametrize('name', BLOCKS)
 def test_building_blocks_match_optax(name, kwargs):
   params = random_tree(8)
   grads = gradient_sequence(STEPS, seed=9, shift=-0.5)
-  extra = dict(clamp_variance=False) if name == 'scale_by_stddev' else {}
-  ours, our_state = run(
-    getattr(rmsprop_jax, name)(**kwargs, **extra), params, grads
-  )
-  ref, ref_state = run(getattr(optax, name)(**kwargs), params, grads)
+  ours, ref = _blocks(name, kwargs)
+  ours, our_state = run(ours, params, grads)
+  ref, ref_state = run(ref, params, grads)
   assert_trees_equal(ours, ref)
   assert our_state._fields == ref_state._fields
   assert_trees_equal(tuple(our_state), tuple(ref_state))
