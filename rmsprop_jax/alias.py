@@ -416,16 +416,7 @@ def _skip_nonfinite(
     apply = lambda _: inner.update(
       updates, state.inner_state, params, **extra_args
     )
-    # On a mesh with Explicit axes the zeros take the applied updates'
-    # shardings (lax.cond requires the same types); elsewhere ``sharding``
-    # is None and the zeros are those of optax's wrapper.
-    skip = lambda _: (
-      jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding),
-        jax.eval_shape(apply, None)[0],
-      ),
-      state.inner_state,
-    )
+    skip = lambda _: (_zeros_like_updates(apply, updates), state.inner_state)
     if isinstance(finite, jax.core.Tracer):
       new_updates, inner_state = jax.lax.cond(finite, apply, skip, None)
     else:
@@ -520,11 +511,32 @@ def _trace(
   def init(params):
     return optax.TraceState(
       trace=jax.tree.map(
-        lambda p: jnp.zeros(jnp.shape(p), buffer_dtype(p)), params
+        # Placed as the parameter is (eagerly, and on Explicit axes).
+        lambda p: jnp.zeros_like(p, dtype=buffer_dtype(p)),
+        params,
       )
     )
 
   return optax.GradientTransformation(init, tx.update)
+
+
+def _zeros_like_updates(apply, grads):
+  """Zeros shaped and typed like ``apply(None)[0]`` (the applied step's
+  updates), each made like its gradient leaf (``jnp.zeros_like``, as
+  optax's ``apply_if_finite`` makes its own): placed as the gradients are,
+  eagerly and on meshes with Explicit axes, where ``lax.cond`` needs both
+  branches sharded alike. If the updates do not match the gradients leaf
+  for leaf, plain zeros."""
+  shapes = jax.eval_shape(apply, None)[0]
+  leaves, treedef = jax.tree.flatten(shapes)
+  like = jax.tree.leaves(grads)
+  if len(like) == len(leaves) and all(
+    jnp.shape(g) == s.shape for g, s in zip(like, leaves)
+  ):
+    zeros = [jnp.zeros_like(g, dtype=s.dtype) for g, s in zip(like, leaves)]
+  else:
+    zeros = [jnp.zeros(s.shape, s.dtype) for s in leaves]
+  return jax.tree.unflatten(treedef, zeros)
 
 
 def _with_input_checks(

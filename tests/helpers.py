@@ -138,20 +138,25 @@ def assert_trajectories_close(ours, ref):
 
 
 def lowered_graph(fn, *args):
-  """The computation ``jax.jit(fn)(*args)`` lowers to (StableHLO), as a
-  hash of its dataflow graph: each value is named by the operation that
-  makes it (its name, attributes and result types, and any region it holds,
-  printed) and by the names of its operands, calls inlined; the outputs'
-  names, in order, make the hash. The order in which independent
-  operations are written, SSA names and function names do not enter. Two
-  functions with the same hash compute the same operations on the same
-  values, so XLA compiles them into the same program (``args`` may be
-  ``jax.ShapeDtypeStruct``s: nothing runs)."""
+  """The computation ``jax.jit(fn, keep_unused=True)(*args)`` lowers to
+  (StableHLO), as a hash of its dataflow graph.
+
+  Each value is named by the operation that makes it (its name, attributes
+  and result types, the graphs of the regions it holds, such as a
+  reduction's body) and by the names of its operands, in their order;
+  calls are inlined. The arguments are named by position, type and
+  attributes (donation, sharding), and the hash takes the outputs' names,
+  in order, with their attributes (the output tree's paths). The order in
+  which independent operations are written, and SSA and function names, do
+  not enter; the order of an operation's operands does (``a * b`` and
+  ``b * a`` differ). Equal hashes mean the same operations on the same
+  values, which XLA compiles the same way (``args`` may be
+  ``jax.ShapeDtypeStruct``s: nothing compiles or runs)."""
   import hashlib
 
   from jax._src.lib.mlir import ir
 
-  module = jax.jit(fn).lower(*args).compiler_ir('stablehlo')
+  module = jax.jit(fn, keep_unused=True).lower(*args).compiler_ir('stablehlo')
   funcs = {
     ir.StringAttr(op.attributes['sym_name']).value: op
     for op in module.body.operations
@@ -160,32 +165,52 @@ def lowered_graph(fn, *args):
   def sha(x):
     return hashlib.sha256(repr(x).encode()).hexdigest()
 
-  def call(func, inputs):
-    block = func.regions[0].blocks[0]
-    names = dict(zip(block.arguments, inputs))
-    for op in block.operations:
+  def walk(block, names, inputs):
+    """The names of what ``block`` returns (its last operation's
+    operands), its arguments named ``inputs``; ``names`` holds the values
+    of the enclosing blocks that a region may use."""
+    names = dict(names)
+    names.update(zip(block.arguments, inputs))
+    *body, last = list(block.operations)
+    for op in body:
       operands = tuple(names[v] for v in op.operands)
-      if op.name == 'func.return':
-        return operands
       if op.name == 'func.call':
         callee = ir.FlatSymbolRefAttr(op.attributes['callee']).value
-        outputs = call(funcs[callee], operands)
+        outputs = walk(funcs[callee].regions[0].blocks[0], {}, operands)
       else:
+        regions = [
+          [
+            walk(
+              b,
+              names,
+              [
+                f'block argument {i}: {a.type}'
+                for i, a in enumerate(b.arguments)
+              ],
+            )
+            for b in region.blocks
+          ]
+          for region in op.regions
+        ]
         key = sha(
           (
             op.name,
             sorted(f'{a}={op.attributes[a]}' for a in op.attributes),
             [str(r.type) for r in op.results],
-            [str(r) for r in op.regions],
+            regions,
             operands,
           )
         )
         outputs = [f'{key}#{i}' for i in range(len(op.results))]
       names.update(zip(op.results, outputs))
-    raise AssertionError('a function without a return')
+    return (last.name, tuple(names[v] for v in last.operands))
 
   main = funcs['main']
-  arguments = main.regions[0].blocks[0].arguments
-  return sha(
-    call(main, [f'argument {i}: {a.type}' for i, a in enumerate(arguments)])
-  )
+  block = main.regions[0].blocks[0]
+  attrs = {
+    k: str(main.attributes[k])
+    for k in ('arg_attrs', 'res_attrs')
+    if k in main.attributes
+  }
+  inputs = [f'argument {i}: {a.type}' for i, a in enumerate(block.arguments)]
+  return sha((walk(block, {}, inputs), attrs))

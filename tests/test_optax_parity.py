@@ -74,10 +74,9 @@ SCHEDULE_CONFIGS = [
 
 # Every configuration, learning rate and dtype lowers to optax's own
 # computation (cheap: nothing compiles or runs); a cover of them is also
-# compiled and run against optax, bit for bit, below. Two computations with
-# the same graph compile into the same XLA program (the compiled programs
-# are compared instruction for instruction in
-# test_default_compiles_optax_own_program).
+# compiled and run against optax, bit for bit, below, and for 12 cases
+# test_default_compiles_optax_own_program compiles both and compares the
+# programs instruction for instruction.
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float64': None}
 
 
@@ -101,6 +100,13 @@ def test_rmsprop_lowers_to_optax_own_computation(dtype, lr, config, request):
   assert lowered_graph(ours.update, params, state, params) == lowered_graph(
     ref.update, params, ref_state, params
   )
+  # The state after a step has the types it started with, so the same
+  # computation runs at every step.
+  after = jax.eval_shape(ours.update, params, state, params)[1]
+  assert jax.tree.structure(after) == jax.tree.structure(state)
+  assert [jax.typeof(x) for x in jax.tree.leaves(after)] == [
+    jax.typeof(x) for x in jax.tree.leaves(state)
+  ]
 
 
 def test_lowered_graph_tells_optimizers_apart():
@@ -164,6 +170,8 @@ def test_run_configs_hold_every_pair_of_argument_values():
         b,
       )
     assert len(cover) < len(grid) / 4
+  # The schedule runs with every combination of the arguments around it.
+  assert len({tuple(c[k] for k in _AROUND) for c in SCHEDULE_CONFIGS}) == 16
 
 
 @pytest.mark.parametrize(

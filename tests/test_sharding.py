@@ -7,6 +7,7 @@ every sharded result is the same computation on one device; communication is
 read from the compiled program.
 """
 
+import contextlib
 import os
 import re
 import subprocess
@@ -224,17 +225,31 @@ else:
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  @pytest.mark.parametrize('nu_dtype', [None, jnp.uint8], ids=['f32', 'u8'])
-  @pytest.mark.parametrize('kind', ['auto', 'explicit'])
-  def test_skip_nonfinite_on_a_mesh(kind, nu_dtype):
-    """``skip_nonfinite`` on a mesh of either axis type, jitted and eagerly:
-    the step with a NaN is skipped (zero updates, sharded like the
-    parameters on Explicit axes; the state kept), and the jitted steps
-    equal optax's own ``apply_if_finite`` around the same optimizer, bit
-    for bit and placed alike. (On Explicit axes the skipped branch's zeros
-    had no sharding: 'cond branches must have equal output types'.)"""
-    mesh = _mesh(kind)
-    kwargs = dict(nu_dtype=nu_dtype) if nu_dtype else {}
+  SKIP_OPTIONS = {
+    'f32': {},
+    'u8': dict(nu_dtype=jnp.uint8),
+    'bf16_buffer': dict(momentum=0.9, accumulator_dtype=jnp.bfloat16),
+  }
+
+  @pytest.mark.parametrize('option', list(SKIP_OPTIONS))
+  @pytest.mark.parametrize('kind', ['auto', 'explicit', 'mixed'])
+  def test_skip_nonfinite_on_a_mesh(kind, option):
+    """``skip_nonfinite`` on a mesh of Auto, Explicit or mixed axes ('data'
+    Auto, 'model' Explicit), jitted, eagerly, and eagerly outside
+    ``jax.set_mesh``: the step with a NaN is skipped (zero updates placed
+    as the gradients are on Explicit axes; the state kept), and the jitted
+    steps equal optax's own ``apply_if_finite`` around the same optimizer,
+    bit for bit and placed alike. (The skipped branch's zeros, and the
+    eager init's bfloat16 momentum buffer, had no sharding: 'cond branches
+    must have equal output types' on Explicit axes, and an error in the
+    eager step outside ``set_mesh``.)"""
+    types = {
+      'auto': (AxisType.Auto,) * 2,
+      'explicit': (AxisType.Explicit,) * 2,
+      'mixed': (AxisType.Auto, AxisType.Explicit),
+    }[kind]
+    mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=types)
+    kwargs = SKIP_OPTIONS[option]
     tx = rmsprop_jax.rmsprop(1e-2, skip_nonfinite=True, **kwargs)
     theirs = optax.apply_if_finite(
       rmsprop_jax.rmsprop(1e-2, **kwargs), max_consecutive_errors=2**30
@@ -244,14 +259,17 @@ else:
     with_nan = np.asarray(finite['w1']).copy()
     with_nan[3, 700] = np.nan
     nan = dict(finite, w1=jax.device_put(with_nan, finite['w1'].sharding))
-    with jax.set_mesh(mesh):
-      for update in (tx.update, jax.jit(tx.update)):
+    runs = [(tx.update, True), (jax.jit(tx.update), True)]
+    if kind != 'auto':  # Explicitly typed arrays, used outside set_mesh.
+      runs.append((tx.update, False))
+    for update, in_mesh in runs:
+      with jax.set_mesh(mesh) if in_mesh else contextlib.nullcontext():
         state = tx.init(params)
         ref_state = theirs.init(params)
         for t, grads in enumerate((finite, nan, finite)):
           before = state
           updates, state = update(grads, state, params)
-          if kind == 'explicit':  # (On Auto axes XLA places them.)
+          if kind != 'auto':  # (On Auto axes XLA places them.)
             _assert_same_places(updates, params)
           if t == 1:
             assert not np.any(
