@@ -176,7 +176,7 @@ def lowered_graph(fn, *args):
       operands = tuple(names[v] for v in op.operands)
       if op.name == 'func.call':
         callee = ir.FlatSymbolRefAttr(op.attributes['callee']).value
-        outputs = walk(funcs[callee].regions[0].blocks[0], {}, operands)
+        _, outputs = walk(funcs[callee].regions[0].blocks[0], {}, operands)
       else:
         regions = [
           [

@@ -111,8 +111,9 @@ def test_rmsprop_lowers_to_optax_own_computation(dtype, lr, config, request):
 
 def test_lowered_graph_tells_optimizers_apart():
   """The comparison above can fail: another eps, optax's centered
-  variance against the default clamp, or another dtype, is another
-  computation; the order of the operations is not."""
+  variance against the default clamp, another dtype, or another
+  operation inside a called function, is another computation; the order
+  of the operations is not."""
   params = random_tree(1)
   graph = lambda tx, p=params: lowered_graph(tx.update, p, tx.init(p), p)
   optax_centered = graph(optax.rmsprop(0.1, centered=True))
@@ -134,6 +135,11 @@ def test_lowered_graph_tells_optimizers_apart():
 
   assert lowered_graph(one_order, params, None) == lowered_graph(
     other_order, params, None
+  )
+  # Inside a call (a jitted function called by another) as outside.
+  x = params['dense']['w']
+  assert lowered_graph(lambda x: jax.jit(jnp.sin)(x) + 1, x) != (
+    lowered_graph(lambda x: jax.jit(jnp.cos)(x) + 1, x)
   )
 
 
