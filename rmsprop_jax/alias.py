@@ -522,21 +522,15 @@ def _trace(
 
 def _zeros_like_updates(apply, grads):
   """Zeros shaped and typed like ``apply(None)[0]`` (the applied step's
-  updates), each made like its gradient leaf (``jnp.zeros_like``, as
-  optax's ``apply_if_finite`` makes its own): placed as the gradients are,
-  eagerly and on meshes with Explicit axes, where ``lax.cond`` needs both
-  branches sharded alike. If the updates do not match the gradients leaf
-  for leaf, plain zeros."""
-  shapes = jax.eval_shape(apply, None)[0]
-  leaves, treedef = jax.tree.flatten(shapes)
-  like = jax.tree.leaves(grads)
-  if len(like) == len(leaves) and all(
-    jnp.shape(g) == s.shape for g, s in zip(like, leaves)
-  ):
-    zeros = [jnp.zeros_like(g, dtype=s.dtype) for g, s in zip(like, leaves)]
-  else:
-    zeros = [jnp.zeros(s.shape, s.dtype) for s in leaves]
-  return jax.tree.unflatten(treedef, zeros)
+  updates, which have the gradients' tree and shapes), each made like its
+  gradient leaf (``jnp.zeros_like``, as optax's ``apply_if_finite`` makes
+  its own): placed as the gradients are, eagerly and on meshes with
+  Explicit axes, where ``lax.cond`` needs both branches sharded alike."""
+  return jax.tree.map(
+    lambda s, g: jnp.zeros_like(g, dtype=s.dtype),
+    jax.eval_shape(apply, None)[0],
+    grads,
+  )
 
 
 def _with_input_checks(

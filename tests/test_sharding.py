@@ -23,6 +23,8 @@ from jax.sharding import PartitionSpec as P
 
 import rmsprop_jax
 
+from helpers import assert_trees_equal
+
 N_DEVICES = 8
 COLLECTIVES = (
   'all-reduce',
@@ -283,11 +285,7 @@ else:
             assert not np.any(
               [np.any(np.asarray(u)) for u in jax.tree.leaves(updates)]
             )
-            for a, b in zip(
-              jax.tree.leaves(state.inner_state),
-              jax.tree.leaves(before.inner_state),
-            ):
-              np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert_trees_equal(state.inner_state, before.inner_state)
           if update is not tx.update:  # optax's wrapper fails eagerly here.
             want, ref_state = jax.jit(theirs.update)(grads, ref_state, params)
             for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
